@@ -1,0 +1,130 @@
+"""The method interface: a method is a function of tensors that chooses which visual tokens to keep.
+
+Methods never import transformers. They receive *signals* (named tensors gathered by a model adapter) for a
+batch of images that share one token count N, and a per-image count k, and return a `Selection`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..budget import tokens_to_keep
+
+# Every signal a method may ask for, with its shape. B images, N tokens each, L text rows.
+SIGNALS: dict[str, str] = {
+    "image_tokens": "[B, N, D] projected visual tokens, as the LLM receives them",
+    "features": "[B, N, Dv] vision features before the projector (used for diversity; defaults to image_tokens)",
+    "saliency": "[B, N] vision saliency: CLS->patch attention, or attention received where there is no CLS",
+    "text_embeds": "[B, L, D] LLM input embeddings of the prompt's non-image tokens",
+    "text_mask": "[B, L] bool, False for padded text rows",
+    "grid": "(h, w) spatial layout of the N tokens, row-major",
+    "attention": "[B, N, N] head-averaged vision attention among the N tokens (rows: queries)",
+    "entropy": "[B, N] grey-level entropy of the pixels under each token",
+}
+
+
+@dataclass
+class Selection:
+    """What a method chose, per image.
+
+    keep:    LongTensor [B, k], ascending original token indices.
+    scores:  optional [B, N] ranking score (for inspection and drawing).
+    tokens:  optional [B, k, D] values to place at the kept slots instead of the originals (recycled tokens).
+    importance: optional [B, k] importance of the kept tokens, carried to later in-LLM stages.
+    info:    method-specific extras (e.g. which kept indices are "important" vs "diverse").
+    """
+
+    keep: torch.Tensor
+    scores: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    importance: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Method:
+    """Base class. Subclasses are dataclasses whose fields are the method's options (paper defaults)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    signals: ClassVar[tuple[str, ...]]
+    optional_signals: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(self, budget: int | float, **signals) -> Selection:
+        """Validate the signals, turn the budget into k tokens per image, and select them."""
+        batch, num_tokens = self.check_signals(signals)
+        k = tokens_to_keep(budget, num_tokens)
+        if k == num_tokens:
+            keep = torch.arange(num_tokens, device=_device(signals)).expand(batch, -1).clone()
+            return Selection(keep=keep)
+        return self.select(k, **signals)
+
+    def select(self, k: int, **signals) -> Selection:
+        """Choose k < N tokens per image from validated signals."""
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> dict:
+        """Option names and defaults."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+
+    def check_signals(self, signals: dict) -> tuple[int, int]:
+        """Check names, presence, shapes and finiteness; return (B, N)."""
+        allowed = set(self.signals) | set(self.optional_signals)
+        unknown = set(signals) - allowed
+        if unknown:
+            raise TypeError(
+                f"{self.name} does not take signal(s) {sorted(unknown)}; it needs {list(self.signals)}"
+                + (f" and optionally {list(self.optional_signals)}" if self.optional_signals else "")
+            )
+        missing = [s for s in self.signals if signals.get(s) is None]
+        if missing:
+            raise TypeError(f"{self.name} needs signal(s) {missing}: " + "; ".join(f"{s} = {SIGNALS[s]}" for s in missing))
+        batch = num_tokens = None
+        for name, value in signals.items():
+            if value is None or name == "grid":
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"signal {name} must be a torch.Tensor {SIGNALS[name]}, got {type(value).__name__}")
+            if value.dtype.is_floating_point and not torch.isfinite(value).all():
+                raise ValueError(
+                    f"signal {name} contains NaN or infinite values; check the model's dtype (fp16 overflow?) "
+                    f"and the inputs that produced it"
+                )
+            if name in ("text_embeds", "text_mask"):
+                continue
+            if batch is None:
+                batch, num_tokens = value.shape[0], value.shape[1]
+            elif value.shape[:2] != (batch, num_tokens):
+                raise ValueError(f"signal {name} has shape {tuple(value.shape)}, expected [B={batch}, N={num_tokens}, ...]")
+        if batch is None:
+            raise TypeError(f"{self.name} needs at least one per-token signal to know B and N")
+        grid = signals.get("grid")
+        if grid is not None and grid[0] * grid[1] != num_tokens:
+            raise ValueError(f"grid {tuple(grid)} holds {grid[0] * grid[1]} tokens but the signals have N={num_tokens}")
+        return batch, num_tokens
+
+
+def _device(signals: dict) -> torch.device:
+    for value in signals.values():
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def minmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Min-max normalise to [0, 1] along `dim`; a constant row maps to zeros."""
+    low = x.amin(dim, keepdim=True)
+    span = x.amax(dim, keepdim=True) - low
+    return (x - low) / span.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def check_unit(name: str, value: float, closed_low: bool = False) -> None:
+    """Raise unless value lies in (0, 1] (or [0, 1] with closed_low)."""
+    ok = 0.0 <= value <= 1.0 if closed_low else 0.0 < value <= 1.0
+    if not ok:
+        raise ValueError(f"{name} must lie in {'[0, 1]' if closed_low else '(0, 1]'}, got {value}")

@@ -1,0 +1,120 @@
+"""FlashVLM: text-guided visual token selection (arXiv 2512.20561; formulas from the official code,
+reference/flashvlm.md §1).
+
+Relevance of each projected image token to the prompt's LLM input embeddings is pooled over the text,
+sharpened, and fused in the log domain with the vision saliency. Half the budget goes to the top of the
+fused score, half to a diversity-preserving partition of the rest (`diversity.py`). With no text the fused
+ranking is the saliency ranking, so the method reduces to VisPruner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .base import Selection, check_unit, minmax
+from .diversity import ImportantDiverse
+
+
+def text_relevance(
+    image_tokens: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_mask: torch.Tensor | None = None,
+    temperature: float = 0.05,
+    norm_gating: bool = False,
+) -> torch.Tensor:
+    """s_i = Σ_j softmax_j(S_ij / temperature) · S_ij with S_ij = cos(image token i, text row j) (§1.3 steps 1–3).
+
+    `norm_gating` reproduces the official Qwen2.5-VL path, which scales each normalised text row by
+    ‖e_j‖ / max_k ‖e_k‖ (§1.2; a no-op in the official LLaVA path). Rows without text give NaN.
+    """
+    unit_image = F.normalize(image_tokens.float(), dim=-1)
+    unit_text = F.normalize(text_embeds.float(), dim=-1)
+    mask = torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device) if text_mask is None else text_mask.bool()
+    if norm_gating:
+        norms = text_embeds.float().norm(dim=-1).masked_fill(~mask, 0.0)
+        unit_text = unit_text * (norms / norms.amax(dim=-1, keepdim=True).clamp_min(1e-12))[..., None]
+    sim = unit_image @ unit_text.transpose(1, 2)  # [B, N, L]
+    weights = torch.softmax((sim / temperature).masked_fill(~mask[:, None, :], float("-inf")), dim=-1)
+    return (weights * sim.masked_fill(~mask[:, None, :], 0.0)).sum(dim=-1)
+
+
+def sharpen(
+    relevance: torch.Tensor,
+    temperature: float = 0.01,
+    gamma: float = 2.5,
+    top_p: float = 0.005,
+    damping: float = 0.1,
+) -> torch.Tensor:
+    """Temperature sharpening and top-p sparsification over image tokens (§1.3 steps 4–5), in [0, 1].
+
+    p = softmax(s / τ_s); q = minmax(p^γ); tokens below the (1 − top_p) quantile are multiplied by
+    `damping`; min-max again. In closed form t_i ≈ damping^[i ∉ top] · exp((γ/τ_s)(s_i − max s)) (§1.3 (6)).
+    """
+    p = torch.softmax(relevance / temperature, dim=-1)
+    q = minmax(p.pow(gamma))
+    threshold = torch.quantile(q, 1.0 - top_p, dim=-1, keepdim=True, interpolation="linear")
+    q = torch.where(q < threshold, q * damping, q)
+    return minmax(q)
+
+
+def fuse(saliency: torch.Tensor, text_score: torch.Tensor | None, eta: float = 0.5, floor: float = 1e-6) -> torch.Tensor:
+    """f = minmax(A^(1−η) · T^η) with A = max(minmax(saliency), floor), T = max(t, floor) (§1.4–1.5).
+
+    Without text, T ≡ floor, which leaves the saliency ranking unchanged.
+    """
+    a = minmax(saliency.float()).clamp_min(floor)
+    t = torch.full_like(a, floor) if text_score is None else text_score.clamp_min(floor)
+    return minmax(torch.exp((1.0 - eta) * a.log() + eta * t.log()))
+
+
+@dataclass
+class FlashVLM(ImportantDiverse):
+    name: ClassVar[str] = "flashvlm"
+    description: ClassVar[str] = (
+        "text-guided: prompt/image cosine relevance, sharpened and fused in the log domain with vision "
+        "saliency; half the budget by that score, half by a diversity-preserving partition"
+    )
+    signals: ClassVar[tuple[str, ...]] = ("image_tokens", "saliency")
+    optional_signals: ClassVar[tuple[str, ...]] = ("text_embeds", "text_mask", "features")
+
+    eta: float = 0.5  # text weight in the log-domain fusion (§1.5)
+    text_temperature: float = 0.05  # softmax pooling over text tokens (§1.3 step 3)
+    sharpen_temperature: float = 0.01  # τ_s (§1.3 step 4)
+    gamma: float = 2.5  # power after sharpening (§1.3 step 4)
+    top_p: float = 0.005  # top fraction left undamped (§1.3 step 5)
+    damping: float = 0.1  # factor for the rest (§1.3 step 5)
+    floor: float = 1e-6  # ε before the logarithms (§1.5)
+    text_norm_gating: bool = False  # official Qwen2.5-VL path: weight text rows by their norm (§1.2)
+    text_scope: str = "prompt"  # "prompt": every non-image token; "prefix": only text before the first image (§1.10.3)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_unit("eta", self.eta, closed_low=True)
+        for name in ("text_temperature", "sharpen_temperature", "gamma", "floor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{self.name}: {name} must be > 0, got {getattr(self, name)}")
+        check_unit("top_p", self.top_p)
+        check_unit("damping", self.damping)
+        if self.text_scope not in ("prompt", "prefix"):
+            raise ValueError(f"{self.name}: text_scope must be 'prompt' or 'prefix', got {self.text_scope!r}")
+
+    def text_score(self, image_tokens, text_embeds, text_mask) -> torch.Tensor | None:
+        """t_i in [0, 1], or None without text; rows with no text get the floor."""
+        if text_embeds is None or text_embeds.shape[1] == 0:
+            return None
+        relevance = text_relevance(image_tokens, text_embeds, text_mask, self.text_temperature, self.text_norm_gating)
+        has_text = torch.ones(relevance.shape[0], dtype=torch.bool, device=relevance.device) if text_mask is None else text_mask.any(dim=1)
+        relevance = torch.where(has_text[:, None], relevance, 0.0)
+        t = sharpen(relevance, self.sharpen_temperature, self.gamma, self.top_p, self.damping)
+        return torch.where(has_text[:, None], t, self.floor)
+
+    def scores(self, image_tokens, saliency, text_embeds=None, text_mask=None) -> torch.Tensor:
+        return fuse(saliency, self.text_score(image_tokens, text_embeds, text_mask), self.eta, self.floor)
+
+    def select(self, k, image_tokens, saliency, text_embeds=None, text_mask=None, features=None) -> Selection:
+        fused = self.scores(image_tokens, saliency, text_embeds, text_mask)
+        return self.split(fused, image_tokens if features is None else features, k)

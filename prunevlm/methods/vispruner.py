@@ -1,0 +1,24 @@
+"""VisPruner (ICCV'25): important tokens by vision saliency, the rest by de-duplication.
+
+It is FlashVLM without text (flashvlm.md §1.5): the important share is the top of the saliency and the
+residual is de-duplicated in descending-saliency order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import Selection
+from .diversity import ImportantDiverse
+
+
+@dataclass
+class VisPruner(ImportantDiverse):
+    name: ClassVar[str] = "vispruner"
+    description: ClassVar[str] = "text-agnostic: half the budget by vision saliency, half by a diversity-preserving partition"
+    signals: ClassVar[tuple[str, ...]] = ("image_tokens", "saliency")
+    optional_signals: ClassVar[tuple[str, ...]] = ("features",)
+
+    def select(self, k, image_tokens, saliency, features=None) -> Selection:
+        return self.split(saliency.float(), image_tokens if features is None else features, k)

@@ -1,0 +1,186 @@
+"""The selection methods on random and synthetic signals (no model)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prunevlm
+from prunevlm.methods.diversity import bipartite_dedup, drops_per_round
+from prunevlm.methods.flashvlm import fuse, sharpen, text_relevance
+from prunevlm.methods.uniform import grid_sample
+
+
+def signals(batch=2, tokens=64, dim=16, text=7, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image_tokens": torch.randn(batch, tokens, dim, generator=g, dtype=dtype),
+        "features": torch.randn(batch, tokens, dim + 4, generator=g, dtype=dtype),
+        "saliency": torch.rand(batch, tokens, generator=g, dtype=dtype),
+        "text_embeds": torch.randn(batch, text, dim, generator=g, dtype=dtype),
+    }
+
+
+def naive_dedup(features, order, keep, step=8, schedule="fixed", ratio=0.1):
+    """The released loop: recompute the |A|x|B| similarities every round (flashvlm.md §1.7)."""
+    unit = F.normalize(features, dim=-1)
+    out = []
+    for b in range(features.shape[0]):
+        current = order[b]
+        while current.numel() > keep:
+            r = drops_per_round(current.numel(), keep, step, schedule, ratio)
+            side_a, side_b = current[0::2], current[1::2]
+            redundancy = (unit[b, side_a] @ unit[b, side_b].T).amax(dim=1)
+            ranked = redundancy.argsort(descending=True, stable=True)
+            current = torch.cat([side_a[ranked[r:]], side_b])
+        out.append(current)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "geometric"])
+@pytest.mark.parametrize("batch,tokens,dim,keep", [(2, 576, 64, 32), (1, 300, 1024, 64), (3, 100, 8, 7), (1, 50, 4, 1)])
+def test_fast_dedup_equals_released_loop(schedule, batch, tokens, dim, keep):
+    g = torch.Generator().manual_seed(tokens + keep)
+    features = torch.randn(batch, tokens, dim, generator=g, dtype=torch.float64)
+    order = torch.stack([torch.randperm(tokens, generator=g) for _ in range(batch)])
+    assert torch.equal(bipartite_dedup(features, order, keep, schedule=schedule), naive_dedup(features, order, keep, schedule=schedule))
+
+
+def test_fast_dedup_equals_released_loop_on_clustered_data():
+    g = torch.Generator().manual_seed(1)
+    centres = F.normalize(torch.randn(8, 32, generator=g, dtype=torch.float64), dim=-1)
+    points = centres[torch.randint(8, (400,), generator=g)] + 0.01 * torch.randn(400, 32, generator=g, dtype=torch.float64)
+    order = torch.randperm(400, generator=g)[None]
+    assert torch.equal(bipartite_dedup(points[None], order, 20), naive_dedup(points[None], order, 20))
+
+
+def test_dedup_rounds_match_the_released_count():
+    stats = {}
+    tokens, k = 576, 64
+    order = torch.randperm(tokens)[None]
+    bipartite_dedup(torch.randn(1, tokens, 16), order, k, stats=stats)
+    assert stats["rounds"] == math.ceil((tokens - k) / 8)  # flashvlm.md §4.4 (1)
+
+
+@pytest.mark.parametrize("clusters", [16, 32])
+def test_diversity_keeps_every_cluster_at_twice_the_cluster_count(clusters):
+    """flashvlm.md §4.4 (2): T_div >= 2K keeps a member of every cluster in >= 99 of 100 seeds."""
+    covered, radii = 0, []
+    for seed in range(100):
+        g = torch.Generator().manual_seed(seed)
+        centres = F.normalize(torch.randn(clusters, 64, generator=g), dim=-1)
+        labels = torch.randint(clusters, (576,), generator=g)
+        labels[:clusters] = torch.arange(clusters)
+        points = F.normalize(centres[labels] + 0.01 * torch.randn(576, 64, generator=g), dim=-1)
+        kept = bipartite_dedup(points[None], torch.randperm(576, generator=g)[None], 2 * clusters)[0]
+        covered += int(labels[kept].unique().numel() == clusters)
+        radii.append((1 - points @ points[kept].T).amin(dim=1).max())
+    assert covered >= 99
+    # the cover radius is the cluster spread (1 - cos ~ 1e-2 at most here), far below a random subset's
+    assert torch.stack(radii).median() < 0.02
+
+
+def test_vispruner_equals_flashvlm_without_text():
+    s = signals()
+    for budget in (1, 5, 16, 0.25, 63):
+        vis = prunevlm.select("vispruner", budget, image_tokens=s["image_tokens"], saliency=s["saliency"], features=s["features"])
+        flash = prunevlm.select("flashvlm", budget, image_tokens=s["image_tokens"], saliency=s["saliency"], features=s["features"])
+        assert torch.equal(vis.keep, flash.keep)
+
+
+def test_text_changes_the_flashvlm_selection():
+    s = signals(tokens=144)
+    with_text = prunevlm.select("flashvlm", 16, **s)
+    without = prunevlm.select("flashvlm", 16, image_tokens=s["image_tokens"], saliency=s["saliency"], features=s["features"])
+    assert not torch.equal(with_text.keep, without.keep)
+
+
+def test_sharpening_matches_the_closed_form():
+    """flashvlm.md §1.3 (6): t_i ≈ 0.1^[i not in top] · exp(250 (s_i − max s)), |Δ log t| <= 0.05 in fp32."""
+    g = torch.Generator().manual_seed(0)
+    for spread in (0.01, 0.02, 0.05):
+        relevance = 0.2 + spread * torch.randn(3, 576, generator=g)
+        t = sharpen(relevance)
+        top = t >= torch.quantile(t, 1 - 0.005, dim=-1, keepdim=True)
+        closed = torch.where(top, 1.0, 0.1) * torch.exp(250 * (relevance - relevance.amax(dim=-1, keepdim=True)))
+        above = t > 1e-6
+        assert above.sum() >= 12
+        assert (t[above].log() - closed[above].log()).abs().max() <= 0.05
+
+
+def test_text_relevance_pools_with_a_softmax_over_text():
+    s = signals(batch=1, tokens=5, text=3)
+    cos = F.normalize(s["image_tokens"], dim=-1) @ F.normalize(s["text_embeds"], dim=-1).transpose(1, 2)
+    expected = (torch.softmax(cos / 0.05, dim=-1) * cos).sum(-1)
+    assert torch.allclose(text_relevance(s["image_tokens"], s["text_embeds"]), expected, atol=1e-6)
+    # padded text rows change nothing
+    padded = torch.cat([s["text_embeds"], torch.randn(1, 2, 16)], dim=1)
+    mask = torch.tensor([[True, True, True, False, False]])
+    assert torch.allclose(text_relevance(s["image_tokens"], padded, mask), expected, atol=1e-6)
+
+
+def test_fusion_is_a_geometric_mean_in_the_log_domain():
+    saliency = torch.tensor([[0.0, 0.5, 1.0, 0.25]])
+    text = torch.tensor([[1.0, 0.0, 0.25, 1.0]])
+    a = saliency.clamp_min(1e-6)
+    f = (a.sqrt() * text.clamp_min(1e-6).sqrt())
+    f = (f - f.min()) / (f.max() - f.min())
+    assert torch.allclose(fuse(saliency, text), f)
+    assert torch.equal(fuse(saliency, None).argsort(descending=True), saliency.argsort(descending=True))
+
+
+def test_flashvlm_split_important_then_diverse():
+    s = signals(batch=1, tokens=100)
+    selection = prunevlm.select("flashvlm", 20, **s)
+    important, diverse = selection.info["important"], selection.info["diverse"]
+    assert important.shape[1] == 10 and diverse.shape[1] == 10
+    assert torch.equal(important[0].sort().values, selection.scores[0].topk(10).indices.sort().values)
+    assert torch.equal(torch.cat([important, diverse], 1).sort(1).values, selection.keep)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    method=st.sampled_from(["flashvlm", "vispruner", "random", "uniform"]),
+    batch=st.integers(1, 3),
+    side=st.integers(1, 12),
+    budget=st.one_of(st.integers(1, 200), st.floats(0.01, 1.0)),
+    seed=st.integers(0, 2**16),
+)
+def test_selection_invariants(method, batch, side, budget, seed):
+    """Unique ascending indices, the exact count, and determinism under a seed."""
+    tokens = side * side
+    s = signals(batch=batch, tokens=tokens, seed=seed)
+    s["grid"] = (side, side)
+    needed = prunevlm.api.METHODS[method].signals + prunevlm.api.METHODS[method].optional_signals
+    s = {k: v for k, v in s.items() if k in needed}
+    first = prunevlm.select(method, budget, **s).keep
+    k = min(budget, tokens) if isinstance(budget, int) else min(tokens, max(1, round(budget * tokens)))
+    assert first.shape == (batch, k)
+    assert (first.diff(dim=1) > 0).all()
+    assert ((first >= 0) & (first < tokens)).all()
+    assert torch.equal(first, prunevlm.select(method, budget, **s).keep)
+
+
+def test_random_is_seeded():
+    x = torch.randn(1, 50, 4)
+    assert torch.equal(prunevlm.select("random", 10, image_tokens=x, seed=3).keep, prunevlm.select("random", 10, image_tokens=x, seed=3).keep)
+    assert not torch.equal(prunevlm.select("random", 10, image_tokens=x, seed=3).keep, prunevlm.select("random", 10, image_tokens=x, seed=4).keep)
+
+
+def test_uniform_spreads_over_the_grid():
+    keep = grid_sample(24, 24, 64)
+    rows, cols = keep // 24, keep % 24
+    for half in (rows < 12, cols < 12):
+        assert half.sum() == 32
+    assert torch.equal(grid_sample(24, 24, 576), torch.arange(576))
+
+
+def test_list_methods_names_signals_and_options():
+    methods = {m["name"]: m for m in prunevlm.list_methods()}
+    assert {"flashvlm", "vispruner", "random", "uniform"} <= set(methods)
+    assert methods["flashvlm"]["options"]["eta"] == 0.5
+    assert "text_embeds" in methods["flashvlm"]["optional_signals"]
+    assert methods["uniform"]["signals"] == ["image_tokens", "grid"]
