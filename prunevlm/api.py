@@ -1,0 +1,88 @@
+"""The public API: prune(), select(), list_methods()."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .budget import check_budget
+from .methods import METHODS, SIGNALS, Method, Selection, make_method
+from .models import get_adapter
+from .runtime.llm_input import InputPruning, Stats
+
+_ATTACHED = "_prunevlm_handle"
+
+
+class PruneHandle:
+    """A pruning method attached to a model through hooks. Use as a context manager or call `.remove()`."""
+
+    def __init__(self, model: nn.Module, method: Method, budget, positions: str):
+        self.model, self.method, self.budget = model, method, budget
+        self.adapter = get_adapter(model)
+        self.runtime = InputPruning(self.adapter, method, budget, positions)
+        setattr(model, _ATTACHED, self)
+
+    @property
+    def stats(self) -> Stats:
+        """The last forward with a prompt: visual tokens before/after per image, prompt lengths, selection time."""
+        return self.runtime.stats
+
+    @property
+    def attached(self) -> bool:
+        return getattr(self.model, _ATTACHED, None) is self
+
+    def remove(self) -> None:
+        """Detach every hook; the model is exactly as it was."""
+        if self.attached:
+            self.runtime.remove()
+            delattr(self.model, _ATTACHED)
+
+    def __enter__(self) -> "PruneHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "removed"
+        return f"PruneHandle({self.method!r}, budget={self.budget!r}, {self.adapter.family}, {state})"
+
+
+def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | float = 64, *,
+          positions: str = "original", **options) -> PruneHandle:
+    """Attach a pruning method to a stock Hugging Face VLM.
+
+    budget: an int is the number of visual tokens kept per image (an image with fewer stays whole); a float
+    in (0, 1] is the fraction of each image's tokens. positions: "original" keeps the kept tokens' RoPE
+    positions (required for M-RoPE), "compact" renumbers them. Other keyword arguments are method options.
+    """
+    check_budget(budget)
+    method = make_method(method, **options)
+    existing = getattr(model, _ATTACHED, None)
+    if existing is not None:
+        raise RuntimeError(f"{existing!r} is already attached to this model; call .remove() on it first")
+    return PruneHandle(model, method, budget, positions)
+
+
+def select(method: str | Method, budget: int | float, **kwargs) -> Selection:
+    """Run a method on signals directly: `select("flashvlm", 64, image_tokens=..., saliency=..., text_embeds=...)`.
+
+    Keyword arguments named like a signal (see `list_methods()`) are signals; the rest are method options.
+    Returns a `Selection` whose `.keep` is a LongTensor [B, k] of ascending original indices.
+    """
+    check_budget(budget)
+    signals = {name: kwargs.pop(name) for name in list(kwargs) if name in SIGNALS}
+    return make_method(method, **kwargs)(budget, **signals)
+
+
+def list_methods() -> list[dict]:
+    """Every method: name, description, required and optional signals, options with their defaults."""
+    return [
+        {
+            "name": name,
+            "description": cls.description,
+            "signals": list(cls.signals),
+            "optional_signals": list(cls.optional_signals),
+            "options": cls.options(),
+        }
+        for name, cls in METHODS.items()
+    ]

@@ -1,0 +1,29 @@
+"""Adapters per model family, chosen from the model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter
+from .llava import LlavaAdapter
+from .qwen2_vl import QwenVLAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, QwenVLAdapter)
+
+
+def supported_models() -> list[str]:
+    return [name for adapter in ADAPTERS for name in adapter.model_classes]
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for `model`'s class, or a clear error listing what is supported."""
+    name = type(model).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.model_classes:
+            return adapter(model)
+    raise NotImplementedError(
+        f"prunevlm does not support {name}; supported model classes: {', '.join(supported_models())}"
+    )
+
+
+__all__ = ["ADAPTERS", "Adapter", "get_adapter", "supported_models"]

@@ -1,0 +1,91 @@
+"""LLaVA (`LlavaForConditionalGeneration`) with a CLIP tower that has a CLS token (LLaVA-1.5 style)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..signals.attention import attention_probs
+from .base import Adapter, Capture, Timer
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "attention", "grid"})
+
+    def check_supported(self) -> None:
+        config = self.config
+        vision = config.vision_config
+        if vision.model_type != "clip_vision_model":
+            raise NotImplementedError(
+                f"prunevlm supports LLaVA with a CLIP vision tower (CLS token); this model's tower is "
+                f"{vision.model_type!r}"
+            )
+        if config.vision_feature_select_strategy != "default":
+            raise NotImplementedError(
+                "prunevlm supports LLaVA with vision_feature_select_strategy='default' (CLS dropped, patch tokens "
+                f"only); this model uses {config.vision_feature_select_strategy!r}"
+            )
+        layer = config.vision_feature_layer
+        if not isinstance(layer, int) or layer == 0:
+            raise NotImplementedError(f"prunevlm supports one vision feature layer other than the embeddings; got {layer!r}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        return side, side
+
+    @property
+    def feature_layer(self) -> int:
+        """Index of the encoder layer whose output is the image feature: hidden_states[i] is layer i-1's output."""
+        layer = self.config.vision_feature_layer
+        num_layers = len(self.base.vision_tower.encoder.layers)
+        return num_layers + layer if layer < 0 else layer - 1
+
+    def image_token_counts(self, kwargs: dict) -> list[int]:
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:
+            return [int(features.shape[0]) for features in encoded.pooler_output]
+        pixels = kwargs.get("pixel_values")
+        if pixels is None:
+            return []
+        return [self.grid[0] * self.grid[1]] * int(pixels.shape[0])
+
+    def install(self, needed: set[str], capture: Capture) -> list:
+        tower = self.base.vision_tower
+
+        def start(module, args, kwargs):
+            pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
+            capture.start_call()
+            capture.record("grid", [self.grid] * pixels.shape[0])
+
+        handles = [tower.register_forward_pre_hook(start, with_kwargs=True)]
+        if needed & {"saliency", "attention"}:
+            attention = tower.encoder.layers[self.feature_layer].self_attn
+
+            def record_attention(module, args, kwargs):
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                with torch.no_grad(), Timer(capture, hidden.device):
+                    self._record_attention(module, hidden, needed, capture)
+
+            handles.append(attention.register_forward_pre_hook(record_attention, with_kwargs=True))
+        if "features" in needed:
+
+            def record_features(module, args):
+                capture.record("features", list(args[0]))
+
+            handles.append(self.base.multi_modal_projector.register_forward_pre_hook(record_features))
+        return handles
+
+    def _record_attention(self, attn, hidden: torch.Tensor, needed: set[str], capture: Capture) -> None:
+        """CLS->patch attention (VisPruner/FasterVLM saliency) and, if needed, the patch-to-patch map."""
+        batch, length, _ = hidden.shape
+        heads, head_dim = attn.num_heads, attn.head_dim
+        keys = attn.k_proj(hidden).view(batch, length, heads, head_dim).transpose(1, 2)
+        rows = hidden if "attention" in needed else hidden[:, :1]
+        queries = attn.q_proj(rows).view(batch, rows.shape[1], heads, head_dim).transpose(1, 2)
+        probs = attention_probs(queries, keys, attn.scale)  # [B, Q, 1 + N]
+        if "saliency" in needed:
+            capture.record("saliency", list(probs[:, 0, 1:]))
+        if "attention" in needed:
+            capture.record("attention", list(probs[:, 1:, 1:]))

@@ -1,0 +1,342 @@
+"""Shorten the sequence at the LLM input, through hooks only (style A2 of transformers-integration.md §3.4).
+
+Three hooks cooperate:
+- a pre-hook on the base model (e.g. `LlavaModel`) finds each image's placeholder columns in `input_ids`
+  and checks them against the images before anything runs;
+- the adapter's vision hooks record the signals the method needs (`models/`);
+- a pre-hook on the language model receives the merged `inputs_embeds` at prefill, asks the method which
+  visual tokens to keep, and gathers embeddings, position ids and the attention mask. Rows are re-padded
+  on the left to a common length. On decoding steps it narrows the caller's mask (which still has the
+  unpruned prompt length) and, where the caller passes no position ids, supplies them.
+
+Kept tokens keep their original position ids by default (required for M-RoPE, and what `generate()`
+assumes when it extends positions by last + 1); `positions="compact"` renumbers them contiguously.
+Nothing is carried from one prefill to the next: each prefill replaces the decoding state.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..methods.base import Method
+from ..models.base import Adapter, Capture, _sync
+
+
+@dataclass
+class Stats:
+    """What the last forward with images did, per batch row and per image in the row."""
+
+    tokens_before: list[list[int]] = field(default_factory=list)  # visual tokens per image, per row
+    tokens_after: list[list[int]] = field(default_factory=list)
+    prefill_before: list[int] = field(default_factory=list)  # real (unpadded) prompt tokens per row
+    prefill_after: list[int] = field(default_factory=list)
+    selection_ms: float = 0.0  # signal hooks + method, for the whole batch
+    signal_ms: float = 0.0  # of which: computing signals in the vision hooks
+
+    def __str__(self) -> str:
+        rows = [f"row {b}: images {before} -> {after} tokens, prompt {pb} -> {pa}"
+                for b, (before, after, pb, pa) in enumerate(zip(self.tokens_before, self.tokens_after, self.prefill_before, self.prefill_after))]
+        return "\n".join(rows + [f"selection {self.selection_ms:.2f} ms (signals {self.signal_ms:.2f} ms)"])
+
+
+@dataclass
+class DecodeState:
+    """Bookkeeping from a pruned prefill that its decoding steps need."""
+
+    prompt_length: int  # L, the unpruned prompt length (with the caller's padding)
+    pruned_length: int  # L', after pruning and re-padding
+    prompt_mask: torch.Tensor  # [B, L'] 1 for real tokens
+    removed: torch.Tensor  # [B, 1] tokens removed per row (for compact positions)
+    cache: weakref.ref | None = None
+    source: torch.Tensor | None = None  # [B, L'] original column of each kept column, -1 for padding
+    visual: list = field(default_factory=list)  # per row: (kept visual columns in the new sequence, importance)
+
+
+def is_prefill(past_key_values) -> bool:
+    return past_key_values is None or past_key_values.get_seq_length() == 0
+
+
+def locate_images(image_mask: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """Split each row's placeholder columns into consecutive images of the given token counts.
+
+    Returns one (row, columns) per image, in order. Raises if the placeholders and the images disagree.
+    """
+    per_row = image_mask.sum(dim=1).tolist()
+    images: list[tuple[int, torch.Tensor]] = []
+    remaining = list(counts)
+    for row, columns in enumerate(image_mask):
+        columns = torch.nonzero(columns).flatten()
+        start = 0
+        while start < columns.numel() and remaining:
+            count = remaining.pop(0)
+            if start + count > columns.numel():
+                break
+            images.append((row, columns[start : start + count]))
+            start += count
+        if start != columns.numel():
+            remaining = [None]
+            break
+    if remaining or len(images) != len(counts):
+        raise ValueError(
+            f"the prompt's image placeholders do not match the images: rows hold {per_row} placeholder tokens "
+            f"(total {sum(per_row)}) but the {len(counts)} image(s) give {counts} tokens (total {sum(counts)}). "
+            f"Build the inputs with the model's processor (processor(images=..., text=...)), one image "
+            f"placeholder per image, so that each placeholder expands to its image's tokens."
+        )
+    return images
+
+
+class InputPruning:
+    """Attach `method` with a per-image `budget` to a model through `adapter`; see the module docstring."""
+
+    def __init__(self, adapter: Adapter, method: Method, budget, positions: str = "original"):
+        if positions not in ("original", "compact"):
+            raise ValueError(f"positions must be 'original' or 'compact', got {positions!r}")
+        if positions == "compact" and not adapter.compact_positions:
+            raise ValueError(f"{adapter.family} uses M-RoPE, whose positions encode the image grid; use positions='original'")
+        missing = set(method.signals) - adapter.provides
+        if missing:
+            raise NotImplementedError(
+                f"{method.name} needs signal(s) {sorted(missing)} that the {adapter.family} adapter cannot provide"
+            )
+        self.adapter, self.method, self.budget, self.positions = adapter, method, budget, positions
+        self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
+        self.capture = Capture()
+        self.images: list[tuple[int, torch.Tensor]] | None = None  # set by the base-model hook at prefill
+        self.encoded = None  # the precomputed encoder output of this call, if any
+        self.reused: tuple[weakref.ref, list[dict]] | None = None  # signals of an encoder output seen before
+        self.state: DecodeState | None = None
+        self.stats = Stats()
+        self.handles = adapter.install(self.needed, self.capture)
+        self.handles.append(adapter.base.register_forward_pre_hook(self._before_base, with_kwargs=True))
+        lm = adapter.language_model
+        self.handles.append(lm.register_forward_pre_hook(self._before_llm, with_kwargs=True))
+        self.handles.append(lm.register_forward_hook(self._after_llm, with_kwargs=True))
+        if adapter.model is not adapter.base:
+            self.handles.append(adapter.model.register_forward_pre_hook(self._before_outer, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.capture.clear()
+        self.state = self.images = self.encoded = self.reused = None
+
+    # -- hooks ------------------------------------------------------------------------------------------
+
+    def _before_outer(self, module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            raise ValueError(
+                "labels are not supported while visual tokens are pruned: the pruned sequence is shorter than "
+                "the labels. Remove the pruning handle to compute a loss."
+            )
+
+    def _before_base(self, module, args, kwargs):
+        self.adapter.check_inputs(kwargs)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if kwargs.get("pixel_values") is not None:
+            self.capture.clear()  # the encoder runs inside this call; anything recorded before is stale
+        counts = self.adapter.image_token_counts(kwargs)
+        self.encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if not is_prefill(kwargs.get("past_key_values")):
+            if counts:
+                raise NotImplementedError(
+                    "new images after the first forward of a cached sequence cannot be pruned; start a new "
+                    "generation with all images in the prompt, or remove the pruning handle"
+                )
+            self.images = None
+            return
+        image_mask = self._image_mask(input_ids, kwargs.get("inputs_embeds"))
+        if image_mask is None or (not image_mask.any() and not counts):
+            self.images = []
+            return
+        self.images = locate_images(image_mask, counts)
+
+    def _image_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
+        if input_ids is not None:
+            return input_ids == self.adapter.image_token_id
+        if inputs_embeds is None:
+            return None
+        table = self.adapter.base.get_input_embeddings()
+        image_row = table(torch.tensor(self.adapter.image_token_id, device=inputs_embeds.device))
+        return (inputs_embeds == image_row).all(dim=-1)
+
+    def _before_llm(self, module, args, kwargs):
+        past = kwargs.get("past_key_values")
+        if is_prefill(past):
+            images, self.images = self.images, None
+            self.state = None
+            if not images:
+                self.capture.clear()
+                self._record_unpruned(kwargs)
+                return None
+            return args, self._prune_prefill(kwargs, images)
+        if self.state is None or self.state.cache is None or self.state.cache() is not past:
+            return None  # not a continuation of a prefill pruned here
+        return args, self._fix_decode(kwargs, past)
+
+    def _after_llm(self, module, args, kwargs, output):
+        if self.state is not None and self.state.cache is None and getattr(output, "past_key_values", None) is not None:
+            self.state.cache = weakref.ref(output.past_key_values)
+
+    # -- prefill --------------------------------------------------------------------------------------
+
+    def _prune_prefill(self, kwargs: dict, images: list[tuple[int, torch.Tensor]]) -> dict:
+        embeds = kwargs["inputs_embeds"]
+        batch, length, _ = embeds.shape
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (isinstance(mask, dict) or mask.dim() != 2):
+            raise NotImplementedError(
+                "pruning needs a 2D attention mask; prepared 4D masks (static or other compileable caches) are "
+                "not supported: use the default dynamic cache"
+            )
+        real = torch.ones(batch, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        image_columns = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
+        for row, columns in images:
+            image_columns[row, columns] = True
+        text_columns = real & ~image_columns
+
+        signals, signal_seconds = self._image_signals(len(images))
+        _sync(embeds.device)
+        start = time.perf_counter()
+        kept = [torch.nonzero(text_columns[row]).flatten() for row in range(batch)]
+        replacements, visual = [], [[] for _ in range(batch)]
+        before = [[] for _ in range(batch)]
+        after = [[] for _ in range(batch)]
+        for (row, columns), recorded in zip(images, signals):
+            inputs = self._signals(embeds, row, columns, text_columns, recorded)
+            selection = self.method(self.budget, **inputs)
+            chosen = columns[selection.keep[0]]
+            kept[row] = torch.cat([kept[row], chosen])
+            if selection.tokens is not None:
+                replacements.append((row, chosen, selection.tokens[0]))
+            importance = None if selection.importance is None else selection.importance[0]
+            visual[row].append((chosen, importance))
+            before[row].append(columns.numel())
+            after[row].append(chosen.numel())
+        source = self._source_columns(kept, embeds.device)
+        new_embeds = embeds.gather(1, source.clamp_min(0)[..., None].expand(-1, -1, embeds.shape[-1])).clone()
+        for row, chosen, tokens in replacements:
+            slots = torch.searchsorted(source[row], chosen)
+            new_embeds[row, slots] = tokens.to(new_embeds.dtype)
+        new_mask = (source >= 0).long()
+        new_embeds[new_mask == 0] = 0
+        _sync(embeds.device)
+        select_seconds = time.perf_counter() - start
+
+        positions = self._prefill_positions(kwargs.get("position_ids"), source, new_mask, batch, length, embeds.device)
+        new_length = source.shape[1]
+        real_before = real.sum(dim=1)
+        real_after = new_mask.sum(dim=1)
+        self.state = DecodeState(
+            prompt_length=length,
+            pruned_length=new_length,
+            prompt_mask=new_mask,
+            removed=(real_before - real_after)[:, None],
+            source=source,
+            visual=[self._visual_in_new_sequence(source[row], entries) for row, entries in enumerate(visual)],
+        )
+        self.adapter.after_prefill(length - new_length)
+        self.stats = Stats(
+            tokens_before=before,
+            tokens_after=after,
+            prefill_before=real_before.tolist(),
+            prefill_after=real_after.tolist(),
+            selection_ms=1000 * (signal_seconds + select_seconds),
+            signal_ms=1000 * signal_seconds,
+        )
+        kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
+        return kwargs
+
+    def _image_signals(self, num_images: int) -> tuple[list[dict], float]:
+        """Recorded signals per image. generate(use_cache=False) passes the same encoder output at every
+        step without re-running the encoder, so the signals recorded for it are kept for reuse."""
+        encoded, self.encoded = self.encoded, None
+        if encoded is not None and self.reused is not None and self.reused[0]() is encoded:
+            self.capture.clear()
+            return self.reused[1], 0.0
+        signals, seconds = self.capture.take(num_images)
+        self.reused = None if encoded is None else (weakref.ref(encoded), signals)
+        return signals, seconds
+
+    def _signals(self, embeds, row, columns, text_columns, recorded) -> dict:
+        """The method's inputs for one image, as a batch of one."""
+        signals = {"image_tokens": embeds[row, columns][None]}
+        if self.needed & {"text_embeds", "text_mask"}:
+            text = torch.nonzero(text_columns[row]).flatten()
+            if getattr(self.method, "text_scope", "prompt") == "prefix":
+                text = text[text < columns[0]]  # official Qwen2.5-VL behaviour (flashvlm.md §1.10.3)
+            signals["text_embeds"] = embeds[row, text][None]
+        for name in self.needed - {"image_tokens", "text_embeds", "text_mask"}:
+            value = recorded.get(name)
+            if value is None:
+                raise RuntimeError(f"the vision hooks did not record {name!r}; was the image encoded while pruning was attached?")
+            signals[name] = value if name == "grid" else value[None].to(embeds.device)
+        return signals
+
+    @staticmethod
+    def _source_columns(kept: list[torch.Tensor], device) -> torch.Tensor:
+        """[B, L'] original column per new column, rows left-padded with -1."""
+        width = max(k.numel() for k in kept)
+        source = torch.full((len(kept), width), -1, dtype=torch.long, device=device)
+        for row, columns in enumerate(kept):
+            if columns.numel():
+                source[row, width - columns.numel():] = columns.sort().values
+        return source
+
+    def _prefill_positions(self, positions, source, new_mask, batch, length, device):
+        if self.positions == "compact":
+            return (new_mask.cumsum(dim=1) - 1).clamp_min(0)
+        if positions is None:
+            positions = torch.arange(length, device=device).expand(batch, length)
+        index = source.clamp_min(0).expand(*positions.shape[:-2], -1, -1)
+        return positions.gather(-1, index).masked_fill(source < 0, 0)
+
+    @staticmethod
+    def _visual_in_new_sequence(source_row, entries) -> list:
+        return [(torch.searchsorted(source_row, chosen.sort().values), importance) for chosen, importance in entries]
+
+    def _record_unpruned(self, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        if embeds is None:
+            return
+        lengths = [embeds.shape[1]] * embeds.shape[0] if mask is None or mask.dim() != 2 else mask.sum(dim=1).tolist()
+        self.stats = Stats(
+            tokens_before=[[] for _ in lengths], tokens_after=[[] for _ in lengths],
+            prefill_before=lengths, prefill_after=lengths,
+        )
+
+    # -- decoding ---------------------------------------------------------------------------------------
+
+    def _fix_decode(self, kwargs: dict, past) -> dict:
+        state = self.state
+        embeds = kwargs.get("inputs_embeds")
+        steps = embeds.shape[1]
+        past_length = past.get_seq_length()
+        generated = past_length - state.pruned_length + steps  # tokens after the prompt, this step included
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if isinstance(mask, dict) or mask.dim() != 2:
+                raise NotImplementedError("pruning needs 2D attention masks while decoding (use the dynamic cache)")
+            if mask.shape[1] != state.prompt_length + generated:
+                raise ValueError(
+                    f"decoding mask has {mask.shape[1]} columns; expected the unpruned prompt ({state.prompt_length}) "
+                    f"plus {generated} generated tokens"
+                )
+            kwargs["attention_mask"] = torch.cat([state.prompt_mask.to(mask.dtype), mask[:, state.prompt_length:]], dim=1)
+        elif not bool(state.prompt_mask.all()):
+            ones = torch.ones(state.prompt_mask.shape[0], generated, dtype=state.prompt_mask.dtype, device=state.prompt_mask.device)
+            kwargs["attention_mask"] = torch.cat([state.prompt_mask, ones], dim=1)
+        positions = kwargs.get("position_ids")
+        if self.positions == "compact":
+            if positions is not None:
+                kwargs["position_ids"] = positions - state.removed.to(positions.device)
+        elif positions is None:
+            start = past_length + state.prompt_length - state.pruned_length
+            kwargs["position_ids"] = torch.arange(start, start + steps, device=embeds.device).expand(embeds.shape[0], -1)
+        return kwargs

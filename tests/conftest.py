@@ -1,0 +1,8 @@
+import os
+import sys
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny.py
+torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -1,0 +1,139 @@
+"""Tiny random VLMs built from configs, and prompts for them (no hub, no processor)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+VOCAB = 300
+PAD, BOS, EOS = 0, 1, 2
+LLAVA_IMAGE = 299
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 297, 298, 295, 296
+
+
+def llava(attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+    """CLIP tower (32 px, patch 8: 16 patch tokens + CLS, 3 layers) and a 2-layer Llama."""
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                       num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD,
+                                bos_token_id=BOS, eos_token_id=EOS),
+        image_token_index=LLAVA_IMAGE, image_seq_length=16, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", pad_token_id=PAD,
+    )
+    config._attn_implementation = attn
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def _qwen_configs(cls, vision: dict):
+    return cls(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=BOS, eos_token_id=EOS,
+                         pad_token_id=PAD,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
+        vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, pad_token_id=PAD,
+    )
+
+
+def qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = _qwen_configs(Qwen2VLConfig, dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
+                                               patch_size=8, spatial_merge_size=2, temporal_patch_size=2))
+    config._attn_implementation = attn
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    """Three vision blocks, windows of 2x2 merged tokens, block 1 full attention, block 2 windowed."""
+    torch.manual_seed(seed)
+    config = _qwen_configs(Qwen2_5_VLConfig, dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4,
+                                                  out_hidden_size=64, patch_size=8, spatial_merge_size=2,
+                                                  temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1]))
+    config._attn_implementation = attn
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def text_ids(n: int, generator: torch.Generator) -> list[int]:
+    return torch.randint(3, 290, (n,), generator=generator).tolist()
+
+
+def left_pad(rows: list[list[int]], value: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[value] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def llava_inputs(images_per_row: list[int], text: int = 6, seed: int = 0) -> dict:
+    """Left-padded batch; row i holds images_per_row[i] images, each between text runs."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for count in images_per_row:
+        row = [BOS] + text_ids(text, g)
+        for _ in range(count):
+            row += [LLAVA_IMAGE] * 16 + text_ids(text, g)
+        rows.append(row)
+    ids, mask = left_pad(rows)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    total = sum(images_per_row)
+    if total:
+        inputs["pixel_values"] = torch.randn(total, 3, 32, 32, generator=g)
+    return inputs
+
+
+def qwen_inputs(grids_per_row: list[list[tuple[int, int]]], text: int = 6, seed: int = 0) -> dict:
+    """Left-padded batch for Qwen; each image is a (h, w) patch grid (even sizes), t = 1."""
+    g = torch.Generator().manual_seed(seed)
+    rows, types, grids = [], [], []
+    for row_grids in grids_per_row:
+        row = [BOS] + text_ids(text, g)
+        for h, w in row_grids:
+            row += [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END] + text_ids(text, g)
+            grids.append([1, h, w])
+        rows.append(row)
+    ids, mask = left_pad(rows)
+    inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == QWEN_IMAGE).int()}
+    if grids:
+        grid_thw = torch.tensor(grids)
+        patches = int(grid_thw.prod(dim=-1).sum())
+        inputs["pixel_values"] = torch.randn(patches, 3 * 2 * 8 * 8, generator=g)
+        inputs["image_grid_thw"] = grid_thw
+    return inputs
+
+
+def row_inputs(inputs: dict, row: int, images_before: int, images_in_row: int, family: str) -> dict:
+    """The inputs of one row of a batch, unpadded."""
+    real = inputs["attention_mask"][row].bool()
+    single = {"input_ids": inputs["input_ids"][row][real][None], "attention_mask": inputs["attention_mask"][row][real][None]}
+    if "mm_token_type_ids" in inputs:
+        single["mm_token_type_ids"] = inputs["mm_token_type_ids"][row][real][None]
+    if not images_in_row:
+        return single
+    if family == "llava":
+        single["pixel_values"] = inputs["pixel_values"][images_before : images_before + images_in_row]
+    else:
+        grid = inputs["image_grid_thw"]
+        sizes = grid.prod(dim=-1)
+        start = int(sizes[:images_before].sum())
+        stop = start + int(sizes[images_before : images_before + images_in_row].sum())
+        single["pixel_values"] = inputs["pixel_values"][start:stop]
+        single["image_grid_thw"] = grid[images_before : images_before + images_in_row]
+    return single
