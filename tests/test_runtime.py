@@ -216,3 +216,27 @@ def test_saved_model_loads_and_prunes(tmp_path):
         expected = model(**inputs).logits
     with prunevlm.prune(loaded, "flashvlm", budget=4):
         torch.testing.assert_close(loaded(**inputs).logits, expected)
+
+
+@torch.no_grad()
+def test_llava_saliency_is_the_cls_attention_row_of_the_feature_layer():
+    """The hook's CLS row (from the layer's own q/k projections, tower on SDPA) equals eager attention."""
+    model, inputs = tiny.llava(), tiny.llava_inputs([2])
+    with prunevlm.prune(model, "vispruner", budget=1.0) as handle:
+        model.model.get_image_features(inputs["pixel_values"])
+        recorded = torch.stack([s["saliency"] for s in handle.runtime.capture.take(2)[0]])
+    eager = tiny.llava(attn="eager")
+    attentions = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    layer = len(attentions) + model.config.vision_feature_layer  # hidden_states[-2] is this layer's output
+    torch.testing.assert_close(recorded, attentions[layer][:, :, 0, 1:].mean(dim=1), atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_qwen_received_attention_sums_to_the_image_token_count():
+    """Each image's patches receive exactly its own queries' attention: per-image softmax, 2x2 average."""
+    model = tiny.qwen2_5_vl()
+    inputs = tiny.qwen_inputs([[(8, 12), (4, 8)]])
+    with prunevlm.prune(model, "vispruner", budget=1.0) as handle:
+        model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        saliency = [s["saliency"] for s in handle.runtime.capture.take(2)[0]]
+    assert [float(s.sum()) for s in saliency] == pytest.approx([24.0, 8.0], rel=1e-5)

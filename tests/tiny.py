@@ -137,3 +137,29 @@ def row_inputs(inputs: dict, row: int, images_before: int, images_in_row: int, f
         single["pixel_values"] = inputs["pixel_values"][start:stop]
         single["image_grid_thw"] = grid[images_before : images_before + images_in_row]
     return single
+
+
+def save_llava_folder(path) -> None:
+    """A tiny LLaVA with a word-level tokenizer and a PIL processor, saved like a hub checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlavaImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(280)]
+    vocab = {word: i for i, word in enumerate(words)}
+    vocab["<image>"] = LLAVA_IMAGE
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    processor = LlavaProcessor(
+        image_processor=LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token="<image>",
+        chat_template="{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                      "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+                      "{% if add_generation_prompt %}w9{% endif %}",
+    )
+    llava().save_pretrained(path)
+    processor.save_pretrained(path)

@@ -90,7 +90,8 @@ class Method:
                 continue
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"signal {name} must be a torch.Tensor {SIGNALS[name]}, got {type(value).__name__}")
-            if value.dtype.is_floating_point and not torch.isfinite(value).all():
+            # one reduction: a sum is NaN or infinite if any entry is (fp32 accumulation; no overflow for features)
+            if value.dtype.is_floating_point and not torch.isfinite(value.sum(dtype=torch.float32)):
                 raise ValueError(
                     f"signal {name} contains NaN or infinite values; check the model's dtype (fp16 overflow?) "
                     f"and the inputs that produced it"

@@ -4,12 +4,14 @@ The residual R (tokens not chosen as important, in descending score order) is sh
 split R by position into A (even) and B (odd), score each a in A by m(a) = max_b cos(a, b), drop the r
 most redundant A-tokens, and continue with [kept A sorted by m descending] + [B].
 
-The released loop recomputes an |A|x|B| product every round, Θ(N³/r) for its fixed r = 8 (flashvlm.md §4.3:
-11 s at N = 4608). `bipartite_dedup` computes exactly the same rounds from per-token nearest-neighbour
-lists: m(a) is the similarity of a's nearest neighbour that currently sits in B. Dead tokens never come
-back, so a list only needs refreshing (against the live tokens) when all its entries have died or sit in A;
-that happens for few rows per round. `schedule="geometric"` drops a fixed fraction of R per round instead
-(O(log(N/k)) rounds), for the paper's O(N log N)-style claim; see docs/diversity.md for the comparison.
+The released loop recomputes an |A|x|B| product every round: Θ(N³d/r) for its fixed r = 8 (flashvlm.md
+§4.3: 11 s at N = 4608). The rounds here are exactly the released ones, with m(a) found more cheaply:
+- up to `DENSE_TOKENS` tokens, from the N x N cosine matrix computed once (one matmul instead of ~6N²d);
+- beyond, from per-token nearest-neighbour lists: m(a) is the similarity of a's nearest neighbour that
+  sits in B. Dropped tokens never come back, so a list is rebuilt (against the live tokens) only when none
+  of its entries sits in B, which happens for few tokens per round.
+`schedule="geometric"` drops a fixed fraction of R per round instead, O(log(N/k)) rounds; its coverage
+against the fixed schedule is measured by benchmarks/diversity.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from .base import Method, Selection, check_unit
 
+DENSE_TOKENS = 2048  # up to this many tokens the whole cosine matrix is kept (16 MB in fp32)
 NEIGHBOURS = 64  # length of the nearest-neighbour lists; a speed knob only, results do not depend on it
 CHUNK_ROWS = 1024  # rows of the similarity matrix computed at once when building the lists
 
@@ -48,94 +51,91 @@ def bipartite_dedup(
 ) -> torch.Tensor:
     """Shrink the residual `order` ([B, R] token indices into `features` [B, N, D]) to `keep` tokens.
 
-    Returns [B, keep] token indices (not sorted). `stats`, if given, receives the number of rounds and of
-    exact pairwise similarity evaluations.
+    Returns [B, keep] token indices (in the final round's order, not sorted). `stats`, if given, receives
+    the number of rounds.
     """
-    batch, residual = order.shape
-    if keep >= residual:
-        return order
+    residual = order.shape[1]
     if keep < 0:
         raise ValueError(f"keep must be >= 0, got {keep}")
-    if keep == 0:
-        return order[:, :0]
     if step < 1:
         raise ValueError(f"dedup step must be >= 1, got {step}")
-    num_tokens = features.shape[1]
-    unit = F.normalize(features.float() if features.dtype in (torch.float16, torch.bfloat16) else features, dim=-1)
-    flat = unit.reshape(batch * num_tokens, -1)
-    offsets = (torch.arange(batch, device=order.device) * num_tokens)[:, None]
-    order = order + offsets  # global ids into `flat`
-
-    alive = torch.zeros(batch * num_tokens, dtype=torch.bool, device=order.device)
-    alive[order.reshape(-1)] = True
-    nbr_idx, nbr_sim = _neighbour_lists(unit, order, offsets, alive)
-    in_b = torch.zeros_like(alive)
-    rounds = pairs = 0
-    while residual > keep:
-        r = drops_per_round(residual, keep, step, schedule, ratio)
-        side_a, side_b = order[:, 0::2], order[:, 1::2]
-        in_b[side_b.reshape(-1)] = True
-        ids = side_a.reshape(-1)
-        # Lists are sorted, so the best entry that sits in B is a's nearest B-token.
-        redundancy = torch.where(in_b[nbr_idx[ids]], nbr_sim[ids], -math.inf).amax(dim=1)
-        missed = redundancy == -math.inf
-        if missed.any():
-            pairs += _refresh(flat, num_tokens, side_a.shape[1], ids, missed, in_b, alive, nbr_idx, nbr_sim, redundancy)
-        redundancy = redundancy.view(batch, -1)
-        ranked = redundancy.argsort(dim=1, descending=True, stable=True)
-        dropped = side_a.gather(1, ranked[:, :r])
-        alive[dropped.reshape(-1)] = False
-        in_b[side_b.reshape(-1)] = False
-        order = torch.cat([side_a.gather(1, ranked[:, r:]), side_b], dim=1)
-        residual = order.shape[1]
-        rounds += 1
+    if keep >= residual:
+        return order
+    if keep == 0:
+        return order[:, :0]
+    kept = []
+    for image, members in zip(features, order):
+        # Work on the residual alone, in positions 0..R-1 of `members`.
+        chosen = image[members]
+        unit = F.normalize(chosen.float() if chosen.dtype in (torch.float16, torch.bfloat16) else chosen, dim=-1)
+        scorer = DenseRedundancy(unit) if residual <= DENSE_TOKENS else ListRedundancy(unit)
+        current = torch.arange(residual, device=order.device)
+        rounds = 0
+        while current.numel() > keep:
+            r = drops_per_round(current.numel(), keep, step, schedule, ratio)
+            side_a, side_b = current[0::2], current[1::2]
+            ranked = scorer.redundancy(side_a, side_b).argsort(descending=True, stable=True)
+            scorer.drop(side_a[ranked[:r]])
+            current = torch.cat([side_a[ranked[r:]], side_b])
+            rounds += 1
+        kept.append(members[current])
     if stats is not None:
-        stats.update(rounds=rounds, refresh_pairs=pairs)
-    return order - offsets
+        stats["rounds"] = rounds
+    return torch.stack(kept)
 
 
-def _neighbour_lists(unit, order, offsets, alive):
-    """Per residual token, its NEIGHBOURS most similar other residual tokens (global ids, descending)."""
-    batch, num_tokens, _ = unit.shape
-    width = min(NEIGHBOURS, order.shape[1] - 1)
-    nbr_idx = torch.zeros(batch * num_tokens, max(width, 1), dtype=torch.long, device=unit.device)
-    nbr_sim = torch.full(nbr_idx.shape, -math.inf, dtype=unit.dtype, device=unit.device)
-    if width < 1:
-        return nbr_idx, nbr_sim
-    for b in range(batch):
-        members = order[b] - offsets[b]
-        member_feats = unit[b, members]
-        for start in range(0, members.numel(), CHUNK_ROWS):
-            rows = members[start : start + CHUNK_ROWS]
-            sim = unit[b, rows] @ member_feats.T
-            sim[torch.arange(rows.numel()), torch.arange(start, start + rows.numel())] = -math.inf  # not itself
-            values, where = sim.topk(width, dim=1)
-            nbr_idx[rows + offsets[b], :width] = members[where] + offsets[b]
-            nbr_sim[rows + offsets[b], :width] = values
-    return nbr_idx, nbr_sim
+class DenseRedundancy:
+    """m(a) = max_b cos(a, b) read from the residual's cosine matrix, computed once."""
+
+    def __init__(self, unit: torch.Tensor):
+        self.similarity = unit @ unit.T
+
+    def redundancy(self, side_a: torch.Tensor, side_b: torch.Tensor) -> torch.Tensor:
+        return self.similarity.index_select(0, side_a).index_select(1, side_b).amax(dim=1)
+
+    def drop(self, dropped: torch.Tensor) -> None:
+        pass
 
 
-def _refresh(flat, num_tokens, per_image, ids, missed, in_b, alive, nbr_idx, nbr_sim, redundancy) -> int:
-    """Exact m(a) for A-tokens whose list holds no B-token; rebuild their lists from the live tokens."""
-    pairs = 0
-    width = nbr_idx.shape[1]
-    missed_by_batch = missed.view(-1, per_image)
-    for b in torch.nonzero(missed_by_batch.any(dim=1)).flatten().tolist():
-        where = torch.nonzero(missed_by_batch[b]).flatten() + b * per_image
-        rows = ids[where]
-        own = slice(b * num_tokens, (b + 1) * num_tokens)
-        sim = flat[rows] @ flat[own].T  # against the whole image: no copy of the feature matrix
-        pairs += sim.numel()
-        local = rows - b * num_tokens
-        sim[torch.arange(rows.numel()), local] = -math.inf  # not itself
-        sim[:, ~alive[own]] = -math.inf
-        redundancy[where] = torch.where(in_b[own], sim, -math.inf).amax(dim=1)
-        take = min(width, int(alive[own].sum()) - 1)
-        values, pos = sim.topk(take, dim=1)
-        nbr_idx[rows, :take] = pos + b * num_tokens
-        nbr_sim[rows, :take] = values
-        nbr_sim[rows, take:] = -math.inf
-    return pairs
+class ListRedundancy:
+    """m(a) from nearest-neighbour lists (sorted, descending), rebuilt against the live tokens when exhausted."""
+
+    def __init__(self, unit: torch.Tensor):
+        self.unit = unit
+        count = unit.shape[0]
+        self.alive = torch.ones(count, dtype=torch.bool, device=unit.device)
+        self.in_b = torch.zeros_like(self.alive)
+        width = max(1, min(NEIGHBOURS, count - 1))
+        self.neighbours = torch.zeros(count, width, dtype=torch.long, device=unit.device)
+        self.similarity = torch.full((count, width), -math.inf, dtype=unit.dtype, device=unit.device)
+        for start in range(0, count, CHUNK_ROWS):
+            rows = torch.arange(start, min(start + CHUNK_ROWS, count), device=unit.device)
+            sim = unit[rows] @ unit.T
+            sim[torch.arange(rows.numel()), rows] = -math.inf  # not itself
+            self.similarity[rows], self.neighbours[rows] = sim.topk(width, dim=1)
+
+    def redundancy(self, side_a: torch.Tensor, side_b: torch.Tensor) -> torch.Tensor:
+        self.in_b.zero_()
+        self.in_b[side_b] = True
+        # The lists are sorted, so the best entry that sits in B is a's nearest B-token.
+        best = torch.where(self.in_b[self.neighbours[side_a]], self.similarity[side_a], -math.inf).amax(dim=1)
+        missed = best == -math.inf
+        if missed.any():
+            best[missed] = self._rebuild(side_a[missed])
+        return best
+
+    def _rebuild(self, rows: torch.Tensor) -> torch.Tensor:
+        """Exact m for `rows`, whose lists hold no B-token, and fresh lists from the live tokens."""
+        sim = self.unit[rows] @ self.unit.T
+        sim[torch.arange(rows.numel()), rows] = -math.inf  # not itself
+        sim[:, ~self.alive] = -math.inf
+        width = min(self.neighbours.shape[1], int(self.alive.sum()) - 1)
+        self.similarity[rows, :width], self.neighbours[rows, :width] = sim.topk(width, dim=1)
+        self.similarity[rows, width:] = -math.inf
+        return torch.where(self.in_b[None, :], sim, -math.inf).amax(dim=1)
+
+    def drop(self, dropped: torch.Tensor) -> None:
+        self.alive[dropped] = False
 
 
 def important_and_diverse(

@@ -61,14 +61,19 @@ class LlavaAdapter(Adapter):
 
         handles = [tower.register_forward_pre_hook(start, with_kwargs=True)]
         if needed & {"saliency", "attention"}:
+            # Read the layer's own query and key projections as they are computed: no recomputation.
             attention = tower.encoder.layers[self.feature_layer].self_attn
+            queries = {}
 
-            def record_attention(module, args, kwargs):
-                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                with torch.no_grad(), Timer(capture, hidden.device):
-                    self._record_attention(module, hidden, needed, capture)
+            def keep_queries(module, args, output):
+                queries["q"] = output
 
-            handles.append(attention.register_forward_pre_hook(record_attention, with_kwargs=True))
+            def record_attention(module, args, keys):
+                with torch.no_grad(), Timer(capture, keys.device):
+                    self._record_attention(attention, queries.pop("q"), keys, needed, capture)
+
+            handles.append(attention.q_proj.register_forward_hook(keep_queries))
+            handles.append(attention.k_proj.register_forward_hook(record_attention))
         if "features" in needed:
 
             def record_features(module, args):
@@ -77,14 +82,14 @@ class LlavaAdapter(Adapter):
             handles.append(self.base.multi_modal_projector.register_forward_pre_hook(record_features))
         return handles
 
-    def _record_attention(self, attn, hidden: torch.Tensor, needed: set[str], capture: Capture) -> None:
-        """CLS->patch attention (VisPruner/FasterVLM saliency) and, if needed, the patch-to-patch map."""
-        batch, length, _ = hidden.shape
+    def _record_attention(self, attn, queries: torch.Tensor, keys: torch.Tensor, needed: set[str], capture: Capture) -> None:
+        """CLS->patch attention (the VisPruner/FasterVLM saliency) and, if needed, the patch-to-patch map."""
+        batch, length, _ = keys.shape
         heads, head_dim = attn.num_heads, attn.head_dim
-        keys = attn.k_proj(hidden).view(batch, length, heads, head_dim).transpose(1, 2)
-        rows = hidden if "attention" in needed else hidden[:, :1]
-        queries = attn.q_proj(rows).view(batch, rows.shape[1], heads, head_dim).transpose(1, 2)
-        probs = attention_probs(queries, keys, attn.scale)  # [B, Q, 1 + N]
+        keys = keys.view(batch, length, heads, head_dim).transpose(1, 2)
+        rows = queries if "attention" in needed else queries[:, :1]
+        rows = rows.reshape(batch, rows.shape[1], heads, head_dim).transpose(1, 2)
+        probs = attention_probs(rows, keys, attn.scale)  # [B, Q, 1 + N]
         if "saliency" in needed:
             capture.record("saliency", list(probs[:, 0, 1:]))
         if "attention" in needed:

@@ -62,24 +62,28 @@ class QwenVLAdapter(Adapter):
 
         handles = [self.visual.register_forward_pre_hook(start, with_kwargs=True)]
         if "saliency" in needed:
+            attention = self.visual.blocks[self.saliency_block].attn
 
-            def record_saliency(module, args, kwargs):
-                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                with torch.no_grad(), Timer(capture, hidden.device):
-                    saliency = self._received_attention(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
+            def keep_layout(module, args, kwargs):
+                state["cu_seqlens"], state["rotary"] = kwargs["cu_seqlens"], kwargs["position_embeddings"]
+
+            def record_saliency(module, args, qkv):
+                # the block's own q/k projections, read as they are computed: no recomputation
+                with torch.no_grad(), Timer(capture, qkv.device):
+                    saliency = self._received_attention(attention, qkv, state["cu_seqlens"], state["rotary"])
                     saliency = saliency[self._inverse_window_order(state["grid_thw"])]
                     counts = (state["grid_thw"].prod(dim=-1) // self.merge**2).tolist()
                     capture.record("saliency", list(saliency.split(counts)))
 
-            block = self.visual.blocks[self.saliency_block]
-            handles.append(block.attn.register_forward_pre_hook(record_saliency, with_kwargs=True))
+            handles.append(attention.register_forward_pre_hook(keep_layout, with_kwargs=True))
+            handles.append(attention.qkv.register_forward_hook(record_saliency))
         return handles
 
-    def _received_attention(self, attn, hidden, cu_seqlens, position_embeddings) -> torch.Tensor:
+    def _received_attention(self, attn, qkv, cu_seqlens, position_embeddings) -> torch.Tensor:
         """Per merged token: attention received in this block (Σ over queries, head mean) averaged over its
         2x2 patches, computed image by image (the official code mixes images; flashvlm.md §1.10.3)."""
-        length = hidden.shape[0]
-        qkv = attn.qkv(hidden).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+        length = qkv.shape[0]
+        qkv = qkv.reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
         rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         queries, keys = rotate(qkv[0], qkv[1], *position_embeddings)
         queries, keys = queries.transpose(0, 1), keys.transpose(0, 1)  # [H, S, d]
