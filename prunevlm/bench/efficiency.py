@@ -1,0 +1,256 @@
+"""`prunevlm bench`: time to first token, LLM prefill, selection, decode, KV cache and peak memory, per method
+and budget, on a randomly initialised LLaVA-1.5-shaped model (speed does not depend on the weights).
+
+Every figure is the median of `--repeats` runs after one warm-up, measured in one process:
+- ttft_ms: generate(max_new_tokens=1) wall time: vision tower, selection, LLM prefill and the first token;
+- prefill_ms: the language model's forward at prefill only (timed by hooks that run after the pruning hook);
+- selection_ms: signal hooks + method (`handle.stats.selection_ms`);
+- decode_ms: one decoding step of the whole model (median over steps);
+- kv_mb: keys and values held for the prompt after prefill;
+- peak_mb: peak memory above the pre-call level during a separate generate(max_new_tokens=1): the CUDA
+  allocator's peak, or on CPU the peak resident set size sampled every millisecond (glibc is told to map
+  large blocks directly, so freed activations leave the resident set and a new peak is visible).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+from .. import prune
+from ..methods.diversity import bipartite_dedup
+from .models import SHAPES, build_model, prompt_inputs
+
+METHODS = ("none", "flashvlm", "vispruner", "random", "uniform")
+BUDGETS = (576, 192, 128, 64, 32)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu",
+                        help="cpu: CLIP ViT-L/14-336 + Llama h1024 x 8 layers (default); 7b: LLaVA-1.5-7B (GPU)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; 'none' is the unpruned model")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma-separated tokens per image")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--text-tokens", type=int, default=40, help="prompt tokens around the image")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/bench-<device>-<shape>.json)")
+
+
+class Stopwatch:
+    """Times the language model's prefill and the whole model's decoding steps through hooks."""
+
+    def __init__(self, model):
+        self.model, self.prefill, self.steps = model, [], []
+        lm = model.model.language_model
+        self.handles = [
+            lm.register_forward_pre_hook(lambda m, a, kw: self._start("lm"), with_kwargs=True),
+            lm.register_forward_hook(lambda m, a, kw, out: self._stop("lm", kw), with_kwargs=True),
+            model.register_forward_pre_hook(lambda m, a, kw: self._start("step"), with_kwargs=True),
+            model.register_forward_hook(lambda m, a, kw, out: self._stop("step", kw), with_kwargs=True),
+        ]
+        self.started = {}
+
+    def _start(self, name):
+        _sync(self.model)
+        self.started[name] = time.perf_counter()
+
+    def _stop(self, name, kwargs):
+        _sync(self.model)
+        seconds = time.perf_counter() - self.started[name]
+        embeds = kwargs.get("inputs_embeds")
+        length = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
+        if name == "lm" and length > 1:
+            self.prefill.append(seconds)
+        elif name == "step" and length == 1:
+            self.steps.append(seconds)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator, or sampled resident set size on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            _map_large_blocks()
+            self.base = self.peak = _rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.bytes = max(self.peak, _rss()) - self.base
+
+
+def _map_large_blocks() -> None:
+    """glibc: serve blocks >= 128 KiB with mmap (returned to the OS on free) and trim the heap."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; a fixed value also stops its dynamic growth
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sync(model):
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def kv_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers)
+
+
+@torch.inference_mode()
+def measure(model, inputs, method: str, budget: int, repeats: int, decode_tokens: int) -> dict:
+    """Median figures of one (method, budget) over `repeats` runs after a warm-up."""
+    handle = None if method == "none" else prune(model, method, budget)
+    watch = Stopwatch(model)
+    runs = []
+    try:
+        for repeat in range(repeats + 1):
+            watch.prefill.clear()
+            _sync(model)
+            start = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+            _sync(model)
+            ttft = time.perf_counter() - start
+            prefill = watch.prefill[-1]
+            selection = handle.stats.selection_ms if handle else 0.0
+            kept = handle.stats.tokens_after[0][0] if handle else None
+            cache = kv_bytes(out.past_key_values)
+            del out
+            watch.steps.clear()
+            model.generate(**inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
+            decode = statistics.median(watch.steps)
+            if repeat:  # the first run warms up
+                runs.append({"ttft_ms": 1000 * ttft, "prefill_ms": 1000 * prefill, "selection_ms": selection,
+                             "decode_ms": 1000 * decode, "kv_mb": cache / 2**20, "kept": kept})
+        with PeakMemory(model.device) as memory:
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    finally:
+        watch.remove()
+        if handle:
+            handle.remove()
+    result = {"method": method, "budget": budget if handle else None}
+    for key in runs[0]:
+        result[key] = runs[0][key] if key == "kept" else statistics.median(r[key] for r in runs)
+    result["peak_mb"] = memory.bytes / 2**20
+    return result
+
+
+def diversity_timing(num_tokens: int = 4608, dim: int = 1024, repeats: int = 3) -> dict:
+    """The diversity partition alone at N = 4608 (8 frames x 576 tokens), keeping N/9, both schedules."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(1, num_tokens, dim, generator=g)
+    order = torch.randperm(num_tokens, generator=g)[None]
+    timings = {}
+    for schedule in ("fixed", "geometric"):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            bipartite_dedup(features, order, num_tokens // 9, schedule=schedule)
+            times.append(time.perf_counter() - start)
+        timings[schedule] = 1000 * statistics.median(times)
+    return {"tokens": num_tokens, "dim": dim, "keep": num_tokens // 9, "median_ms": timings}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model_name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model_name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["method"] == "none"), None)
+    lines = ["| method | budget | TTFT ms | LLM prefill ms | prefill speed-up | selection ms | selection / prefill "
+             "| decode ms/tok | KV cache MB | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speedup = f"{base['prefill_ms'] / r['prefill_ms']:.2f}x" if base else "-"
+        share = f"{100 * r['selection_ms'] / r['prefill_ms']:.1f} %" if r["method"] != "none" else "-"
+        lines.append(f"| {r['method']} | {r['budget'] or 'all'} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} | {speedup} "
+                     f"| {r['selection_ms']:.2f} | {share} | {r['decode_ms']:.1f} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    print(f"building a random {args.shape}-shaped LLaVA ({dtype}, {device}, attn={args.attn})...", file=sys.stderr)
+    model = build_model(args.shape, dtype, device, args.attn)
+    inputs = prompt_inputs(model, args.text_tokens, device)
+    rows = []
+    for method in methods:
+        for budget in ([None] if method == "none" else budgets):
+            row = measure(model, inputs, method, budget, args.repeats, args.decode_tokens)
+            rows.append(row)
+            print(f"  {method:10s} {str(budget or 'all'):>4s}: prefill {row['prefill_ms']:.1f} ms, "
+                  f"selection {row['selection_ms']:.2f} ms, TTFT {row['ttft_ms']:.0f} ms", file=sys.stderr)
+    diversity = diversity_timing()
+    report = {
+        "command": "prunevlm bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "prunevlm bench",
+        "device": device_name(device), "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
+        "attn": args.attn, "repeats": args.repeats, "decode_tokens": args.decode_tokens,
+        "text_tokens": args.text_tokens, "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__, "rows": rows, "diversity_partition": diversity,
+    }
+    print(f"\n{report['device']}, {args.shape} shape, {report['dtype']}, median of {args.repeats} runs\n")
+    print(table(rows))
+    print(f"\ndiversity partition, N={diversity['tokens']} -> {diversity['keep']}: "
+          + ", ".join(f"{k} {v:.0f} ms" for k, v in diversity["median_ms"].items()))
+    out = args.out or f"benchmarks/results/bench-{device.type}-{args.shape}.json"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {out}")
+    return report
