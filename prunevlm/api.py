@@ -5,9 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from .budget import check_budget
+from .config import load_config
 from .methods import METHODS, SIGNALS, Method, Selection, make_method
 from .models import get_adapter
 from .runtime.llm_input import InputPruning, Stats
+from .runtime.llm_layers import LayerPruning
 
 _ATTACHED = "_prunevlm_handle"
 
@@ -19,6 +21,8 @@ class PruneHandle:
         self.model, self.method, self.budget = model, method, budget
         self.adapter = get_adapter(model)
         self.runtime = InputPruning(self.adapter, method, budget, positions)
+        # methods with in-LLM stages (VFlowOpt) also prune at decoder layers
+        self.layers = LayerPruning(self.runtime) if hasattr(method, "plan") else None
         setattr(model, _ATTACHED, self)
 
     @property
@@ -34,6 +38,8 @@ class PruneHandle:
         """Detach every hook; the model is exactly as it was."""
         if self.attached:
             self.runtime.remove()
+            if self.layers is not None:
+                self.layers.remove()
             delattr(self.model, _ATTACHED)
 
     def __enter__(self) -> "PruneHandle":
@@ -47,14 +53,33 @@ class PruneHandle:
         return f"PruneHandle({self.method!r}, budget={self.budget!r}, {self.adapter.family}, {state})"
 
 
-def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | float = 64, *,
-          positions: str = "original", **options) -> PruneHandle:
+def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | float | None = None, *,
+          config=None, positions: str = "original", **options) -> PruneHandle:
     """Attach a pruning method to a stock Hugging Face VLM.
 
     budget: an int is the number of visual tokens kept per image (an image with fewer stays whole); a float
-    in (0, 1] is the fraction of each image's tokens. positions: "original" keeps the kept tokens' RoPE
-    positions (required for M-RoPE), "compact" renumbers them. Other keyword arguments are method options.
+    in (0, 1] is the fraction of each image's tokens. For methods that prune inside the LLM (vflowopt) it is
+    the layer-averaged count or fraction. config: a saved configuration (path or dict, e.g. from
+    `prunevlm calibrate`) giving the method's options and budget. positions: "original" keeps the kept
+    tokens' RoPE positions (required for M-RoPE), "compact" renumbers them. Other keyword arguments are
+    method options.
     """
+    if config is not None:
+        loaded = load_config(config)
+        name = method if isinstance(method, str) else method.name
+        if name != loaded["method"]:
+            raise ValueError(f"the config is for {loaded['method']!r}, not {name!r}")
+        overlap = set(options) & set(loaded["options"])
+        if overlap:
+            raise ValueError(f"options {sorted(overlap)} are set by the config; edit the config or drop them here")
+        if budget is not None and budget != loaded["budget"]:
+            raise ValueError(
+                f"the config was calibrated for budget {loaded['budget']}; pass that budget (or none), or "
+                f"calibrate for {budget}"
+            )
+        budget, options = loaded["budget"], {**loaded["options"], **options}
+    if budget is None:
+        raise TypeError("prune() needs a budget: tokens per image (int) or a fraction of each image (float in (0, 1])")
     check_budget(budget)
     method = make_method(method, **options)
     existing = getattr(model, _ATTACHED, None)

@@ -50,10 +50,10 @@ def test_generate_explains_bad_input(folder):
 def test_bench_writes_a_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["bench", "--shape", "tiny", "--methods", "none,flashvlm", "--budgets", "576,64", "--repeats", "1",
-          "--decode-tokens", "2", "--out", str(out)])
+          "--decode-tokens", "2", "--diversity-tokens", "300", "--out", str(out)])
     report = json.loads(out.read_text())
     rows = {(r["method"], r["budget"]): r for r in report["rows"]}
     assert rows[("flashvlm", 64)]["kept"] == 64
     assert rows[("flashvlm", 64)]["kv_mb"] < rows[("none", None)]["kv_mb"]
     assert "| flashvlm | 64 |" in capsys.readouterr().out
-    assert report["diversity_partition"]["tokens"] == 4608
+    assert report["diversity_partition"]["tokens"] == 300

@@ -12,7 +12,7 @@ FAMILIES = {
     "qwen2_5_vl": (tiny.qwen2_5_vl, lambda: tiny.qwen_inputs([[(4, 8)], [], [(8, 12), (4, 4)]])),
 }
 IMAGES_PER_ROW = [1, 0, 2]
-GENERATE = dict(max_new_tokens=6, do_sample=False)
+GENERATE = dict(max_new_tokens=6, **tiny.GREEDY)
 
 
 def family_of(name):
@@ -150,10 +150,10 @@ def test_compact_positions_for_llava():
         probe = lm.register_forward_pre_hook(
             lambda m, a, kw: seen.append((kw["position_ids"].clone(), kw["attention_mask"].clone())), with_kwargs=True
         )
-        cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        cached = model.generate(**inputs, max_new_tokens=3, **tiny.GREEDY)
         probe.remove()
         lengths = handle.stats.prefill_after
-        uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+        uncached = model.generate(**inputs, max_new_tokens=3, **tiny.GREEDY, use_cache=False)
     assert torch.equal(cached, uncached)
     positions, mask = seen[0]
     for row, length in enumerate(lengths):

@@ -18,15 +18,18 @@ VOCAB = 300
 PAD, BOS, EOS = 0, 1, 2
 LLAVA_IMAGE = 299
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 297, 298, 295, 296
+# Greedy decoding for tests. Random models may emit an image token id, which a later uncached step would
+# read as a placeholder (the unpruned model fails the same way), so those ids are suppressed.
+GREEDY = dict(do_sample=False, suppress_tokens=[LLAVA_IMAGE, QWEN_IMAGE, QWEN_VIDEO])
 
 
-def llava(attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
-    """CLIP tower (32 px, patch 8: 16 patch tokens + CLS, 3 layers) and a 2-layer Llama."""
+def llava(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> LlavaForConditionalGeneration:
+    """CLIP tower (32 px, patch 8: 16 patch tokens + CLS, 3 layers) and a Llama of `layers` layers."""
     torch.manual_seed(seed)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                        num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text_config=LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD,
                                 bos_token_id=BOS, eos_token_id=EOS),
         image_token_index=LLAVA_IMAGE, image_seq_length=16, vision_feature_layer=-2,
@@ -38,9 +41,9 @@ def llava(attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
     return model
 
 
-def _qwen_configs(cls, vision: dict):
+def _qwen_configs(cls, vision: dict, layers: int = 2):
     return cls(
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=BOS, eos_token_id=EOS,
                          pad_token_id=PAD,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
@@ -49,22 +52,23 @@ def _qwen_configs(cls, vision: dict):
     )
 
 
-def qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGeneration:
+def qwen2_vl(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> Qwen2VLForConditionalGeneration:
     torch.manual_seed(seed)
     config = _qwen_configs(Qwen2VLConfig, dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
-                                               patch_size=8, spatial_merge_size=2, temporal_patch_size=2))
+                                               patch_size=8, spatial_merge_size=2, temporal_patch_size=2), layers)
     config._attn_implementation = attn
     model = Qwen2VLForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = PAD
     return model
 
 
-def qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+def qwen2_5_vl(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> Qwen2_5_VLForConditionalGeneration:
     """Three vision blocks, windows of 2x2 merged tokens, block 1 full attention, block 2 windowed."""
     torch.manual_seed(seed)
     config = _qwen_configs(Qwen2_5_VLConfig, dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4,
                                                   out_hidden_size=64, patch_size=8, spatial_merge_size=2,
-                                                  temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1]))
+                                                  temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1]),
+                           layers)
     config._attn_implementation = attn
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = PAD

@@ -46,6 +46,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--diversity-tokens", type=int, default=4608,
+                        help="also time the diversity partition alone at this many tokens (8 frames x 576); 0 skips")
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/bench-<device>-<shape>.json)")
 
 
@@ -180,7 +182,7 @@ def measure(model, inputs, method: str, budget: int, repeats: int, decode_tokens
 
 
 def diversity_timing(num_tokens: int = 4608, dim: int = 1024, repeats: int = 3) -> dict:
-    """The diversity partition alone at N = 4608 (8 frames x 576 tokens), keeping N/9, both schedules."""
+    """The diversity partition alone (default N = 4608, 8 frames x 576 tokens), keeping N/9, both schedules."""
     g = torch.Generator().manual_seed(0)
     features = torch.randn(1, num_tokens, dim, generator=g)
     order = torch.randperm(num_tokens, generator=g)[None]
@@ -236,7 +238,7 @@ def run(args) -> dict:
             rows.append(row)
             print(f"  {method:10s} {str(budget or 'all'):>4s}: prefill {row['prefill_ms']:.1f} ms, "
                   f"selection {row['selection_ms']:.2f} ms, TTFT {row['ttft_ms']:.0f} ms", file=sys.stderr)
-    diversity = diversity_timing()
+    diversity = diversity_timing(args.diversity_tokens) if args.diversity_tokens else None
     report = {
         "command": "prunevlm bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "prunevlm bench",
         "device": device_name(device), "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
@@ -246,8 +248,9 @@ def run(args) -> dict:
     }
     print(f"\n{report['device']}, {args.shape} shape, {report['dtype']}, median of {args.repeats} runs\n")
     print(table(rows))
-    print(f"\ndiversity partition, N={diversity['tokens']} -> {diversity['keep']}: "
-          + ", ".join(f"{k} {v:.0f} ms" for k, v in diversity["median_ms"].items()))
+    if diversity:
+        print(f"\ndiversity partition, N={diversity['tokens']} -> {diversity['keep']}: "
+              + ", ".join(f"{k} {v:.0f} ms" for k, v in diversity["median_ms"].items()))
     out = args.out or f"benchmarks/results/bench-{device.type}-{args.shape}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -6,9 +6,10 @@ from .base import SIGNALS, Method, Selection
 from .flashvlm import FlashVLM
 from .random import Random
 from .uniform import Uniform
+from .vflowopt import VFlowOpt
 from .vispruner import VisPruner
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FlashVLM, VisPruner, Random, Uniform)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FlashVLM, VisPruner, VFlowOpt, Random, Uniform)}
 
 
 def get_method(name: str) -> type[Method]:

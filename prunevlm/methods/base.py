@@ -23,7 +23,7 @@ SIGNALS: dict[str, str] = {
     "text_mask": "[B, L] bool, False for padded text rows",
     "grid": "(h, w) spatial layout of the N tokens, row-major",
     "attention": "[B, N, N] head-averaged vision attention among the N tokens (rows: queries)",
-    "entropy": "[B, N] grey-level entropy of the pixels under each token",
+    "patches": "[B, N, C, p, p] the (normalised) pixels under each token",
 }
 
 
@@ -59,9 +59,13 @@ class Method:
         batch, num_tokens = self.check_signals(signals)
         k = tokens_to_keep(budget, num_tokens)
         if k == num_tokens:
-            keep = torch.arange(num_tokens, device=_device(signals)).expand(batch, -1).clone()
-            return Selection(keep=keep)
+            return self.keep_all(batch, num_tokens, **signals)
         return self.select(k, **signals)
+
+    def keep_all(self, batch: int, num_tokens: int, **signals) -> Selection:
+        """Every token, unchanged (the identity); methods that carry scores to later stages add them."""
+        keep = torch.arange(num_tokens, device=_device(signals)).expand(batch, -1).clone()
+        return Selection(keep=keep)
 
     def select(self, k: int, **signals) -> Selection:
         """Choose k < N tokens per image from validated signals."""

@@ -11,7 +11,7 @@ from .base import Adapter, Capture, Timer
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
-    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "attention", "grid"})
+    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "attention", "patches", "grid"})
 
     def check_supported(self) -> None:
         config = self.config
@@ -58,6 +58,10 @@ class LlavaAdapter(Adapter):
             pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
             capture.start_call()
             capture.record("grid", [self.grid] * pixels.shape[0])
+            if "patches" in needed:
+                side = self.config.vision_config.patch_size
+                blocks = pixels.unfold(2, side, side).unfold(3, side, side)  # [n, C, rows, cols, p, p]
+                capture.record("patches", list(blocks.permute(0, 2, 3, 1, 4, 5).flatten(1, 2)))
 
         handles = [tower.register_forward_pre_hook(start, with_kwargs=True)]
         if needed & {"saliency", "attention"}:

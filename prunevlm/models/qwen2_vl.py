@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from ..signals.attention import pool_groups, received_attention
+from ..signals.attention import attention_map, pool_groups, received_attention
 from .base import Adapter, Capture, Timer
 
 
@@ -18,7 +18,7 @@ class QwenVLAdapter(Adapter):
         "Qwen2_5_VLForConditionalGeneration",
         "Qwen2_5_VLModel",
     )
-    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "saliency", "grid"})
+    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "saliency", "attention", "patches", "grid"})
     compact_positions = False  # M-RoPE positions encode the image grid; they must stay original
 
     @property
@@ -61,41 +61,71 @@ class QwenVLAdapter(Adapter):
             capture.record("grid", [(int(h) // self.merge, int(w) // self.merge) for _, h, w in grid_thw.tolist()])
 
         handles = [self.visual.register_forward_pre_hook(start, with_kwargs=True)]
-        if "saliency" in needed:
+        if "patches" in needed:
+            handles.append(self.visual.register_forward_pre_hook(
+                lambda module, args, kwargs: capture.record("patches", self._patches(args[0], state["grid_thw"])),
+                with_kwargs=True))
+        if needed & {"saliency", "attention"}:
             attention = self.visual.blocks[self.saliency_block].attn
 
             def keep_layout(module, args, kwargs):
                 state["cu_seqlens"], state["rotary"] = kwargs["cu_seqlens"], kwargs["position_embeddings"]
 
-            def record_saliency(module, args, qkv):
+            def record(module, args, qkv):
                 # the block's own q/k projections, read as they are computed: no recomputation
                 with torch.no_grad(), Timer(capture, qkv.device):
-                    saliency = self._received_attention(attention, qkv, state["cu_seqlens"], state["rotary"])
-                    saliency = saliency[self._inverse_window_order(state["grid_thw"])]
-                    counts = (state["grid_thw"].prod(dim=-1) // self.merge**2).tolist()
-                    capture.record("saliency", list(saliency.split(counts)))
+                    signals = self._attention_signals(attention, qkv, state, needed)
+                for name, per_image in signals.items():
+                    capture.record(name, per_image)
 
             handles.append(attention.register_forward_pre_hook(keep_layout, with_kwargs=True))
-            handles.append(attention.qkv.register_forward_hook(record_saliency))
+            handles.append(attention.qkv.register_forward_hook(record))
         return handles
 
-    def _received_attention(self, attn, qkv, cu_seqlens, position_embeddings) -> torch.Tensor:
-        """Per merged token: attention received in this block (Σ over queries, head mean) averaged over its
-        2x2 patches, computed image by image (the official code mixes images; flashvlm.md §1.10.3)."""
+    def _patches(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """The pixels under each merged token (first temporal frame): [N_i, C, merge·P, merge·P] per image."""
+        config = self.visual.config
+        channels, frames, side = config.in_channels, config.temporal_patch_size, config.patch_size
+        merge = self.merge
+        blocks = pixels.reshape(-1, channels, frames, side, side)[:, :, 0]
+        blocks = blocks.reshape(-1, merge, merge, channels, side, side).permute(0, 3, 1, 4, 2, 5)
+        blocks = blocks.reshape(-1, channels, merge * side, merge * side)
+        return list(blocks.split((grid_thw.prod(dim=-1) // merge**2).tolist()))
+
+    def _attention_signals(self, attn, qkv, state: dict, needed: set[str]) -> dict[str, list]:
+        """Per image, in original token order: the attention each merged token receives (Σ over queries,
+        head mean, averaged over its 2x2 patches; flashvlm.md §1.4) and, if needed, the merged-token map
+        (rows: mean over a token's patches as queries, columns: sum over its patches as keys). Computed image
+        by image; the official code mixes images (flashvlm.md §1.10.3)."""
         length = qkv.shape[0]
         qkv = qkv.reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
         rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-        queries, keys = rotate(qkv[0], qkv[1], *position_embeddings)
+        queries, keys = rotate(qkv[0], qkv[1], *state["rotary"])
         queries, keys = queries.transpose(0, 1), keys.transpose(0, 1)  # [H, S, d]
-        bounds = cu_seqlens.tolist()
-        received = torch.cat([
-            received_attention(queries[:, start:end], keys[:, start:end], attn.scaling)
-            for start, end in zip(bounds[:-1], bounds[1:])
-        ])
-        return pool_groups(received, self.merge**2)
+        group = self.merge**2
+        order = self._window_position(state["grid_thw"])
+        signals = {name: [] for name in ("saliency", "attention") if name in needed}
+        bounds = state["cu_seqlens"].tolist()
+        offset = 0
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            count = (end - start) // group
+            local = order[offset : offset + count] - offset
+            q, k = queries[:, start:end], keys[:, start:end]
+            if "attention" in needed:
+                full = attention_map(q, k, attn.scaling)
+                received = full.sum(dim=0)
+                merged = pool_groups(pool_groups(full, group, dims=(-1,)) * group, group, dims=(-2,))
+                signals["attention"].append(merged[local][:, local])
+            else:
+                received = received_attention(q, k, attn.scaling)
+            if "saliency" in needed:
+                signals["saliency"].append(pool_groups(received, group)[local])
+            offset += count
+        return signals
 
-    def _inverse_window_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Map from original merged-token order to the (windowed) order the blocks see; identity for Qwen2-VL."""
+    def _window_position(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """For each merged token in original order, its position in the (windowed) order the blocks see;
+        the identity for Qwen2-VL."""
         total = int((grid_thw.prod(dim=-1) // self.merge**2).sum())
         if not hasattr(self.visual, "fullatt_block_indexes"):
             return torch.arange(total, device=grid_thw.device)

@@ -36,10 +36,21 @@ class Stats:
     prefill_after: list[int] = field(default_factory=list)
     selection_ms: float = 0.0  # signal hooks + method, for the whole batch
     signal_ms: float = 0.0  # of which: computing signals in the vision hooks
+    stages: list[list] = field(default_factory=list)  # in-LLM methods: per row, per image, its Plan
+
+    @property
+    def layer_average(self) -> list[list[float]]:
+        """Visual tokens per image averaged over the LLM's layers (= tokens_after without in-LLM stages)."""
+        if not self.stages:
+            return [[float(n) for n in row] for row in self.tokens_after]
+        return [[plan.layer_average for plan in row] for row in self.stages]
 
     def __str__(self) -> str:
         rows = [f"row {b}: images {before} -> {after} tokens, prompt {pb} -> {pa}"
                 for b, (before, after, pb, pa) in enumerate(zip(self.tokens_before, self.tokens_after, self.prefill_before, self.prefill_after))]
+        for b, row in enumerate(self.stages):
+            rows += [f"row {b}: image {i}: {plan.counts} visual tokens from layers 0/{plan.layers[0]}/{plan.layers[1]}, "
+                     f"layer average {plan.layer_average:.1f}" for i, plan in enumerate(row)]
         return "\n".join(rows + [f"selection {self.selection_ms:.2f} ms (signals {self.signal_ms:.2f} ms)"])
 
 
@@ -53,7 +64,7 @@ class DecodeState:
     removed: torch.Tensor  # [B, 1] tokens removed per row (for compact positions)
     cache: weakref.ref | None = None
     source: torch.Tensor | None = None  # [B, L'] original column of each kept column, -1 for padding
-    visual: list = field(default_factory=list)  # per row: (kept visual columns in the new sequence, importance)
+    visual: list = field(default_factory=list)  # per row, per image: (its columns in the new sequence, importance, plan)
 
 
 def is_prefill(past_key_values) -> bool:
@@ -104,6 +115,7 @@ class InputPruning:
                 f"{method.name} needs signal(s) {sorted(missing)} that the {adapter.family} adapter cannot provide"
             )
         self.adapter, self.method, self.budget, self.positions = adapter, method, budget, positions
+        self.num_layers = len(adapter.decoder_layers())
         self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
         self.capture = Capture()
         self.images: list[tuple[int, torch.Tensor]] | None = None  # set by the base-model hook at prefill
@@ -205,19 +217,22 @@ class InputPruning:
         start = time.perf_counter()
         kept = [torch.nonzero(text_columns[row]).flatten() for row in range(batch)]
         replacements, visual = [], [[] for _ in range(batch)]
-        before = [[] for _ in range(batch)]
-        after = [[] for _ in range(batch)]
+        before, after, stages = ([[] for _ in range(batch)] for _ in range(3))
+        planned = hasattr(self.method, "plan")  # methods with in-LLM stages set the count at each stage
         for (row, columns), recorded in zip(images, signals):
             inputs = self._signals(embeds, row, columns, text_columns, recorded)
-            selection = self.method(self.budget, **inputs)
+            plan = self.method.plan(self.budget, columns.numel(), self.num_layers) if planned else None
+            selection = self.method(plan.counts[0] if planned else self.budget, **inputs)
             chosen = columns[selection.keep[0]]
             kept[row] = torch.cat([kept[row], chosen])
             if selection.tokens is not None:
                 replacements.append((row, chosen, selection.tokens[0]))
             importance = None if selection.importance is None else selection.importance[0]
-            visual[row].append((chosen, importance))
+            visual[row].append((chosen, importance, plan))
             before[row].append(columns.numel())
             after[row].append(chosen.numel())
+            if planned:
+                stages[row].append(plan)
         source = self._source_columns(kept, embeds.device)
         new_embeds = embeds.gather(1, source.clamp_min(0)[..., None].expand(-1, -1, embeds.shape[-1])).clone()
         for row, chosen, tokens in replacements:
@@ -248,6 +263,7 @@ class InputPruning:
             prefill_after=real_after.tolist(),
             selection_ms=1000 * (signal_seconds + select_seconds),
             signal_ms=1000 * signal_seconds,
+            stages=stages if planned else [],
         )
         kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
         return kwargs
@@ -298,7 +314,8 @@ class InputPruning:
 
     @staticmethod
     def _visual_in_new_sequence(source_row, entries) -> list:
-        return [(torch.searchsorted(source_row, chosen.sort().values), importance) for chosen, importance in entries]
+        """Each image's kept columns as positions in the pruned sequence (chosen are ascending)."""
+        return [(torch.searchsorted(source_row, chosen), importance, plan) for chosen, importance, plan in entries]
 
     def _record_unpruned(self, kwargs):
         embeds = kwargs.get("inputs_embeds")

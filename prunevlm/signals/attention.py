@@ -14,6 +14,12 @@ def attention_probs(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> 
     return torch.softmax(logits, dim=-1).mean(dim=-3)
 
 
+def attention_map(queries: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
+    """The head-averaged attention map [S, S] from queries, keys [H, S, d], in query chunks."""
+    return torch.cat([attention_probs(queries[:, start : start + chunk], keys, scale)
+                      for start in range(0, queries.shape[-2], chunk)])
+
+
 def received_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
     """Attention each token receives, Σ_queries of the head-averaged map (flashvlm.md §1.4, Qwen path).
 

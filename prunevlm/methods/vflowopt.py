@@ -1,0 +1,209 @@
+"""VFlowOpt (ICCV'25, arXiv 2508.05211): importance from attention-derived context relevance and patch
+entropy, stage-0 pruning with recycling, then progressive pruning at two LLM layers (vflowopt.md §2–§3).
+
+This module holds the pure parts: the importance map, the stage-0 selection with recycling, and the
+per-stage token counts under the layer-averaged budget T. The in-LLM stages run in
+`runtime/llm_layers.py`; the hyper-parameter search in `calibrate/`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..signals.entropy import CLIP_MEAN, CLIP_STD, grey_levels, patch_entropy
+from .base import Method, Selection
+
+# Released configurations for LLaVA-OneVision-7B (vflowopt.md §3.4): T -> (r_v, r_1, r_2, t, m, alpha).
+RELEASED = {
+    0.10: (0.1166, 1.0, 0.6011, 39.26, 17.39, 0.0),
+    0.25: (0.2651, 0.9833, 0.8773, 34.76, 15.58, 0.0),
+    0.50: (0.7233, 0.7487, 0.487, 28.68, 11.76, 0.0),
+}
+REFERENCE_LAYERS = (9, 18, 28)  # official pruning layers k1, k2 and LLM depth (Qwen2-7B), §3.2
+REFERENCE_GRID = 27  # tokens per side of the SigLIP-384/14 grid on which m is measured, §3.1
+
+
+def context_relevance(attention: torch.Tensor, t: float) -> torch.Tensor:
+    """c_j = mean over global tokens g of A_gj, with G = {j : r_j > t · mean(r)} and r_j the mean attention
+    token j receives (§2.1; mean(r) = 1/N when rows sum to 1). An empty G falls back to the token that
+    receives the most attention, instead of the official NaN. attention [B, N, N] -> [B, N]."""
+    received = attention.float().mean(dim=1)
+    is_global = received > t * received.mean(dim=-1, keepdim=True)
+    top = torch.zeros_like(is_global).scatter_(1, received.argmax(dim=-1, keepdim=True), True)
+    is_global = torch.where(is_global.any(dim=-1, keepdim=True), is_global, top)
+    weights = is_global.float() / is_global.sum(dim=-1, keepdim=True)
+    return (weights[:, :, None] * attention.float()).sum(dim=1)
+
+
+def importance(attention: torch.Tensor, entropy: torch.Tensor, t: float, alpha: float) -> torch.Tensor:
+    """I_j = c_j + α · softmax_j(H_j) (§2.3)."""
+    return context_relevance(attention, t) + alpha * torch.softmax(entropy.float(), dim=-1)
+
+
+def recycle(scores: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int], count: int, cell: float):
+    """Stage 0 for one image: keep `count` tokens in all, recycled ones included (§3.1, with exact counts).
+
+    The lowest-importance tokens are pruned and binned on a spatial grid of square cells of side `cell`
+    tokens; each occupied cell becomes one token: the importance-weighted mean of its members, at the slot
+    of its most important member, carrying that member's importance. The number of kept originals is the
+    largest one for which kept + occupied cells = count (kept + cells grows by 0 or 1 per token kept).
+    Returns (keep [count] ascending, values [count, D], importance [count]).
+    """
+    num_tokens = scores.numel()
+    ranked = scores.argsort(descending=True, stable=True)
+    rows = torch.arange(num_tokens, device=scores.device) // grid[1]
+    cols = torch.arange(num_tokens, device=scores.device) % grid[1]
+    cells_per_row = math.ceil(grid[1] / cell)
+    cell_of = (rows / cell).floor().long() * cells_per_row + (cols / cell).floor().long()
+
+    def occupied(kept: int) -> int:
+        return int(cell_of[ranked[kept:]].unique().numel())
+
+    low, high = 0, count  # smallest kept with kept + occupied(kept) >= count
+    while low < high:
+        mid = (low + high) // 2
+        if mid + occupied(mid) >= count:
+            high = mid
+        else:
+            low = mid + 1
+    kept = low
+    pruned = ranked[kept:]
+    cells, members = cell_of[pruned].unique(return_inverse=True)
+    weights = scores[pruned].float().clamp_min(0)  # the official weights are I itself; I < 0 only when α < 0
+    total = torch.zeros(cells.numel(), device=scores.device).index_add_(0, members, weights)
+    weights = torch.where(total[members] > 0, weights, 1.0)  # a cell whose weights vanish is averaged uniformly
+    total = torch.zeros(cells.numel(), device=scores.device).index_add_(0, members, weights)
+    summed = torch.zeros(cells.numel(), tokens.shape[-1], device=tokens.device).index_add_(
+        0, members, tokens[pruned].float() * weights[:, None])
+    # pruned is in descending importance, so the first member of each cell is its most important one
+    first = torch.full((cells.numel(),), pruned.numel(), device=scores.device).scatter_reduce_(
+        0, members, torch.arange(pruned.numel(), device=scores.device), reduce="amin")
+    slots = pruned[first]
+    size = torch.zeros(cells.numel(), device=scores.device).index_add_(0, members, torch.ones_like(weights))
+    recycled = torch.where(size[:, None] == 1, tokens[slots], (summed / total[:, None]).to(tokens.dtype))
+    cell_importance = scores[slots]
+    if kept + cells.numel() > count:  # even keeping no original, the cells exceed the budget: best cells only
+        best = cell_importance.argsort(descending=True, stable=True)[:count]
+        slots, recycled, cell_importance = slots[best], recycled[best], cell_importance[best]
+    keep = torch.cat([ranked[:kept], slots])
+    values = torch.cat([tokens[ranked[:kept]], recycled])
+    weights_out = torch.cat([scores[ranked[:kept]], cell_importance])
+    order = keep.argsort()
+    return keep[order], values[order], weights_out[order]
+
+
+@dataclass
+class Plan:
+    """Visual tokens of one image through the LLM: n0 from layer 0, n1 from layer k1, n2 from layer k2."""
+
+    counts: tuple[int, int, int]
+    layers: tuple[int, int]
+    num_layers: int
+
+    @property
+    def layer_average(self) -> float:
+        """Visual tokens averaged over the LLM's layers (the budget T in tokens, §3.3)."""
+        (n0, n1, n2), (k1, k2), depth = self.counts, self.layers, self.num_layers
+        return (k1 * n0 + (k2 - k1) * n1 + (depth - k2) * n2) / depth
+
+
+def default_layers(num_layers: int) -> tuple[int, int]:
+    """The official layers 9 and 18 of 28, scaled to the LLM's depth."""
+    k1 = min(num_layers - 1, max(1, round(REFERENCE_LAYERS[0] * num_layers / REFERENCE_LAYERS[2])))
+    k2 = min(num_layers - 1, max(k1, round(REFERENCE_LAYERS[1] * num_layers / REFERENCE_LAYERS[2])))
+    return k1, k2
+
+
+def nearest_released(fraction: float) -> tuple:
+    return RELEASED[min(RELEASED, key=lambda t: abs(t - fraction))]
+
+
+@dataclass
+class VFlowOpt(Method):
+    name: ClassVar[str] = "vflowopt"
+    description: ClassVar[str] = (
+        "importance = attention-derived context relevance + patch entropy; stage-0 pruning with recycling, "
+        "then progressive pruning at two LLM layers; budget = layer-averaged visual tokens"
+    )
+    signals: ClassVar[tuple[str, ...]] = ("image_tokens", "attention", "patches", "grid")
+
+    r_v: float | None = None  # kept fraction at the LLM input; None: the released schedule nearest T, rescaled
+    r_1: float | None = None  # kept fraction of the remaining tokens at layer k1; None: as r_v
+    t: float = 39.26  # global-token threshold, in units of the mean received attention (released 10 % config)
+    m: float = 17.39  # recycling cell side, on the 27-token reference grid (released 10 % config)
+    alpha: float = 0.0  # entropy weight; 0 in every released config (§2.3)
+    layers: tuple[int, int] | None = None  # (k1, k2); None: 9/28 and 18/28 of the LLM depth
+    recycle: bool = True  # aggregate pruned tokens per cell at stage 0 (§3.1)
+    entropy: str = "paper"  # "paper": raw 0-255 grey levels; "code": the official uint8 clamp (§2.2)
+    pixel_mean: tuple[float, float, float] = CLIP_MEAN  # the processor's normalisation, to undo for "paper"
+    pixel_std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self):
+        for name in ("r_v", "r_1"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"vflowopt: {name} must lie in (0, 1], got {value}")
+        if self.t < 0:
+            raise ValueError(f"vflowopt: t must be >= 0, got {self.t}")
+        if self.m <= 0:
+            raise ValueError(f"vflowopt: m must be > 0, got {self.m}")
+        if self.entropy not in ("paper", "code"):
+            raise ValueError(f"vflowopt: entropy must be 'paper' or 'code', got {self.entropy!r}")
+        if self.layers is not None:
+            self.layers = tuple(int(k) for k in self.layers)
+            if len(self.layers) != 2 or not 1 <= self.layers[0] <= self.layers[1]:
+                raise ValueError(f"vflowopt: layers must be (k1, k2) with 1 <= k1 <= k2, got {self.layers}")
+
+    def plan(self, budget: int | float, num_tokens: int, num_layers: int) -> Plan:
+        """Stage counts for one image of `num_tokens` tokens: budget is T, the layer-averaged fraction (float)
+        or count (int) of visual tokens. r_2 is derived from T (§3.3); counts are rounded so that the
+        layer average is as close to T as integers allow."""
+        fraction = min(1.0, budget / num_tokens) if isinstance(budget, int) else float(budget)
+        k1, k2 = self.layers or default_layers(num_layers)
+        if k2 >= num_layers:
+            raise ValueError(f"vflowopt: layers {(k1, k2)} must lie below the LLM depth {num_layers}")
+        if fraction >= 1.0:
+            return Plan((num_tokens,) * 3, (k1, k2), num_layers)
+        r_v, r_1 = self.r_v, self.r_1
+        if r_v is None or r_1 is None:
+            released_r_v, released_r_1, released_r_2 = nearest_released(fraction)[:3]
+            r_1 = released_r_1 if r_1 is None else r_1
+            if r_v is None:
+                r_v = min(1.0, fraction * num_layers / (k1 + (k2 - k1) * r_1 + (num_layers - k2) * r_1 * released_r_2))
+        n0 = max(1, round(r_v * num_tokens))
+        n1 = max(1, round(r_1 * n0))
+        target = fraction * num_layers * num_tokens - k1 * n0 - (k2 - k1) * n1
+        if num_layers == k2:
+            n2 = n1
+        else:
+            exact = target / (num_layers - k2)
+            if exact > n1 + 0.5 or exact < 0.5:
+                raise ValueError(
+                    f"vflowopt: r_v={r_v}, r_1={r_1} cannot meet T={fraction:.4f} (it would need r_2="
+                    f"{exact / n1:.3f}); use a config calibrated for this budget or leave r_v/r_1 unset"
+                )
+            n2 = min(n1, max(1, round(exact)))
+        return Plan((n0, n1, n2), (k1, k2), num_layers)
+
+    def scores(self, attention: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        entropy = patch_entropy(grey_levels(patches, self.pixel_mean, self.pixel_std, self.entropy))
+        return importance(attention, entropy, self.t, self.alpha)
+
+    def keep_all(self, batch, num_tokens, image_tokens, attention, patches, grid) -> Selection:
+        scores = self.scores(attention, patches)
+        keep = torch.arange(num_tokens, device=scores.device).expand(batch, -1).clone()
+        return Selection(keep=keep, scores=scores, importance=scores)
+
+    def select(self, k, image_tokens, attention, patches, grid) -> Selection:
+        """Stage 0: k tokens reach the LLM (recycled ones included), with their importance for later stages."""
+        scores = self.scores(attention, patches)
+        if not self.recycle:
+            keep = scores.argsort(dim=-1, descending=True, stable=True)[:, :k].sort(dim=-1).values
+            return Selection(keep=keep, scores=scores, importance=scores.gather(1, keep))
+        cell = self.m * math.sqrt(grid[0] * grid[1]) / REFERENCE_GRID
+        keeps, values, weights = zip(*(recycle(s, x, grid, k, cell) for s, x in zip(scores, image_tokens)))
+        return Selection(keep=torch.stack(keeps), scores=scores, tokens=torch.stack(values), importance=torch.stack(weights))
