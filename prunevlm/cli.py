@@ -1,4 +1,4 @@
-"""Command line: prunevlm methods | generate | bench."""
+"""Command line: prunevlm methods | generate | bench | calibrate."""
 
 from __future__ import annotations
 
@@ -76,6 +76,12 @@ def cmd_bench(args) -> None:
     run(args)
 
 
+def cmd_calibrate(args) -> None:
+    from .calibrate import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunevlm", description="Visual token pruning for Hugging Face VLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="speed and memory of each method on a random-weight model")
     add_arguments(bench)
     bench.set_defaults(run=cmd_bench)
+
+    from .calibrate import add_arguments as calibrate_arguments
+
+    calibrate = commands.add_parser("calibrate", help="search VFlowOpt's hyper-parameters for a budget (resumable)")
+    calibrate_arguments(calibrate)
+    calibrate.set_defaults(run=cmd_calibrate)
     return parser
 
 
@@ -110,3 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
         raise SystemExit(f"prunevlm {args.command}: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -143,7 +143,7 @@ def row_inputs(inputs: dict, row: int, images_before: int, images_in_row: int, f
     return single
 
 
-def save_llava_folder(path) -> None:
+def save_llava_folder(path, layers: int = 2) -> None:
     """A tiny LLaVA with a word-level tokenizer and a PIL processor, saved like a hub checkpoint."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlavaImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
@@ -165,5 +165,5 @@ def save_llava_folder(path) -> None:
                       "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
                       "{% if add_generation_prompt %}w9{% endif %}",
     )
-    llava().save_pretrained(path)
+    llava(layers=layers).save_pretrained(path)
     processor.save_pretrained(path)

@@ -170,23 +170,22 @@ class VFlowOpt(Method):
             return Plan((num_tokens,) * 3, (k1, k2), num_layers)
         r_v, r_1 = self.r_v, self.r_1
         if r_v is None or r_1 is None:
-            released_r_v, released_r_1, released_r_2 = nearest_released(fraction)[:3]
+            _, released_r_1, released_r_2 = nearest_released(fraction)[:3]
             r_1 = released_r_1 if r_1 is None else r_1
             if r_v is None:
                 r_v = min(1.0, fraction * num_layers / (k1 + (k2 - k1) * r_1 + (num_layers - k2) * r_1 * released_r_2))
+        if num_layers > k2:  # r_2 from T (§3.3), before rounding to token counts
+            r_2 = (fraction * num_layers - k1 * r_v - (k2 - k1) * r_v * r_1) / ((num_layers - k2) * r_v * r_1)
+            if not 0 < r_2 <= 1 + 1e-9:
+                raise ValueError(
+                    f"vflowopt: r_v={r_v:.4f}, r_1={r_1:.4f} cannot meet T={fraction:.4f} (it would need r_2={r_2:.3f}); "
+                    f"use a config calibrated for this budget or leave r_v/r_1 unset"
+                )
         n0 = max(1, round(r_v * num_tokens))
         n1 = max(1, round(r_1 * n0))
-        target = fraction * num_layers * num_tokens - k1 * n0 - (k2 - k1) * n1
-        if num_layers == k2:
-            n2 = n1
-        else:
-            exact = target / (num_layers - k2)
-            if exact > n1 + 0.5 or exact < 0.5:
-                raise ValueError(
-                    f"vflowopt: r_v={r_v}, r_1={r_1} cannot meet T={fraction:.4f} (it would need r_2="
-                    f"{exact / n1:.3f}); use a config calibrated for this budget or leave r_v/r_1 unset"
-                )
-            n2 = min(n1, max(1, round(exact)))
+        # n2 makes the layer average as close to T as integer counts allow
+        remaining = fraction * num_layers * num_tokens - k1 * n0 - (k2 - k1) * n1
+        n2 = n1 if num_layers == k2 else min(n1, max(1, round(remaining / (num_layers - k2))))
         return Plan((n0, n1, n2), (k1, k2), num_layers)
 
     def scores(self, attention: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,124 @@
+"""`prunevlm calibrate`: VFlowOpt's flow-guided hyper-parameter search, resumable and shareable."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..config import save_config
+from ..methods.vflowopt import default_layers
+from .search import FlowObjective, open_study, run_search
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=None, help="hub id or local folder (default: the bundled demo model)")
+    parser.add_argument("--data", default=None,
+                        help='JSONL, one {"image": path, "prompt": text} per line (default: the demo dataset)')
+    parser.add_argument("--samples", type=int, default=30, help="calibration samples (the paper uses 30)")
+    parser.add_argument("--holdout", type=int, default=100,
+                        help="held-out samples to compare the result with the default config (0 skips)")
+    parser.add_argument("--budget", type=float, required=True, help="T, the layer-averaged fraction of visual tokens")
+    parser.add_argument("--trials", type=int, default=300, help="completed trials to reach in the study (paper: 300)")
+    parser.add_argument("--initial", type=int, default=27, help="random trials before the GP (paper: 27)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage URL or SQLite file (default: next to --out, .db); share it across workers")
+    parser.add_argument("--study", default=None, help="study name (default: vflowopt-T<budget>)")
+    parser.add_argument("--out", default=None, help="config JSON to write (default: vflowopt-T<budget>.json)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def demo_samples(count: int, seed: int, first_image: int = 0) -> list[tuple[Image.Image, str]]:
+    """(image, question) pairs from the demo dataset's validation split, one random question per image."""
+    from ..demo import dataset
+
+    rng = random.Random(seed)
+    samples = []
+    for index in range(first_image, first_image + count):
+        sample = dataset.render("val", index, seed)
+        samples.append((sample.image, rng.choice(sample.questions).text))
+    return samples
+
+
+def jsonl_samples(path: str) -> list[tuple[Image.Image, str]]:
+    """(image, prompt) pairs from a JSONL file; relative image paths are read from the file's folder."""
+    folder = Path(path).parent
+    samples = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                image = Image.open(folder / record["image"]).convert("RGB")
+                samples.append((image, str(record["prompt"])))
+            except (json.JSONDecodeError, KeyError, OSError) as error:
+                raise ValueError(f"{path}:{number}: expected {{\"image\": path, \"prompt\": text}}: {error}") from error
+    if not samples:
+        raise ValueError(f"{path} holds no samples")
+    return samples
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not 0 < args.budget < 1:
+        raise ValueError(f"calibrate a budget T in (0, 1): the layer-averaged fraction of visual tokens, got {args.budget}")
+    if args.model is None:
+        from ..demo.accuracy import MODEL_DIR, load
+
+        model, processor = load(MODEL_DIR)
+        model_id = "prunevlm demo model"
+    else:
+        from ..loading import load
+
+        model, processor = load(args.model)
+        model_id = args.model
+    if args.data:
+        samples = jsonl_samples(args.data)
+        holdout = samples[args.samples : args.samples + args.holdout]
+        samples = samples[: args.samples]
+    else:
+        samples = demo_samples(args.samples, args.seed)
+        holdout = demo_samples(args.holdout, args.seed, first_image=10_000) if args.holdout else []
+    tag = f"T{args.budget:g}"
+    out = args.out or f"vflowopt-{tag}.json"
+    storage = args.storage or str(Path(out).with_suffix(".db"))
+    study_name = args.study or f"vflowopt-{tag}"
+    cache = str(Path(out).with_suffix(f".{study_name}.refs.pt"))  # unpruned states, reused when resuming
+    depth = len(model.model.language_model.layers)
+    layers = default_layers(depth)
+
+    print(f"calibrating vflowopt at T={args.budget} on {len(samples)} samples, {args.trials} trials "
+          f"(study {study_name!r} in {storage})", file=sys.stderr)
+    objective = FlowObjective(model, processor, samples, args.budget, args.batch_size, cache=cache)
+    study = open_study(storage, study_name, args.seed, args.initial)
+    best = run_search(objective, study, args.trials, depth, layers)
+    options = {k: best[k] for k in ("r_v", "r_1", "t", "m", "alpha", "layers")}
+    default_options = {"layers": list(layers)}
+    report = {"objective": best["value"], "default_objective": objective(default_options), "samples": len(samples)}
+    if holdout:
+        held = FlowObjective(model, processor, holdout, args.budget, args.batch_size)
+        report["holdout"] = {"samples": len(holdout), "calibrated": held(options) / len(holdout),
+                             "default": held(default_options) / len(holdout)}
+    import optuna
+
+    saved = save_config(
+        out, "vflowopt", args.budget, options, model=model_id, study=study_name,
+        storage=storage if "://" in storage else os.path.abspath(storage), trials=args.trials, seed=args.seed,
+        best_trial=best["number"], **report, versions={"torch": torch.__version__, "optuna": optuna.__version__,
+                                                        "transformers": __import__("transformers").__version__},
+    )
+    print(f"best flow objective {best['value']:.4f} of {len(samples)} (default config {report['default_objective']:.4f})")
+    if holdout:
+        h = report["holdout"]
+        print(f"held-out mean cosine over {h['samples']} samples: calibrated {h['calibrated']:.4f}, default {h['default']:.4f}")
+    print(f"wrote {out}: prunevlm.prune(model, 'vflowopt', config={out!r})")
+    return saved

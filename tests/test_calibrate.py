@@ -1,0 +1,104 @@
+"""prunevlm calibrate: a resumable, shareable Optuna study on a tiny model folder and a JSONL data set."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from PIL import Image
+
+import prunevlm
+import tiny
+from prunevlm.calibrate.search import r_1_bounds
+from prunevlm.cli import main
+from prunevlm.methods.vflowopt import VFlowOpt
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calibrate")
+    tiny.save_llava_folder(path / "model", layers=4)
+    rng = random.Random(0)
+    with open(path / "data.jsonl", "w") as f:
+        for i in range(12):
+            Image.new("RGB", (40, 40), tuple(rng.randrange(256) for _ in range(3))).save(path / f"img{i}.png")
+            f.write(json.dumps({"image": f"img{i}.png", "prompt": " ".join(f"w{rng.randrange(100)}" for _ in range(4))}) + "\n")
+    return path
+
+
+def command(workdir, name, trials, extra=()):
+    return ["calibrate", "--model", str(workdir / "model"), "--data", str(workdir / "data.jsonl"), "--samples", "8",
+            "--holdout", "4", "--budget", "0.5", "--trials", str(trials), "--initial", "3", "--threads", "1",
+            "--storage", f"sqlite:///{workdir / name}.db", "--out", str(workdir / f"{name}.json"), *extra]
+
+
+def completed(workdir, name):
+    try:
+        study = optuna.load_study(study_name="vflowopt-T0.5", storage=f"sqlite:///{workdir / name}.db")
+    except KeyError:  # the worker has not created the study yet
+        return []
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def test_every_searched_point_meets_the_budget():
+    for budget in (0.1, 0.25, 0.5):
+        for r_v in (budget, 1.25 * budget, min(1.0, 1.5 * budget)):
+            low, high = r_1_bounds(budget, r_v, (9, 18), 28)
+            for r_1 in (low, (low + high) / 2, high):
+                plan = VFlowOpt(r_v=r_v, r_1=r_1, layers=(9, 18)).plan(budget, 729, 28)
+                assert abs(plan.layer_average / 729 - budget) < 2 / 729
+
+
+def test_calibration_writes_a_config_that_prune_loads(workdir, capsys):
+    main(command(workdir, "basic", 5))
+    config = json.loads((workdir / "basic.json").read_text())
+    assert config["method"] == "vflowopt" and config["budget"] == 0.5
+    assert set(config["options"]) == {"r_v", "r_1", "t", "m", "alpha", "layers"}
+    assert config["objective"] >= max(t.value for t in completed(workdir, "basic")) - 1e-9
+    assert "holdout" in config
+    model = tiny.llava(layers=4)
+    with prunevlm.prune(model, "vflowopt", config=str(workdir / "basic.json")) as handle:
+        model(**tiny.llava_inputs([1]))
+        assert handle.stats.stages[0][0].layers == tuple(config["options"]["layers"])
+    # running again with a larger target continues the same study
+    before = {(t.number, t.value) for t in completed(workdir, "basic")}
+    main(command(workdir, "basic", 7))
+    after = {(t.number, t.value) for t in completed(workdir, "basic")}
+    assert before < after and len(after) == 7
+
+
+def run_cli(workdir, name, trials):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "prunevlm.cli", *command(workdir, name, trials)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+def test_a_killed_run_resumes_without_losing_trials(workdir):
+    worker = run_cli(workdir, "killed", 500)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(1)
+        if len(completed(workdir, "killed")) >= 3:
+            break
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    finished = {(t.number, t.value, tuple(sorted(t.params.items()))) for t in completed(workdir, "killed")}
+    assert len(finished) >= 3
+    main(command(workdir, "killed", len(finished) + 2))
+    resumed = {(t.number, t.value, tuple(sorted(t.params.items()))) for t in completed(workdir, "killed")}
+    assert finished < resumed and len(resumed) == len(finished) + 2
+
+
+def test_two_workers_fill_one_study(workdir):
+    workers = [run_cli(workdir, "shared", 8) for _ in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=300) == 0
+    trials = completed(workdir, "shared")
+    assert len(trials) >= 8
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes contributed
