@@ -58,7 +58,7 @@ def test_calibration_writes_a_config_that_prune_loads(workdir, capsys):
     main(command(workdir, "basic", 5))
     config = json.loads((workdir / "basic.json").read_text())
     assert config["method"] == "vflowopt" and config["budget"] == 0.5
-    assert set(config["options"]) == {"r_v", "r_1", "t", "m", "alpha", "layers"}
+    assert set(config["options"]) == {"r_v", "r_1", "t", "m", "alpha", "layers", "pixel_mean", "pixel_std"}
     assert config["objective"] >= max(t.value for t in completed(workdir, "basic")) - 1e-9
     assert "holdout" in config
     model = tiny.llava(layers=4)
@@ -75,7 +75,7 @@ def test_calibration_writes_a_config_that_prune_loads(workdir, capsys):
 def run_cli(workdir, name, trials):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "prunevlm.cli", *command(workdir, name, trials)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
 
 
 def test_a_killed_run_resumes_without_losing_trials(workdir):
@@ -86,7 +86,7 @@ def test_a_killed_run_resumes_without_losing_trials(workdir):
         if len(completed(workdir, "killed")) >= 3:
             break
     os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
+    worker.communicate()
     finished = {(t.number, t.value, tuple(sorted(t.params.items()))) for t in completed(workdir, "killed")}
     assert len(finished) >= 3
     main(command(workdir, "killed", len(finished) + 2))
@@ -97,7 +97,8 @@ def test_a_killed_run_resumes_without_losing_trials(workdir):
 def test_two_workers_fill_one_study(workdir):
     workers = [run_cli(workdir, "shared", 8) for _ in range(2)]
     for worker in workers:
-        assert worker.wait(timeout=300) == 0
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err.decode()[-3000:]
     trials = completed(workdir, "shared")
     assert len(trials) >= 8
     assert len({t.number for t in trials}) == len(trials)

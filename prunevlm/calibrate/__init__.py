@@ -95,14 +95,17 @@ def run(args) -> dict:
     cache = str(Path(out).with_suffix(f".{study_name}.refs.pt"))  # unpruned states, reused when resuming
     depth = len(model.model.language_model.layers)
     layers = default_layers(depth)
+    # the entropy term undoes the processor's normalisation to get raw grey levels
+    image_processor = processor.image_processor
+    fixed = {"pixel_mean": list(image_processor.image_mean), "pixel_std": list(image_processor.image_std)}
 
     print(f"calibrating vflowopt at T={args.budget} on {len(samples)} samples, {args.trials} trials "
           f"(study {study_name!r} in {storage})", file=sys.stderr)
     objective = FlowObjective(model, processor, samples, args.budget, args.batch_size, cache=cache)
     study = open_study(storage, study_name, args.seed, args.initial)
-    best = run_search(objective, study, args.trials, depth, layers)
-    options = {k: best[k] for k in ("r_v", "r_1", "t", "m", "alpha", "layers")}
-    default_options = {"layers": list(layers)}
+    best = run_search(objective, study, args.trials, depth, layers, fixed)
+    options = {k: best[k] for k in ("r_v", "r_1", "t", "m", "alpha", "layers", *fixed)}
+    default_options = {"layers": list(layers), **fixed}
     report = {"objective": best["value"], "default_objective": objective(default_options), "samples": len(samples)}
     if holdout:
         held = FlowObjective(model, processor, holdout, args.budget, args.batch_size)

@@ -45,11 +45,11 @@ def r_1_bounds(budget: float, r_v: float, layers: tuple[int, int], depth: int) -
     return min(low, high), high
 
 
-def config_from_params(params: dict, budget: float, layers: tuple[int, int], depth: int) -> dict:
-    """VFlowOpt options from a trial's parameters (u -> r_1)."""
+def config_from_params(params: dict, budget: float, layers: tuple[int, int], depth: int, fixed: dict | None = None) -> dict:
+    """VFlowOpt options from a trial's parameters (u -> r_1), plus options that are not searched."""
     low, high = r_1_bounds(budget, params["r_v"], layers, depth)
     return {"r_v": params["r_v"], "r_1": low + params["u"] * (high - low), "t": params["t"], "m": params["m"],
-            "alpha": params["alpha"], "layers": list(layers)}
+            "alpha": params["alpha"], "layers": list(layers), **(fixed or {})}
 
 
 class FlowObjective:
@@ -94,18 +94,34 @@ def open_study(storage: str, study: str, seed: int, initial: int):
     if "://" not in storage:
         storage = f"sqlite:///{storage}"
     if storage.startswith(("sqlite", "postgresql", "mysql")):
-        engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-        storage = optuna.storages.RDBStorage(
-            storage, engine_kwargs=engine, heartbeat_interval=30, grace_period=120,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
+        storage = _rdb_storage(storage)
     sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=initial)
     return optuna.create_study(study_name=study, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True)
 
 
+def _rdb_storage(url: str):
+    """An RDB storage with heartbeats. Workers started together on a new database race to create its tables;
+    the loser retries and finds them."""
+    import optuna
+    import sqlalchemy.exc
+
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+
+
 def run_search(objective: FlowObjective, study, trials: int, depth: int, layers: tuple[int, int] | None = None,
-               progress: bool = True) -> dict:
-    """Optimise until the study holds `trials` completed trials; return the best configuration's options."""
+               fixed: dict | None = None, progress: bool = True) -> dict:
+    """Optimise until the study holds `trials` completed trials; return the best configuration's options.
+    `fixed` holds options that are not searched (e.g. the processor's pixel normalisation)."""
     import optuna
 
     budget = objective.budget
@@ -117,7 +133,7 @@ def run_search(objective: FlowObjective, study, trials: int, depth: int, layers:
     def trial_objective(trial) -> float:
         params = {"r_v": trial.suggest_float("r_v", low_v, high_v), "u": trial.suggest_float("u", 0.0, 1.0)}
         params.update({name: trial.suggest_float(name, *bounds) for name, bounds in BOUNDS.items()})
-        options = config_from_params(params, budget, layers, depth)
+        options = config_from_params(params, budget, layers, depth, fixed)
         trial.set_user_attr("r_1", options["r_1"])
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         return objective(options)
@@ -128,7 +144,7 @@ def run_search(objective: FlowObjective, study, trials: int, depth: int, layers:
         study.optimize(trial_objective, n_trials=remaining, show_progress_bar=progress and sys.stderr.isatty(),
                        callbacks=[optuna.study.MaxTrialsCallback(trials, states=complete), _Progress(trials)])
     best = study.best_trial
-    return config_from_params(best.params, budget, layers, depth) | {"value": best.value, "number": best.number}
+    return config_from_params(best.params, budget, layers, depth, fixed) | {"value": best.value, "number": best.number}
 
 
 class _Progress:

@@ -51,7 +51,7 @@ def recycle(scores: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int], c
     tokens; each occupied cell becomes one token: the importance-weighted mean of its members, at the slot
     of its most important member, carrying that member's importance. The number of kept originals is the
     largest one for which kept + occupied cells = count (kept + cells grows by 0 or 1 per token kept).
-    Returns (keep [count] ascending, values [count, D], importance [count]).
+    Returns (keep [count] ascending, values [count, D], importance [count], is_recycled [count] bool).
     """
     num_tokens = scores.numel()
     ranked = scores.argsort(descending=True, stable=True)
@@ -92,8 +92,9 @@ def recycle(scores: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int], c
     keep = torch.cat([ranked[:kept], slots])
     values = torch.cat([tokens[ranked[:kept]], recycled])
     weights_out = torch.cat([scores[ranked[:kept]], cell_importance])
+    is_recycled = torch.arange(keep.numel(), device=keep.device) >= kept
     order = keep.argsort()
-    return keep[order], values[order], weights_out[order]
+    return keep[order], values[order], weights_out[order], is_recycled[order]
 
 
 @dataclass
@@ -151,6 +152,9 @@ class VFlowOpt(Method):
             raise ValueError(f"vflowopt: t must be >= 0, got {self.t}")
         if self.m <= 0:
             raise ValueError(f"vflowopt: m must be > 0, got {self.m}")
+        self.pixel_mean, self.pixel_std = tuple(self.pixel_mean), tuple(self.pixel_std)
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+            raise ValueError(f"vflowopt: pixel_mean/pixel_std need 3 channels (std > 0), got {self.pixel_mean}, {self.pixel_std}")
         if self.entropy not in ("paper", "code"):
             raise ValueError(f"vflowopt: entropy must be 'paper' or 'code', got {self.entropy!r}")
         if self.layers is not None:
@@ -204,5 +208,6 @@ class VFlowOpt(Method):
             keep = scores.argsort(dim=-1, descending=True, stable=True)[:, :k].sort(dim=-1).values
             return Selection(keep=keep, scores=scores, importance=scores.gather(1, keep))
         cell = self.m * math.sqrt(grid[0] * grid[1]) / REFERENCE_GRID
-        keeps, values, weights = zip(*(recycle(s, x, grid, k, cell) for s, x in zip(scores, image_tokens)))
-        return Selection(keep=torch.stack(keeps), scores=scores, tokens=torch.stack(values), importance=torch.stack(weights))
+        keeps, values, weights, recycled = zip(*(recycle(s, x, grid, k, cell) for s, x in zip(scores, image_tokens)))
+        return Selection(keep=torch.stack(keeps), scores=scores, tokens=torch.stack(values),
+                         importance=torch.stack(weights), info={"recycled": torch.stack(recycled)})

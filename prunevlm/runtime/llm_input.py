@@ -37,6 +37,8 @@ class Stats:
     selection_ms: float = 0.0  # signal hooks + method, for the whole batch
     signal_ms: float = 0.0  # of which: computing signals in the vision hooks
     stages: list[list] = field(default_factory=list)  # in-LLM methods: per row, per image, its Plan
+    kept: list[list] = field(default_factory=list)  # per row, per image: kept token indices within the image
+    recycled: list[list] = field(default_factory=list)  # per row, per image: which kept indices hold recycled tokens
 
     @property
     def layer_average(self) -> list[list[float]]:
@@ -217,7 +219,7 @@ class InputPruning:
         start = time.perf_counter()
         kept = [torch.nonzero(text_columns[row]).flatten() for row in range(batch)]
         replacements, visual = [], [[] for _ in range(batch)]
-        before, after, stages = ([[] for _ in range(batch)] for _ in range(3))
+        before, after, stages, kept_local, recycled = ([[] for _ in range(batch)] for _ in range(5))
         planned = hasattr(self.method, "plan")  # methods with in-LLM stages set the count at each stage
         for (row, columns), recorded in zip(images, signals):
             inputs = self._signals(embeds, row, columns, text_columns, recorded)
@@ -231,6 +233,9 @@ class InputPruning:
             visual[row].append((chosen, importance, plan))
             before[row].append(columns.numel())
             after[row].append(chosen.numel())
+            kept_local[row].append(selection.keep[0])
+            recycled[row].append(selection.keep[0][selection.info["recycled"][0]] if "recycled" in selection.info
+                                 else selection.keep[0][:0])
             if planned:
                 stages[row].append(plan)
         source = self._source_columns(kept, embeds.device)
@@ -264,6 +269,8 @@ class InputPruning:
             selection_ms=1000 * (signal_seconds + select_seconds),
             signal_ms=1000 * signal_seconds,
             stages=stages if planned else [],
+            kept=kept_local,
+            recycled=recycled,
         )
         kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
         return kwargs
