@@ -1,4 +1,4 @@
-"""Command line: prunevlm methods | generate | bench | calibrate."""
+"""Command line: prunevlm demo | methods | generate | bench | eval | calibrate."""
 
 from __future__ import annotations
 
@@ -76,6 +76,18 @@ def cmd_bench(args) -> None:
     run(args)
 
 
+def cmd_demo(args) -> None:
+    from .demo.show import run
+
+    run(args)
+
+
+def cmd_eval(args) -> None:
+    from .bench.evaluation import run
+
+    run(args)
+
+
 def cmd_calibrate(args) -> None:
     from .calibrate import run
 
@@ -85,6 +97,12 @@ def cmd_calibrate(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunevlm", description="Visual token pruning for Hugging Face VLMs")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    from .demo.show import add_arguments as demo_arguments
+
+    demo = commands.add_parser("demo", help="the bundled demo model answers questions, unpruned and pruned")
+    demo_arguments(demo)
+    demo.set_defaults(run=cmd_demo)
 
     commands.add_parser("methods", help="list the methods, their signals and options").set_defaults(run=cmd_methods)
 
@@ -107,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="speed and memory of each method on a random-weight model")
     add_arguments(bench)
     bench.set_defaults(run=cmd_bench)
+
+    from .bench.evaluation import add_arguments as eval_arguments
+
+    evaluation = commands.add_parser("eval", help="accuracy and fidelity against budget on the demo test split")
+    eval_arguments(evaluation)
+    evaluation.set_defaults(run=cmd_eval)
 
     from .calibrate import add_arguments as calibrate_arguments
 

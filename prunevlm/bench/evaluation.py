@@ -1,0 +1,168 @@
+"""`prunevlm eval`: accuracy against budget for every method on the demo test split, per question type, with
+the fidelity VFlowOpt optimises (mean cosine between pruned and unpruned last-token final hidden states)
+and the KV cache each configuration keeps. Writes JSON, a markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from .. import prune
+from ..calibrate.flow import flow_similarity, last_token_states
+from ..config import load_config
+from ..demo import accuracy, dataset
+from .efficiency import kv_bytes
+
+METHODS = ("flashvlm", "vispruner", "random", "uniform")
+BUDGETS = (192, 128, 64, 32, 16)
+CALIBRATED = ("benchmarks/results/vflowopt-T0.1.json", "benchmarks/results/vflowopt-T0.25.json")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=str(accuracy.MODEL_DIR), help="a demo-format model folder (default: bundled)")
+    parser.add_argument("--images", type=int, default=200, help="test images; 6 questions each")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="tokens per image")
+    parser.add_argument("--vflowopt", default=",".join(CALIBRATED),
+                        help="calibrated VFlowOpt configs; each is also run with the default config at its budget")
+    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--kv-samples", type=int, default=16, help="single-sample runs for the KV-cache size")
+    parser.add_argument("--out", default="benchmarks/results/eval", help="prefix of the .json, .md and .png files")
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def configurations(args) -> list[dict]:
+    """Every (method, budget, options) to evaluate, the unpruned model first."""
+    configs = [{"name": "unpruned", "method": None, "budget": None, "options": {}}]
+    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        configs += [{"name": method, "method": method, "budget": b, "options": {}} for b in budgets]
+    for path in [p for p in args.vflowopt.split(",") if p.strip()]:
+        if not os.path.exists(path):
+            print(f"skipping {path}: not found (run prunevlm calibrate first)", file=sys.stderr)
+            continue
+        config = load_config(path)
+        configs.append({"name": "vflowopt (calibrated)", "method": "vflowopt", "budget": config["budget"],
+                        "options": config["options"], "config": path})
+        layers = config["options"].get("layers")
+        default = {"layers": layers} if layers else {}
+        for key in ("pixel_mean", "pixel_std"):
+            if key in config["options"]:
+                default[key] = config["options"][key]
+        configs.append({"name": "vflowopt (default)", "method": "vflowopt", "budget": config["budget"], "options": default})
+    return configs
+
+
+@torch.inference_mode()
+def measure(model, processor, items, config: dict, reference: torch.Tensor | None, args) -> dict:
+    """Accuracy, fidelity, kept tokens and KV cache of one configuration."""
+    handle = None if config["method"] is None else prune(model, config["method"], config["budget"], **config["options"])
+    try:
+        start = time.perf_counter()
+        result = accuracy.evaluate(model, processor, items, batch_size=args.batch_size)
+        seconds = time.perf_counter() - start
+        states = last_token_states(model, processor, [(i.image, i.question) for i in items], args.batch_size)
+        kept, layer_average, cache = [], [], []
+        for item in items[: args.kv_samples]:
+            inputs = processor(images=[item.image], text=accuracy.chat_prompts(processor, [item.question]), return_tensors="pt")
+            cache.append(kv_bytes(model(**inputs, use_cache=True).past_key_values))
+            if handle:
+                kept.append(handle.stats.tokens_after[0][0])
+                layer_average.append(handle.stats.layer_average[0][0])
+    finally:
+        if handle:
+            handle.remove()
+    tokens = model.config.image_seq_length
+    fidelity = None if reference is None else float(flow_similarity(reference, states).mean())
+    return {
+        **{k: config[k] for k in ("name", "method", "budget")},
+        "kept_tokens": statistics.mean(kept) if kept else tokens,
+        "layer_average_tokens": statistics.mean(layer_average) if layer_average else tokens,
+        "accuracy": {k: v for k, v in result.items() if k != "n"},
+        "questions": result["n"],
+        "fidelity": fidelity,
+        "kv_bytes": statistics.mean(cache),
+        "seconds": seconds,
+        "states": states,
+    }
+
+
+def table(rows: list[dict], qtypes: list[str]) -> str:
+    base_kv = rows[0]["kv_bytes"]
+    header = ["method", "budget", "visual tokens (layer avg)", "overall", *qtypes, "fidelity", "KV cache"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        tokens = f"{r['kept_tokens']:.0f}" + (f" ({r['layer_average_tokens']:.1f})" if r["method"] == "vflowopt" else "")
+        budget = "-" if r["budget"] is None else (f"T={r['budget']:g}" if isinstance(r["budget"], float) else str(r["budget"]))
+        cells = [r["name"], budget, tokens, f"{100 * r['accuracy']['overall']:.1f}",
+                 *(f"{100 * r['accuracy'][q]:.1f}" for q in qtypes),
+                 "1" if r["fidelity"] is None else f"{r['fidelity']:.4f}", f"{100 * r['kv_bytes'] / base_kv:.0f} %"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = rows[0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = []
+    for r in rows[1:]:
+        if r["name"] not in names:
+            names.append(r["name"])
+    for name in names:
+        points = sorted((r["layer_average_tokens"], r["accuracy"]["overall"], r["fidelity"]) for r in rows if r["name"] == name)
+        x = [p[0] for p in points]
+        style = "s--" if name.startswith("vflowopt") else "o-"
+        left.plot(x, [100 * p[1] for p in points], style, label=name)
+        right.plot(x, [p[2] for p in points], style, label=name)
+    left.axhline(100 * base["accuracy"]["overall"], color="k", lw=0.8, ls=":", label="unpruned")
+    for axis, label in ((left, "test accuracy (%)"), (right, "fidelity: mean cos(last-token states)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("visual tokens per image (layer average for vflowopt)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = accuracy.load(args.model)
+    items = dataset.flatten(dataset.generate("test", args.images))
+    qtypes = list(dataset.QTYPES)
+    rows, reference = [], None
+    for config in configurations(args):
+        row = measure(model, processor, items, config, reference, args)
+        if reference is None:
+            reference = row["states"]
+        rows.append(row)
+        print(f"  {row['name']:22s} {str(row['budget']):>5s}: accuracy {100 * row['accuracy']['overall']:.1f} %, "
+              f"fidelity {row['fidelity'] or 1:.4f}, {row['seconds']:.0f} s", file=sys.stderr)
+    for row in rows:
+        del row["states"]
+    title = (f"demo test split, {len(items)} questions, {model.config.image_seq_length} visual tokens per image "
+             f"(unpruned {100 * rows[0]['accuracy']['overall']:.1f} %)")
+    markdown = table(rows, qtypes)
+    print(f"\n{title}\n\n{markdown}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(f"{args.out}.json", "w") as f:
+        json.dump({"title": title, "questions": len(items), "rows": rows, "majority_baseline": dataset.majority_baseline(items),
+                   "torch": torch.__version__, "threads": torch.get_num_threads()}, f, indent=1)
+    with open(f"{args.out}.md", "w") as f:
+        f.write(f"{title}\n\n{markdown}\n")
+    plot(rows, f"{args.out}.png", title)
+    print(f"\nwrote {args.out}.json, {args.out}.md, {args.out}.png", file=sys.stderr)
+    return rows

@@ -1,0 +1,78 @@
+"""`prunevlm demo`: the bundled model answers test questions unpruned and pruned, side by side, and a PNG
+shows which visual tokens each method kept."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from .. import prune
+from ..viz import draw_tokens, model_view, panel
+from . import accuracy, dataset
+
+METHODS = ("flashvlm", "vispruner")
+BUDGETS = (64, 32, 16)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=str(accuracy.MODEL_DIR), help="a demo-format model folder (default: bundled)")
+    parser.add_argument("--questions", type=int, default=6, help="test questions to show (one per image)")
+    parser.add_argument("--out", default="prunevlm-demo.png", help="PNG of the kept tokens")
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def pick_items(count: int) -> list[dataset.Item]:
+    """`count` test questions from different images, cycling through the question types."""
+    items = []
+    for index in range(count):
+        sample = dataset.render("test", index)
+        question = sample.questions[index % len(sample.questions)]
+        items.append(dataset.Item(sample.image, question.text, question.answer, question.qtype))
+    return items
+
+
+def run(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model, processor = accuracy.load(args.model)
+    items = pick_items(args.questions)
+    truth = [dataset.normalize(item.answer) for item in items]
+    columns = {"unpruned": (accuracy.predict(model, processor, items, batch_size=len(items)), None)}
+    for method in METHODS:
+        for budget in BUDGETS:
+            with prune(model, method, budget) as handle:
+                answers = accuracy.predict(model, processor, items, batch_size=len(items))
+            columns[f"{method} {budget}"] = (answers, handle.stats)
+    tokens = model.config.image_seq_length
+
+    width = max(len(item.question) for item in items)
+    names = list(columns)
+    print(f"{'question':{width}s}  {'truth':7s} " + " ".join(f"{name:>12s}" for name in names))
+    for row, item in enumerate(items):
+        cells = [columns[name][0][row] + ("" if columns[name][0][row] == truth[row] else "*") for name in names]
+        print(f"{item.question:{width}s}  {truth[row]:7s} " + " ".join(f"{c:>12s}" for c in cells))
+    print(f"\nvisual tokens per image: {tokens} unpruned; " + ", ".join(f"{b}" for b in BUDGETS) + " when pruned"
+          " (* = wrong answer)")
+    for name, (answers, stats) in columns.items():
+        right = sum(a == t for a, t in zip(answers, truth))
+        detail = "" if stats is None else (f"; prompt {stats.prefill_before[0]} -> {stats.prefill_after[0]} tokens, "
+                                           f"selection {stats.selection_ms / len(items):.1f} ms per image")
+        print(f"  {name:14s} {right}/{len(items)} right{detail}")
+
+    image_processor = processor.image_processor
+    pixels = image_processor([item.image for item in items], return_tensors="pt")["pixel_values"]
+    views = [model_view(p, image_processor.image_mean, image_processor.image_std) for p in pixels]
+    side = int(tokens ** 0.5)
+    rows = []
+    for row, item in enumerate(items):
+        cells = [(views[row], f"{item.question}\ntruth: {truth[row]}")]
+        for name, (answers, stats) in list(columns.items())[1:]:
+            mark = "right" if answers[row] == truth[row] else "wrong"
+            cells.append((draw_tokens(views[row], (side, side), stats.kept[row][0]), f"{answers[row]} ({mark})"))
+        rows.append(cells)
+    titles = ["image, question"] + [f"{name} tokens\n(kept of {tokens})" for name in names[1:]]
+    panel(rows, titles).save(args.out)
+    print(f"\nwrote {args.out} (kept tokens bright, pruned dark); {time.perf_counter() - start:.0f} s", file=sys.stderr)

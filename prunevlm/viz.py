@@ -1,0 +1,60 @@
+"""Kept and recycled visual tokens drawn over the image the model saw."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+PRUNED_SHADE = 0.72  # how much a pruned token's cell is darkened
+RECYCLED = (255, 150, 0)  # outline of cells holding a recycled token
+
+
+def model_view(pixel_values: torch.Tensor, mean, std) -> Image.Image:
+    """The processed image [3, H, W] (normalised) back as RGB, as the vision tower saw it."""
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    rgb = ((pixel_values.float().cpu() * std + mean).clamp(0, 1) * 255).round().byte()
+    return Image.fromarray(rgb.permute(1, 2, 0).numpy())
+
+
+def draw_tokens(image: Image.Image, grid: tuple[int, int], kept: torch.Tensor, recycled: torch.Tensor | None = None) -> Image.Image:
+    """Darken the cells of pruned tokens; outline cells that hold a recycled token."""
+    rows, cols = grid
+    width, height = image.size
+    keep = np.zeros(rows * cols, dtype=bool)
+    keep[kept.cpu().numpy()] = True
+    cell_h, cell_w = height / rows, width / cols
+    ys = (np.arange(height) / cell_h).astype(int).clip(0, rows - 1)
+    xs = (np.arange(width) / cell_w).astype(int).clip(0, cols - 1)
+    kept_pixels = keep.reshape(rows, cols)[ys][:, xs]
+    pixels = np.asarray(image.convert("RGB")).astype(np.float32)
+    pixels[~kept_pixels] *= 1 - PRUNED_SHADE
+    out = Image.fromarray(pixels.round().astype(np.uint8))
+    if recycled is not None and recycled.numel():
+        draw = ImageDraw.Draw(out)
+        for index in recycled.cpu().tolist():
+            r, c = divmod(index, cols)
+            draw.rectangle([c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1], outline=RECYCLED, width=2)
+    return out
+
+
+def panel(cells: list[list[tuple[Image.Image, str]]], column_titles: list[str], size: int = 160) -> Image.Image:
+    """A grid of (image, caption) cells under one title per column (two lines at most each)."""
+    font = ImageFont.load_default(size=11)
+    title_h, caption_h, gap = 28, 30, 6
+    width = len(column_titles) * (size + gap) + gap
+    height = title_h + len(cells) * (size + caption_h + gap) + gap
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(column_titles):
+        for line, text in enumerate(title.split("\n")[:2]):
+            draw.text((gap + c * (size + gap), 2 + 12 * line), text, fill=(0, 0, 0), font=font)
+    for r, row in enumerate(cells):
+        top = title_h + r * (size + caption_h + gap)
+        for c, (image, caption) in enumerate(row):
+            left = gap + c * (size + gap)
+            sheet.paste(image.resize((size, size), Image.Resampling.NEAREST), (left, top))
+            for line, text in enumerate(caption.split("\n")[:2]):
+                draw.text((left, top + size + 2 + 12 * line), text, fill=(0, 0, 0), font=font)
+    return sheet
