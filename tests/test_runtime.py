@@ -197,11 +197,11 @@ def test_qwen_saliency_is_per_image_and_in_original_order():
     with prunevlm.prune(model, "vispruner", budget=1.0) as handle:
         runtime = handle.runtime
         runtime.needed.add("saliency")
-        model.model.get_image_features(both["pixel_values"], both["image_grid_thw"])
-        together = [s["saliency"] for s in runtime.capture.take(2)[0]]
+        tokens = model.model.get_image_features(both["pixel_values"], both["image_grid_thw"]).pooler_output
+        together = [s["saliency"] for s in runtime.capture.match(list(tokens))[0]]
         first = both["pixel_values"][: 8 * 12]
-        model.model.get_image_features(first, both["image_grid_thw"][:1])
-        alone = runtime.capture.take(1)[0][0]["saliency"]
+        tokens = model.model.get_image_features(first, both["image_grid_thw"][:1]).pooler_output
+        alone = runtime.capture.match(list(tokens))[0][0]["saliency"]
     torch.testing.assert_close(together[0], alone)
     assert together[0].shape == (24,) and together[1].shape == (4,)
 
@@ -223,8 +223,8 @@ def test_llava_saliency_is_the_cls_attention_row_of_the_feature_layer():
     """The hook's CLS row (from the layer's own q/k projections, tower on SDPA) equals eager attention."""
     model, inputs = tiny.llava(), tiny.llava_inputs([2])
     with prunevlm.prune(model, "vispruner", budget=1.0) as handle:
-        model.model.get_image_features(inputs["pixel_values"])
-        recorded = torch.stack([s["saliency"] for s in handle.runtime.capture.take(2)[0]])
+        tokens = model.model.get_image_features(inputs["pixel_values"]).pooler_output
+        recorded = torch.stack([s["saliency"] for s in handle.runtime.capture.match(list(tokens))[0]])
     eager = tiny.llava(attn="eager")
     attentions = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
     layer = len(attentions) + model.config.vision_feature_layer  # hidden_states[-2] is this layer's output
@@ -237,6 +237,22 @@ def test_qwen_received_attention_sums_to_the_image_token_count():
     model = tiny.qwen2_5_vl()
     inputs = tiny.qwen_inputs([[(8, 12), (4, 8)]])
     with prunevlm.prune(model, "vispruner", budget=1.0) as handle:
-        model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-        saliency = [s["saliency"] for s in handle.runtime.capture.take(2)[0]]
+        tokens = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        saliency = [s["saliency"] for s in handle.runtime.capture.match(list(tokens))[0]]
     assert [float(s.sum()) for s in saliency] == pytest.approx([24.0, 8.0], rel=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["flashvlm", "vflowopt"])
+def test_beam_search_and_several_returned_sequences(case, method):
+    """generate() repeats the encoder outputs for each beam; the recorded signals follow them. At full
+    budget beams are unchanged; pruned, every returned sequence of a row is the row's own."""
+    name, model, inputs = case
+    beams = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, **tiny.GREEDY)
+    reference = model.generate(**inputs, **beams)
+    with prunevlm.prune(model, method, 1.0):
+        assert torch.equal(model.generate(**inputs, **beams), reference)
+    with prunevlm.prune(model, method, 0.5) as handle:
+        pruned = model.generate(**inputs, **beams)
+        assert handle.stats.tokens_before[0] == handle.stats.tokens_before[1]  # rows 0 and 1 are copies of row 0
+    assert pruned.shape[0] == 6

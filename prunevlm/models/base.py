@@ -15,11 +15,18 @@ from torch import nn
 
 
 class Capture:
-    """Per-image signals recorded by vision-side hooks, grouped by vision call, in encoding order."""
+    """Per-image signals recorded by vision-side hooks, found again by the image's own tokens.
+
+    Each encoder call records, per image, its projected tokens ("tokens", what the LLM will receive) and the
+    signals. At prefill the LLM-input hook asks for the records whose tokens equal each prompt image's rows.
+    Matching by content makes the records follow whatever generate() does with encoder outputs: reuse them at
+    every uncached step, repeat them for beams or several returned sequences, or drop an encoding that never
+    reached the LLM. After each prefill only the records it used are kept.
+    """
 
     def __init__(self):
         self.calls: list[dict[str, list]] = []
-        self.seconds = 0.0  # time spent computing signals in hooks since the last take()
+        self.seconds = 0.0  # time spent computing signals in hooks since the last match()
 
     def start_call(self) -> None:
         self.calls.append({})
@@ -27,32 +34,43 @@ class Capture:
     def record(self, name: str, per_image: list) -> None:
         if not self.calls:
             self.start_call()
-        self.calls[-1][name] = list(per_image)
+        self.calls[-1][name] = [v.detach() if isinstance(v, torch.Tensor) else v for v in per_image]
 
     def clear(self) -> None:
         self.calls.clear()
         self.seconds = 0.0
 
-    def take(self, num_images: int) -> tuple[list[dict], float]:
-        """The per-image signals of the most recent calls that together encoded `num_images` images.
+    def match(self, image_tokens: list[torch.Tensor]) -> tuple[list[dict], float]:
+        """The recorded signals of each image (given its tokens [N, D]), and the signal time since last call."""
+        records = [{name: values[i] for name, values in call.items()}
+                   for call in self.calls for i in range(len(call.get("tokens", ())))]
+        by_key: dict[tuple, list[dict]] = {}
+        for record in records:
+            by_key.setdefault(_fingerprint(record["tokens"]), []).append(record)
+        found = []
+        for tokens in image_tokens:
+            if not torch.isfinite(tokens.sum(dtype=torch.float32)):
+                self.clear()
+                raise ValueError("the image features contain NaN or infinite values; check the model's dtype "
+                                 "(fp16 overflow?) and the pixel values")
+            candidates = by_key.get(_fingerprint(tokens), [])
+            record = next((r for r in candidates if torch.equal(r["tokens"].to(tokens), tokens)), None)
+            if record is None:
+                self.clear()
+                raise RuntimeError(
+                    "an image in the prompt was not encoded while pruning was attached, so its signals are "
+                    "missing: pass pixel_values with the prompt (or compute mm_encoder_outputs after prune())"
+                )
+            found.append(record)
+        used = {id(r) for r in found}
+        kept = [r for r in records if id(r) in used]
+        self.calls = [{name: [r[name] for r in kept] for name in kept[0]}] if kept else []
+        seconds, self.seconds = self.seconds, 0.0
+        return found, seconds
 
-        Older records are stale (an encoder call whose images never reached the LLM) and are dropped.
-        """
-        seconds = self.seconds
-        images: list[dict] = []
-        for call in reversed(self.calls):
-            if len(images) >= num_images:
-                break
-            count = max((len(v) for v in call.values()), default=0)
-            images = [{name: values[i] for name, values in call.items()} for i in range(count)] + images
-        self.clear()
-        if len(images) != num_images:
-            raise RuntimeError(
-                f"the prompt holds {num_images} image(s) but the vision hooks recorded {len(images)}. Pass the "
-                f"images (pixel_values) in the same call as the prompt, or compute mm_encoder_outputs while "
-                f"pruning is attached."
-            )
-        return images, seconds
+
+def _fingerprint(tokens: torch.Tensor) -> tuple:
+    return tuple(tokens.shape), round(float(tokens[:, :8].detach().double().sum()), 3)
 
 
 class Timer:
@@ -115,7 +133,8 @@ class Adapter:
         """Refuse inputs the adapter cannot prune (e.g. video) with a clear error."""
 
     def install(self, needed: set[str], capture: Capture) -> list:
-        """Register vision-side hooks recording the needed signals; return the hook handles."""
+        """Register vision-side hooks recording, per image, its projected tokens and the needed signals;
+        return the hook handles."""
         raise NotImplementedError
 
     def after_prefill(self, removed_tokens: int) -> None:

@@ -63,7 +63,9 @@ class LlavaAdapter(Adapter):
                 blocks = pixels.unfold(2, side, side).unfold(3, side, side)  # [n, C, rows, cols, p, p]
                 capture.record("patches", list(blocks.permute(0, 2, 3, 1, 4, 5).flatten(1, 2)))
 
-        handles = [tower.register_forward_pre_hook(start, with_kwargs=True)]
+        projector = self.base.multi_modal_projector
+        handles = [tower.register_forward_pre_hook(start, with_kwargs=True),
+                   projector.register_forward_hook(lambda module, args, output: capture.record("tokens", list(output)))]
         if needed & {"saliency", "attention"}:
             # Read the layer's own query and key projections as they are computed: no recomputation.
             attention = tower.encoder.layers[self.feature_layer].self_attn
@@ -83,7 +85,7 @@ class LlavaAdapter(Adapter):
             def record_features(module, args):
                 capture.record("features", list(args[0]))
 
-            handles.append(self.base.multi_modal_projector.register_forward_pre_hook(record_features))
+            handles.append(projector.register_forward_pre_hook(record_features))
         return handles
 
     def _record_attention(self, attn, queries: torch.Tensor, keys: torch.Tensor, needed: set[str], capture: Capture) -> None:

@@ -60,7 +60,12 @@ class QwenVLAdapter(Adapter):
             capture.start_call()
             capture.record("grid", [(int(h) // self.merge, int(w) // self.merge) for _, h, w in grid_thw.tolist()])
 
-        handles = [self.visual.register_forward_pre_hook(start, with_kwargs=True)]
+        def record_tokens(module, args, kwargs, output):
+            counts = (state["grid_thw"].prod(dim=-1) // self.merge**2).tolist()
+            capture.record("tokens", list(output.pooler_output.split(counts)))
+
+        handles = [self.visual.register_forward_pre_hook(start, with_kwargs=True),
+                   self.visual.register_forward_hook(record_tokens, with_kwargs=True)]
         if "patches" in needed:
             handles.append(self.visual.register_forward_pre_hook(
                 lambda module, args, kwargs: capture.record("patches", self._patches(args[0], state["grid_thw"])),

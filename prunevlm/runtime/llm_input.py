@@ -121,8 +121,6 @@ class InputPruning:
         self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
         self.capture = Capture()
         self.images: list[tuple[int, torch.Tensor]] | None = None  # set by the base-model hook at prefill
-        self.encoded = None  # the precomputed encoder output of this call, if any
-        self.reused: tuple[weakref.ref, list[dict]] | None = None  # signals of an encoder output seen before
         self.state: DecodeState | None = None
         self.stats = Stats()
         self.handles = adapter.install(self.needed, self.capture)
@@ -138,7 +136,7 @@ class InputPruning:
             handle.remove()
         self.handles = []
         self.capture.clear()
-        self.state = self.images = self.encoded = self.reused = None
+        self.state = self.images = None
 
     # -- hooks ------------------------------------------------------------------------------------------
 
@@ -152,10 +150,7 @@ class InputPruning:
     def _before_base(self, module, args, kwargs):
         self.adapter.check_inputs(kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if kwargs.get("pixel_values") is not None:
-            self.capture.clear()  # the encoder runs inside this call; anything recorded before is stale
         counts = self.adapter.image_token_counts(kwargs)
-        self.encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         if not is_prefill(kwargs.get("past_key_values")):
             if counts:
                 raise NotImplementedError(
@@ -214,7 +209,7 @@ class InputPruning:
             image_columns[row, columns] = True
         text_columns = real & ~image_columns
 
-        signals, signal_seconds = self._image_signals(len(images))
+        signals, signal_seconds = self.capture.match([embeds[row, columns] for row, columns in images])
         _sync(embeds.device)
         start = time.perf_counter()
         kept = [torch.nonzero(text_columns[row]).flatten() for row in range(batch)]
@@ -222,9 +217,10 @@ class InputPruning:
         before, after, stages, kept_local, recycled = ([[] for _ in range(batch)] for _ in range(5))
         planned = hasattr(self.method, "plan")  # methods with in-LLM stages set the count at each stage
         for (row, columns), recorded in zip(images, signals):
-            inputs = self._signals(embeds, row, columns, text_columns, recorded)
+            inputs = self._signals(embeds.detach(), row, columns, text_columns, recorded)
             plan = self.method.plan(self.budget, columns.numel(), self.num_layers) if planned else None
-            selection = self.method(plan.counts[0] if planned else self.budget, **inputs)
+            with torch.no_grad():
+                selection = self.method(plan.counts[0] if planned else self.budget, **inputs)
             chosen = columns[selection.keep[0]]
             kept[row] = torch.cat([kept[row], chosen])
             if selection.tokens is not None:
@@ -274,17 +270,6 @@ class InputPruning:
         )
         kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
         return kwargs
-
-    def _image_signals(self, num_images: int) -> tuple[list[dict], float]:
-        """Recorded signals per image. generate(use_cache=False) passes the same encoder output at every
-        step without re-running the encoder, so the signals recorded for it are kept for reuse."""
-        encoded, self.encoded = self.encoded, None
-        if encoded is not None and self.reused is not None and self.reused[0]() is encoded:
-            self.capture.clear()
-            return self.reused[1], 0.0
-        signals, seconds = self.capture.take(num_images)
-        self.reused = None if encoded is None else (weakref.ref(encoded), signals)
-        return signals, seconds
 
     def _signals(self, embeds, row, columns, text_columns, recorded) -> dict:
         """The method's inputs for one image, as a batch of one."""
