@@ -5,6 +5,7 @@ Every figure is the median of `--repeats` runs after one warm-up, measured in on
 - ttft_ms: generate(max_new_tokens=1) wall time: vision tower, selection, LLM prefill and the first token;
 - prefill_ms: the language model's forward at prefill only (timed by hooks that run after the pruning hook);
 - selection_ms: signal hooks + method (`handle.stats.selection_ms`);
+- for vflowopt the budget is the layer-averaged count; "tokens at LLM input" is its stage-0 count;
 - decode_ms: one decoding step of the whole model (median over steps);
 - kv_mb: keys and values held for the prompt after prefill;
 - peak_mb: peak memory above the pre-call level during a separate generate(max_new_tokens=1): the CUDA
@@ -29,7 +30,7 @@ from .. import prune
 from ..methods.diversity import bipartite_dedup
 from .models import SHAPES, build_model, prompt_inputs
 
-METHODS = ("none", "flashvlm", "vispruner", "random", "uniform")
+METHODS = ("none", "flashvlm", "vispruner", "vflowopt", "random", "uniform")
 BUDGETS = (576, 192, 128, 64, 32)
 
 
@@ -211,12 +212,12 @@ def device_name(device: torch.device) -> str:
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["method"] == "none"), None)
-    lines = ["| method | budget | TTFT ms | LLM prefill ms | prefill speed-up | selection ms | selection / prefill "
-             "| decode ms/tok | KV cache MB | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | budget | tokens at LLM input | TTFT ms | LLM prefill ms | prefill speed-up | selection ms "
+             "| selection / prefill | decode ms/tok | KV cache MB | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speedup = f"{base['prefill_ms'] / r['prefill_ms']:.2f}x" if base else "-"
         share = f"{100 * r['selection_ms'] / r['prefill_ms']:.1f} %" if r["method"] != "none" else "-"
-        lines.append(f"| {r['method']} | {r['budget'] or 'all'} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} | {speedup} "
+        lines.append(f"| {r['method']} | {r['budget'] or 'all'} | {r['kept'] or 576} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} | {speedup} "
                      f"| {r['selection_ms']:.2f} | {share} | {r['decode_ms']:.1f} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
     return "\n".join(lines)
 
