@@ -27,6 +27,7 @@ from .base import Method, Selection, check_unit
 DENSE_TOKENS = 2048  # up to this many tokens the whole cosine matrix is kept (16 MB in fp32)
 NEIGHBOURS = 64  # length of the nearest-neighbour lists; a speed knob only, results do not depend on it
 CHUNK_ROWS = 1024  # rows of the similarity matrix computed at once when building the lists
+MISSING = 1e30  # pushes list entries that are not in B below any cosine
 
 
 def drops_per_round(residual: int, keep: int, step: int, schedule: str, ratio: float) -> int:
@@ -116,10 +117,12 @@ class ListRedundancy:
 
     def redundancy(self, side_a: torch.Tensor, side_b: torch.Tensor) -> torch.Tensor:
         self.in_b.zero_()
-        self.in_b[side_b] = True
-        # The lists are sorted, so the best entry that sits in B is a's nearest B-token.
-        best = torch.where(self.in_b[self.neighbours[side_a]], self.similarity[side_a], -math.inf).amax(dim=1)
-        missed = best == -math.inf
+        self.in_b.index_fill_(0, side_b, True)
+        neighbours = self.neighbours.index_select(0, side_a)
+        hit = self.in_b.index_select(0, neighbours.view(-1)).view_as(neighbours)
+        # The lists are sorted, so the best entry that sits in B is a's nearest B-token (others pushed down).
+        best = (self.similarity.index_select(0, side_a) - (~hit) * MISSING).amax(dim=1)
+        missed = best < -MISSING / 2
         if missed.any():
             best[missed] = self._rebuild(side_a[missed])
         return best
