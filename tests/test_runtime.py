@@ -256,3 +256,20 @@ def test_beam_search_and_several_returned_sequences(case, method):
         pruned = model.generate(**inputs, **beams)
         assert handle.stats.tokens_before[0] == handle.stats.tokens_before[1]  # rows 0 and 1 are copies of row 0
     assert pruned.shape[0] == 6
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,budget", [("flashvlm", 3), ("vflowopt", 0.4)])
+def test_bfloat16_models(method, budget):
+    """Signals are computed in fp32; kept and recycled tokens go back to the model's dtype."""
+    model = tiny.qwen2_5_vl(layers=4).to(torch.bfloat16)
+    inputs = tiny.qwen_inputs([[(4, 8)], [], [(8, 12), (4, 4)]])
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    reference = model.generate(**inputs, max_new_tokens=3, **tiny.GREEDY)
+    with prunevlm.prune(model, method, 1.0):
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, **tiny.GREEDY), reference)
+    with prunevlm.prune(model, method, budget) as handle:
+        out = model(**inputs)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    assert all(kept <= before for row_b, row_a in zip(handle.stats.tokens_before, handle.stats.tokens_after)
+               for before, kept in zip(row_b, row_a))
