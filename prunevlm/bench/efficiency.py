@@ -10,7 +10,8 @@ Every figure is the median of `--repeats` runs after one warm-up, measured in on
 - kv_mb: keys and values held for the prompt after prefill;
 - peak_mb: peak memory above the pre-call level during a separate generate(max_new_tokens=1): the CUDA
   allocator's peak, or on CPU the peak resident set size sampled every millisecond (glibc is told to map
-  large blocks directly, so freed activations leave the resident set and a new peak is visible).
+  large blocks directly, so freed activations leave the resident set and a new peak is visible; that slows
+  everything after it, so the memory runs come after all timings).
 """
 
 from __future__ import annotations
@@ -169,8 +170,6 @@ def measure(model, inputs, method: str, budget: int, repeats: int, decode_tokens
             if repeat:  # the first run warms up
                 runs.append({"ttft_ms": 1000 * ttft, "prefill_ms": 1000 * prefill, "selection_ms": selection,
                              "decode_ms": 1000 * decode, "kv_mb": cache / 2**20, "kept": kept})
-        with PeakMemory(model.device) as memory:
-            model.generate(**inputs, max_new_tokens=1, do_sample=False)
     finally:
         watch.remove()
         if handle:
@@ -178,8 +177,21 @@ def measure(model, inputs, method: str, budget: int, repeats: int, decode_tokens
     result = {"method": method, "budget": budget if handle else None}
     for key in runs[0]:
         result[key] = runs[0][key] if key == "kept" else statistics.median(r[key] for r in runs)
-    result["peak_mb"] = memory.bytes / 2**20
     return result
+
+
+@torch.inference_mode()
+def peak_memory(model, inputs, method: str, budget: int) -> float:
+    """MB above the pre-call level during generate(max_new_tokens=1). On CPU this changes how glibc maps
+    memory for the rest of the process, which slows it down, so it runs after every timing."""
+    handle = None if method == "none" else prune(model, method, budget)
+    try:
+        with PeakMemory(model.device) as memory:
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    finally:
+        if handle:
+            handle.remove()
+    return memory.bytes / 2**20
 
 
 def diversity_timing(num_tokens: int = 4608, dim: int = 1024, repeats: int = 3) -> dict:
@@ -240,6 +252,8 @@ def run(args) -> dict:
             print(f"  {method:10s} {str(budget or 'all'):>4s}: prefill {row['prefill_ms']:.1f} ms, "
                   f"selection {row['selection_ms']:.2f} ms, TTFT {row['ttft_ms']:.0f} ms", file=sys.stderr)
     diversity = diversity_timing(args.diversity_tokens) if args.diversity_tokens else None
+    for row in rows:
+        row["peak_mb"] = peak_memory(model, inputs, row["method"], row["budget"])
     report = {
         "command": "prunevlm bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "prunevlm bench",
         "device": device_name(device), "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
