@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..methods.base import Method
+from ..methods.base import Method, Selection
 from ..models.base import Adapter, Capture, _sync
 
 
@@ -65,8 +65,31 @@ class DecodeState:
     prompt_mask: torch.Tensor  # [B, L'] 1 for real tokens
     removed: torch.Tensor  # [B, 1] tokens removed per row (for compact positions)
     cache: weakref.ref | None = None
-    source: torch.Tensor | None = None  # [B, L'] original column of each kept column, -1 for padding
     visual: list = field(default_factory=list)  # per row, per image: (its columns in the new sequence, importance, plan)
+
+
+@dataclass
+class ImageChoice:
+    """What the method chose for one image of the batch."""
+
+    row: int
+    columns: torch.Tensor  # the image's columns in the unpruned sequence
+    selection: Selection
+    plan: object | None  # the per-stage counts of in-LLM methods
+
+    @property
+    def chosen(self) -> torch.Tensor:
+        return self.columns[self.selection.keep[0]]
+
+    @property
+    def importance(self) -> torch.Tensor | None:
+        return None if self.selection.importance is None else self.selection.importance[0]
+
+    @property
+    def recycled(self) -> torch.Tensor:
+        """Kept indices (within the image) whose slot holds a recycled token."""
+        keep = self.selection.keep[0]
+        return keep[self.selection.info["recycled"][0]] if "recycled" in self.selection.info else keep[:0]
 
 
 def is_prefill(past_key_values) -> bool:
@@ -212,64 +235,55 @@ class InputPruning:
         signals, signal_seconds = self.capture.match([embeds[row, columns] for row, columns in images])
         _sync(embeds.device)
         start = time.perf_counter()
+        choices = [self._choose(embeds.detach(), row, columns, text_columns, recorded)
+                   for (row, columns), recorded in zip(images, signals)]
         kept = [torch.nonzero(text_columns[row]).flatten() for row in range(batch)]
-        replacements, visual = [], [[] for _ in range(batch)]
-        before, after, stages, kept_local, recycled = ([[] for _ in range(batch)] for _ in range(5))
-        planned = hasattr(self.method, "plan")  # methods with in-LLM stages set the count at each stage
-        for (row, columns), recorded in zip(images, signals):
-            inputs = self._signals(embeds.detach(), row, columns, text_columns, recorded)
-            plan = self.method.plan(self.budget, columns.numel(), self.num_layers) if planned else None
-            with torch.no_grad():
-                selection = self.method(plan.counts[0] if planned else self.budget, **inputs)
-            chosen = columns[selection.keep[0]]
-            kept[row] = torch.cat([kept[row], chosen])
-            if selection.tokens is not None:
-                replacements.append((row, chosen, selection.tokens[0]))
-            importance = None if selection.importance is None else selection.importance[0]
-            visual[row].append((chosen, importance, plan))
-            before[row].append(columns.numel())
-            after[row].append(chosen.numel())
-            kept_local[row].append(selection.keep[0])
-            recycled[row].append(selection.keep[0][selection.info["recycled"][0]] if "recycled" in selection.info
-                                 else selection.keep[0][:0])
-            if planned:
-                stages[row].append(plan)
+        for choice in choices:
+            kept[choice.row] = torch.cat([kept[choice.row], choice.chosen])
         source = self._source_columns(kept, embeds.device)
         new_embeds = embeds.gather(1, source.clamp_min(0)[..., None].expand(-1, -1, embeds.shape[-1])).clone()
-        for row, chosen, tokens in replacements:
-            slots = torch.searchsorted(source[row], chosen)
-            new_embeds[row, slots] = tokens.to(new_embeds.dtype)
+        for choice in choices:
+            if choice.selection.tokens is not None:  # recycled tokens replace the values at their slots
+                slots = torch.searchsorted(source[choice.row], choice.chosen)
+                new_embeds[choice.row, slots] = choice.selection.tokens[0].to(new_embeds.dtype)
         new_mask = (source >= 0).long()
         new_embeds[new_mask == 0] = 0
         _sync(embeds.device)
         select_seconds = time.perf_counter() - start
 
         positions = self._prefill_positions(kwargs.get("position_ids"), source, new_mask, batch, length, embeds.device)
-        new_length = source.shape[1]
-        real_before = real.sum(dim=1)
-        real_after = new_mask.sum(dim=1)
+        real_before, real_after = real.sum(dim=1), new_mask.sum(dim=1)
+        per_row = [[c for c in choices if c.row == row] for row in range(batch)]
         self.state = DecodeState(
             prompt_length=length,
-            pruned_length=new_length,
+            pruned_length=source.shape[1],
             prompt_mask=new_mask,
             removed=(real_before - real_after)[:, None],
-            source=source,
-            visual=[self._visual_in_new_sequence(source[row], entries) for row, entries in enumerate(visual)],
+            visual=[[(torch.searchsorted(source[row], c.chosen), c.importance, c.plan) for c in row_choices]
+                    for row, row_choices in enumerate(per_row)],
         )
-        self.adapter.after_prefill(length - new_length)
+        self.adapter.after_prefill(length - source.shape[1])
         self.stats = Stats(
-            tokens_before=before,
-            tokens_after=after,
+            tokens_before=[[c.columns.numel() for c in row] for row in per_row],
+            tokens_after=[[c.chosen.numel() for c in row] for row in per_row],
             prefill_before=real_before.tolist(),
             prefill_after=real_after.tolist(),
             selection_ms=1000 * (signal_seconds + select_seconds),
             signal_ms=1000 * signal_seconds,
-            stages=stages if planned else [],
-            kept=kept_local,
-            recycled=recycled,
+            stages=[[c.plan for c in row] for row in per_row] if hasattr(self.method, "plan") else [],
+            kept=[[c.selection.keep[0] for c in row] for row in per_row],
+            recycled=[[c.recycled for c in row] for row in per_row],
         )
         kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
         return kwargs
+
+    def _choose(self, embeds, row, columns, text_columns, recorded) -> ImageChoice:
+        """Run the method on one image (in-LLM methods first plan their per-stage counts)."""
+        inputs = self._signals(embeds, row, columns, text_columns, recorded)
+        plan = self.method.plan(self.budget, columns.numel(), self.num_layers) if hasattr(self.method, "plan") else None
+        with torch.no_grad():
+            selection = self.method(plan.counts[0] if plan else self.budget, **inputs)
+        return ImageChoice(row, columns, selection, plan)
 
     def _signals(self, embeds, row, columns, text_columns, recorded) -> dict:
         """The method's inputs for one image, as a batch of one."""
@@ -303,11 +317,6 @@ class InputPruning:
             positions = torch.arange(length, device=device).expand(batch, length)
         index = source.clamp_min(0).expand(*positions.shape[:-2], -1, -1)
         return positions.gather(-1, index).masked_fill(source < 0, 0)
-
-    @staticmethod
-    def _visual_in_new_sequence(source_row, entries) -> list:
-        """Each image's kept columns as positions in the pruned sequence (chosen are ascending)."""
-        return [(torch.searchsorted(source_row, chosen), importance, plan) for chosen, importance, plan in entries]
 
     def _record_unpruned(self, kwargs):
         embeds = kwargs.get("inputs_embeds")
