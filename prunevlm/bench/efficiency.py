@@ -36,8 +36,9 @@ BUDGETS = (576, 192, 128, 64, 32)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu",
-                        help="cpu: CLIP ViT-L/14-336 + Llama h1024 x 8 layers (default); 7b: LLaVA-1.5-7B (GPU)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small",
+                        help="small: CLIP ViT-L/14-336 + Llama h1024 x 8 layers, for a CPU (default); "
+                             "7b: LLaVA-1.5-7B, for a GPU; tiny: for tests")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; 'none' is the unpruned model")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma-separated tokens per image")
     parser.add_argument("--repeats", type=int, default=3)
@@ -50,7 +51,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--diversity-tokens", type=int, default=4608,
                         help="also time the diversity partition alone at this many tokens (8 frames x 576); 0 skips")
-    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/bench-<device>-<shape>.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON file, a .md table beside it (default benchmarks/results/bench-<shape>-<device>.json)")
 
 
 class Stopwatch:
@@ -266,9 +268,15 @@ def run(args) -> dict:
     if diversity:
         print(f"\ndiversity partition, N={diversity['tokens']} -> {diversity['keep']}: "
               + ", ".join(f"{k} {v:.0f} ms" for k, v in diversity["median_ms"].items()))
-    out = args.out or f"benchmarks/results/bench-{device.type}-{args.shape}.json"
+    out = args.out or f"benchmarks/results/bench-{args.shape}-{device.type}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\nwrote {out}")
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(f"`{report['command']}` on {report['device']}, {args.shape} shape, {report['dtype']}, "
+                f"median of {args.repeats} runs, torch {torch.__version__}\n\n{table(rows)}\n")
+        if diversity:
+            f.write(f"\nDiversity partition alone, N = {diversity['tokens']} -> {diversity['keep']} ("
+                    + ", ".join(f"{k} schedule {v:.0f} ms" for k, v in diversity["median_ms"].items()) + ")\n")
+    print(f"\nwrote {out} and its .md table")
     return report

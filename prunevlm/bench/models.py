@@ -15,7 +15,7 @@ TEXT = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4),
     # scaled for a 2-core CPU (transformers-integration.md §5)
-    "cpu": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                 num_key_value_heads=16),
     # Vicuna-7B, the LLM of LLaVA-1.5-7B
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -27,7 +27,9 @@ SHAPES = tuple(TEXT)
 def llava_config(shape: str) -> LlavaConfig:
     if shape not in TEXT:
         raise ValueError(f"shape must be one of {list(TEXT)}, got {shape!r}")
-    vision = dict(CLIP_L_336, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4) if shape == "tiny" else CLIP_L_336
+    vision = CLIP_L_336
+    if shape == "tiny":
+        vision = dict(CLIP_L_336, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
     return LlavaConfig(
         vision_config=CLIPVisionConfig(**vision),
         text_config=LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **TEXT[shape]),
