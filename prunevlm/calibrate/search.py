@@ -7,7 +7,7 @@ by default.
 
 Deviation, on purpose: the official box lets r_2 = (28T − 9r_v − 9r_v·r_1)/(10·r_v·r_1) exceed 1, where it
 is capped and the budget is silently missed. Here r_1 is searched as u ∈ [0, 1] mapped onto the r_1 interval
-that keeps r_2 in (0, 1] for the sampled r_v, so every trial meets the budget and the GP sees a fixed box.
+that keeps r_2 in [0.01, 1] for the sampled r_v, so every trial meets the budget and the GP sees a fixed box.
 
 The study lives in an Optuna storage (a SQLite file by default, or any storage URL) so that a killed run
 resumes and several workers, on several machines, fill one study; each worker stops when the study holds
@@ -36,12 +36,15 @@ def r_v_bounds(budget: float) -> tuple[float, float]:
     return budget, min(1.0, 1.5 * budget)
 
 
+MIN_R_2 = 0.01  # r_2 = 0 would drop every visual token after layer k2, so the box stops just short of it
+
+
 def r_1_bounds(budget: float, r_v: float, layers: tuple[int, int], depth: int) -> tuple[float, float]:
-    """r_1 values for which the derived r_2 lies in (0, 1], within the official lower bound 0.8 T / max r_v."""
+    """r_1 values for which the derived r_2 lies in [MIN_R_2, 1], within the official lower bound 0.8 T / max r_v."""
     k1, k2 = layers
     needed = depth * budget / r_v - k1  # = (k2 - k1) r_1 + (depth - k2) r_1 r_2
     low = max(0.8 * budget / r_v_bounds(budget)[1], needed / (depth - k1))
-    high = min(1.0, needed / (k2 - k1)) if k2 > k1 else 1.0
+    high = min(1.0, needed / (k2 - k1 + (depth - k2) * MIN_R_2))
     return min(low, high), high
 
 

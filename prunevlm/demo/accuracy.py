@@ -1,0 +1,80 @@
+"""Exact-match VQA accuracy of a LLaVA-style model on demo dataset items.
+
+    evaluate(model, processor, items, batch_size=32) -> dict
+    load(folder=MODEL_DIR) -> (model, processor)
+    test_items(n_images=200, seed=0) -> list[Item]       # the held-out test split
+
+``evaluate`` renders the chat prompt for each item, runs one left-padded batched
+``model.generate(**inputs)`` per batch (greedy, the model's generation config) and compares the
+normalised decoded answer with the reference. Pruning hooks attached to ``model`` around the call
+apply unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import dataset
+
+MODEL_DIR = Path(__file__).parent / "model"
+
+
+def load(folder: str | Path = MODEL_DIR, dtype: torch.dtype = torch.float32):
+    """The model (eval mode, ``dtype``) and processor saved in ``folder``, loaded offline."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}; train one with "
+                                "`python -m prunevlm.demo.train --out DIR`")
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+def test_items(n_images: int = 200, seed: int = 0) -> list[dataset.Item]:
+    """Flattened questions of the first ``n_images`` test images (6 per image)."""
+    return dataset.flatten(dataset.generate("test", n_images, seed))
+
+
+def chat_prompts(processor, questions: list[str]) -> list[str]:
+    """One user turn with an image and the question, plus the generation prompt."""
+    return [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+        add_generation_prompt=True) for q in questions]
+
+
+@torch.inference_mode()
+def predict(model, processor, items: list[dataset.Item], batch_size: int = 32) -> list[str]:
+    """Normalised greedy answers, one per item, from left-padded batched ``generate``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if processor.tokenizer.padding_side != "left":
+        raise ValueError("batched generation needs processor.tokenizer.padding_side == 'left'")
+    answers = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        inputs = processor(images=[it.image for it in batch],
+                           text=chat_prompts(processor, [it.question for it in batch]),
+                           padding=True, return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        out = model.generate(**inputs)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        answers += [dataset.normalize(t) for t in
+                    processor.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+def evaluate(model, processor, items: list[dataset.Item], batch_size: int = 32) -> dict:
+    """Accuracy per question type plus ``overall`` and ``n`` (number of questions)."""
+    if not items:
+        raise ValueError("no items to evaluate")
+    answers = predict(model, processor, items, batch_size)
+    hits: dict[str, list[bool]] = {}
+    for it, got in zip(items, answers):
+        hits.setdefault(it.qtype, []).append(got == dataset.normalize(it.answer))
+    out = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+    out["overall"] = sum(sum(h) for h in hits.values()) / len(items)
+    out["n"] = len(items)
+    return out

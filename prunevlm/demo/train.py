@@ -1,0 +1,445 @@
+"""Train the demo VLM from scratch on the synthetic train split, LLaVA-style, in four stages.
+
+    python -m prunevlm.demo.train --out DIR [--seed S] [--threads N] [--scale F] [--log JSON]
+
+0a. vision: the CLIP tower is pretrained on scene labels (nothing pretrained exists here): for
+    every patch the shape, colour and character of the object covering it; for the CLS token the
+    number of objects of each shape and colour.
+0b. text:   the Llama model is pretrained as a language model on captions and question/answer text.
+1.  align:  only the projector learns, to caption images (vision tower and LLM frozen).
+2.  instruct: projector and LLM learn multi-turn chats, the caption request and the image's six
+    questions in random order (vision tower frozen, as LLaVA-1.5).
+
+Then the model is saved as a Hugging Face folder, reloaded, and evaluated on the test split; a
+JSON summary (loss curves, accuracy, time, versions) is written to ``--log``.
+Every stage draws fresh train images from one deterministic stream; test images are never seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import accuracy, build, dataset
+
+# (steps, batch) per stage; batch counts images (vision, align, instruct) or texts (text).
+STAGES = {"vision": (3000, 32), "text": (300, 32), "align": (400, 16), "instruct": (1500, 16)}
+LR = {"vision": 1e-3, "text": 1e-3, "align": 1e-3, "instruct": 1e-3}
+MAX_OBJECTS = dataset.GRID * dataset.GRID
+VAL_IMAGES, TEST_IMAGES, PROBE_QUESTIONS = 50, 200, 120
+DENSE_STREAM = 7  # seeds dense pretraining pages as (seed, 7, index): no split uses 7
+
+
+class Stream:
+    """Train images in order: each stage continues where the previous one stopped."""
+
+    def __init__(self, seed: int):
+        self.seed, self.next = seed, 0
+
+    def take(self, n: int) -> list[dataset.Sample]:
+        out = [dataset.render("train", self.next + i, self.seed) for i in range(n)]
+        self.next += n
+        return out
+
+
+def pixels(processor, samples) -> torch.Tensor:
+    return processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
+
+
+def schedule(optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over 5 % of the steps, then cosine decay to 10 % of the peak rate."""
+    warm = max(1, steps // 20)
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def run_stage(name, params, steps, loss_fn, probe=None, probe_every=250, log_every=50) -> dict:
+    """Optimise ``params`` with AdamW for ``steps`` calls of ``loss_fn(step)``.
+
+    Returns a loss summary; ``probe()`` (held-out metrics) runs every ``probe_every`` steps."""
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR[name], weight_decay=0.05, betas=(0.9, 0.98))
+    sched = schedule(opt, steps)
+    losses, probes, t0 = [], [], time.time()
+    for step in range(steps):
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            window = np.mean(losses[-log_every:])
+            print(f"[{name}] step {step + 1}/{steps} loss {window:.4f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+        if probe is not None and ((step + 1) % probe_every == 0 or step + 1 == steps):
+            probes.append({"step": step + 1, **probe()})
+            print(f"[{name}] step {step + 1} probe {probes[-1]}", flush=True)
+    chunk = max(1, steps // 20)
+    curve = [round(float(np.mean(losses[i:i + chunk])), 4) for i in range(0, steps, chunk)]
+    out = {"steps": steps, "seconds": round(time.time() - t0, 1), "loss_first": curve[0],
+           "loss_last": curve[-1], "loss_curve": curve}
+    return out | ({"probes": probes} if probes else {})
+
+
+# --------------------------------------------------------------------------- stage 0a: vision
+
+
+def patch_targets(sample: dataset.Sample, patch: int) -> np.ndarray:
+    """[N, 4] per-patch labels (shape, colour, char, centre), 0 = background / none / no.
+
+    A patch takes the shape and colour of the object covering most of it if that covers at
+    least 20 % of it, a character if at least 10 pixels of that character fall inside it, and
+    centre = 1 if an object's box centre lies in it (one patch per object, as in CenterNet)."""
+    g = sample.image.size[0] // patch
+
+    def per_patch(mask):  # [N, patch * patch]: the pixels of each patch, patches row-major
+        return mask.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
+
+    cells, glyphs = per_patch(dataset.object_mask(sample)), per_patch(dataset.text_mask(sample))
+    ids = range(1, len(sample.objects) + 1)
+    cover = np.stack([(cells == i).sum(1) for i in ids], 1)
+    ink = np.stack([(glyphs == i).sum(1) for i in ids], 1)
+    owner = np.where(cover.max(1) >= 0.2 * patch * patch, cover.argmax(1), -1)
+    writer = np.where(ink.max(1) >= 10, ink.argmax(1), -1)
+    table = np.zeros((len(sample.objects) + 1, 3), dtype=np.int64)  # last row: background
+    centre = np.zeros(g * g, dtype=np.int64)
+    for i, o in enumerate(sample.objects):
+        char = 0 if o.text is None else dataset.CHARS.index(o.text) + 1
+        table[i] = (dataset.SHAPES.index(o.shape) + 1, list(dataset.COLOURS).index(o.colour) + 1,
+                    char)
+        centre[((o.box[1] + o.box[3]) // 2 // patch) * g + (o.box[0] + o.box[2]) // 2 // patch] = 1
+    return np.stack([table[owner, 0], table[owner, 1], table[writer, 2], centre], 1)
+
+
+def dense_page(seed: int, index: int) -> dataset.Sample:
+    """A vision-pretraining image with a character on every shape: a 4x4 grid of 34-46 px shapes.
+
+    Scenes hold about 2.5 characters each, too few to learn reading in a short CPU run; these
+    pages hold 16. They come from their own seeded stream, never from a dataset split."""
+    rng = np.random.default_rng([seed, DENSE_STREAM, index])
+    cell = dataset.IMAGE_SIZE // 4
+    objects = []
+    for row in range(4):
+        for col in range(4):
+            size = int(rng.integers(34, 47))
+            x0, y0 = (col * cell + int(rng.integers(0, cell - size + 1)),
+                      row * cell + int(rng.integers(0, cell - size + 1)))
+            objects.append(dataset.Obj(
+                str(rng.choice(dataset.SHAPES)), str(rng.choice(list(dataset.COLOURS))),
+                (x0, y0, x0 + size, y0 + size), (row, col), str(rng.choice(dataset.CHARS))))
+    image, background = dataset.draw(rng, objects)
+    return dataset.Sample(image, objects, [], background)
+
+
+def count_targets(sample: dataset.Sample) -> np.ndarray:
+    """Number of objects of each shape, then of each colour (-100, ignored, on dense pages)."""
+    if not sample.questions:
+        return np.full(len(dataset.SHAPES) + len(dataset.COLOURS), -100, dtype=np.int64)
+    shapes = [sum(o.shape == s for o in sample.objects) for s in dataset.SHAPES]
+    colours = [sum(o.colour == c for o in sample.objects) for c in dataset.COLOURS]
+    return np.array(shapes + colours, dtype=np.int64)
+
+
+class VisionHeads(nn.Module):
+    """Pretraining heads, thrown away afterwards: per-patch labels and CLS-token counts."""
+
+    KINDS = ("shape", "colour", "char", "centre", "counts")
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.sizes = (len(dataset.SHAPES) + 1, len(dataset.COLOURS) + 1, len(dataset.CHARS) + 1, 2)
+        self.norm = nn.LayerNorm(hidden)
+        self.patch = nn.Linear(hidden, sum(self.sizes))
+        self.n_counts = len(dataset.SHAPES) + len(dataset.COLOURS)
+        self.count = nn.Linear(hidden, self.n_counts * (MAX_OBJECTS + 1))
+
+    def forward(self, out, patch_y: torch.Tensor, count_y: torch.Tensor):
+        """Mean cross-entropy over the label kinds, and per-kind accuracy on the labelled
+        patches (label > 0: no credit for predicting background) and on the counts."""
+        logits = self.patch(self.norm(out.last_hidden_state[:, 1:]))
+        counts = self.count(out.pooler_output).view(-1, self.n_counts, MAX_OBJECTS + 1)
+        pairs = list(zip(logits.split(self.sizes, dim=-1), patch_y.unbind(-1))) + [(counts, count_y)]
+        losses, acc = [], {}
+        for kind, (pred, y) in zip(self.KINDS, pairs):
+            losses.append(nn.functional.cross_entropy(pred.flatten(0, -2), y.flatten()))
+            keep = y > 0 if kind != "counts" else y >= 0
+            acc[kind] = round((pred.argmax(-1) == y)[keep].float().mean().item(), 4)
+        return sum(losses) / len(losses), acc
+
+
+def init_vision(tower, seed: int) -> None:
+    """Locality-friendly start for a ViT trained from scratch on little data.
+
+    2-D sine-cosine position embeddings (as MAE) and mimetic attention initialisation
+    (Trockman & Kolter, 2023: W_q W_k^T ~ 0.7 Z + 0.7 I per head, W_o W_v ~ 0.4 Z - 0.4 I), so
+    that patches start by attending to nearby, similar patches. Both stay trainable."""
+    g = tower.config.image_size // tower.config.patch_size
+    d, heads = tower.config.hidden_size, tower.config.num_attention_heads
+    dh, quarter = d // heads, d // 4
+    omega = 100.0 ** (-torch.arange(quarter) / quarter)  # base 100 suits a 12-wide grid
+    ys, xs = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    angles = [p.flatten()[:, None].float() * omega for p in (ys, xs)]
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)
+    gen = torch.Generator().manual_seed(seed)
+
+    def factors(alpha, beta):  # U, V with U @ V.T = alpha Z + beta I, Z ~ N(0, 1/d)
+        u, sv, vh = torch.linalg.svd(alpha * torch.randn(d, d, generator=gen) / d ** 0.5
+                                     + beta * torch.eye(d))
+        return u * sv.sqrt(), vh.T * sv.sqrt()
+
+    with torch.no_grad():
+        tower.embeddings.position_embedding.weight[0] = 0  # CLS
+        tower.embeddings.position_embedding.weight[1:] = table
+        for layer in tower.encoder.layers:
+            att = layer.self_attn
+            for h in range(heads):
+                q, k = factors(0.7, 0.7)
+                att.q_proj.weight[h * dh:(h + 1) * dh] = q[:, :dh].T
+                att.k_proj.weight[h * dh:(h + 1) * dh] = k[:, :dh].T
+            o, v = factors(0.4, -0.4)
+            att.out_proj.weight.copy_(o)
+            att.v_proj.weight.copy_(v.T)
+
+
+def pretrain_vision(model, processor, stream: Stream, steps: int, batch: int) -> dict:
+    """Stage 0a: the tower learns per-patch scene labels and, on its CLS token, counts."""
+    tower = model.model.vision_tower
+    init_vision(tower, stream.seed)
+    heads = VisionHeads(tower.config.hidden_size)
+    patch = tower.config.patch_size
+
+    def tensors(samples):
+        y = torch.from_numpy(np.stack([patch_targets(s, patch) for s in samples]))
+        c = torch.from_numpy(np.stack([count_targets(s) for s in samples]))
+        return pixels(processor, samples), y, c
+
+    val = tensors(dataset.generate("val", VAL_IMAGES, stream.seed))
+
+    @torch.no_grad()
+    def probe():
+        tower.eval()
+        acc = heads(tower(val[0]), *val[1:])[1]
+        tower.train()
+        return acc
+
+    def loss_fn(step):  # half scenes, half dense character pages
+        pages = [dense_page(stream.seed, step * batch + i) for i in range(batch - batch // 2)]
+        pix, y, c = tensors(stream.take(batch // 2) + pages)
+        return heads(tower(pix), y, c)[0]
+
+    tower.train()
+    summary = run_stage("vision", list(tower.parameters()) + list(heads.parameters()), steps,
+                        loss_fn, probe)
+    tower.eval()
+    return summary
+
+
+# --------------------------------------------------------------------------- language stages
+
+
+def pad_right(seqs: list[list[int]], labels: list[list[int]], pad_id: int):
+    """Right-padded ids, attention mask and labels (-100 where no loss is taken)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id)
+    lab = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, :len(s)], lab[i, :len(l)], mask[i, :len(s)] = torch.tensor(s), torch.tensor(l), 1
+    return ids, mask, lab
+
+
+def supervised(tokenizer, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """Ids and labels of a chat, LLaVA's conversation format: the image in the first user turn,
+    each answer followed by ``</s>``, and loss only on the answers and their ``</s>``."""
+    ids, labels = [], []
+    for i, (question, answer) in enumerate(turns):
+        user = build.prompt(question) if i == 0 else f"USER: {question} ASSISTANT:"
+        p = tokenizer(user.replace(build.IMAGE, build.IMAGE * build.IMAGE_TOKENS),
+                      add_special_tokens=i == 0)["input_ids"]
+        a = tokenizer(f"{answer} {build.EOS}", add_special_tokens=False)["input_ids"]
+        ids += p + a
+        labels += [-100] * len(p) + a
+    return ids, labels
+
+
+def image_embeds(model, ids, pix) -> torch.Tensor:
+    """LLM input embeddings with projected image features in place of the ``<image>`` tokens,
+    the same computation as ``LlavaModel.forward`` (layer -2, CLS dropped, projector) with the
+    frozen tower run without gradients."""
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pix, output_hidden_states=True).hidden_states
+        feats = hidden[model.config.vision_feature_layer][:, 1:]
+    feats = model.model.multi_modal_projector(feats)
+    embeds = model.get_input_embeddings()(ids)
+    mask = (ids == model.config.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(mask, feats.to(embeds.dtype))
+
+
+def pretrain_text(model, tokenizer, stream: Stream, steps: int, batch: int) -> dict:
+    """Stage 0b: plain next-token prediction on captions and 'question answer' lines."""
+    def loss_fn(step):
+        texts = []
+        while len(texts) < batch:
+            s = stream.take(1)[0]
+            texts.append(dataset.caption(s))
+            texts += [f"{q.text} {q.answer}" for q in s.questions]
+        seqs = [tokenizer(f"{t} {build.EOS}")["input_ids"] for t in texts[:batch]]
+        ids, mask, lab = pad_right(seqs, seqs, tokenizer.pad_token_id)
+        lab[mask == 0] = -100
+        return model(input_ids=ids, attention_mask=mask, labels=lab).loss
+
+    return run_stage("text", model.parameters(), steps, loss_fn)
+
+
+def image_text_stage(name, model, processor, stream, steps, batch, turns_of, probe=None) -> dict:
+    """Stages 1 and 2: one chat per image, ``turns_of(sample, rng)`` its (question, answer) turns."""
+    tok = processor.tokenizer
+
+    def loss_fn(step):
+        samples = stream.take(batch)
+        rngs = [np.random.default_rng([stream.seed, step, k]) for k in range(batch)]
+        chats = [supervised(tok, turns_of(s, rng)) for s, rng in zip(samples, rngs)]
+        ids, mask, lab = pad_right([c[0] for c in chats], [c[1] for c in chats], tok.pad_token_id)
+        embeds = image_embeds(model, ids, pixels(processor, samples))
+        return model(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss
+
+    return run_stage(name, model.parameters(), steps, loss_fn, probe, probe_every=250)
+
+
+def caption_turns(sample, rng):
+    return [(build.CAPTION_QUESTION, dataset.caption(sample))]
+
+
+def chat_turns(sample, rng):
+    """The caption request and every question of the image as one multi-turn chat in random
+    order (LLaVA's instruction data mixes descriptions and short answers in conversations)."""
+    turns = caption_turns(sample, rng) + [(q.text, q.answer) for q in sample.questions]
+    return [turns[i] for i in rng.permutation(len(turns))]
+
+
+# Which parts learn in each stage (everything else is frozen).
+TRAINABLE = {"vision": ("vision_tower",), "text": ("language_model", "lm_head"),
+             "align": ("multi_modal_projector",),
+             "instruct": ("multi_modal_projector", "language_model", "lm_head")}
+
+
+def set_trainable(model, stage: str) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(part in name for part in TRAINABLE[stage]))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def train(out: Path, seed: int = 0, threads: int = 1, scale: float = 1.0,
+          log_path: Path | None = None, checkpoints: Path | None = None) -> dict:
+    """Run every stage, save the model in ``out``, write the summary to ``log_path``
+    (default ``out/demo_train.json``) and return it. With ``checkpoints``, each finished stage
+    is saved there and a rerun resumes after the last saved stage (same results)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    start = time.time()
+    tokenizer = build.build_tokenizer(build.corpus(seed=seed))
+    processor = build.build_processor(tokenizer)
+    model = build.build_model(tokenizer)
+    stream = Stream(seed)
+    steps = {k: max(1, round(n * scale)) for k, (n, _) in STAGES.items()}
+    val = dataset.flatten(dataset.generate("val", VAL_IMAGES, seed))
+
+    def probe():
+        model.eval()
+        acc = accuracy.evaluate(model, processor, val[:PROBE_QUESTIONS])
+        model.train()
+        return {k: round(v, 4) for k, v in acc.items()}
+
+    runs = {
+        "vision": lambda: pretrain_vision(model, processor, stream, steps["vision"],
+                                          STAGES["vision"][1]),
+        "text": lambda: pretrain_text(model, tokenizer, stream, steps["text"], STAGES["text"][1]),
+        "align": lambda: image_text_stage("align", model, processor, stream, steps["align"],
+                                          STAGES["align"][1], caption_turns),
+        "instruct": lambda: image_text_stage("instruct", model, processor, stream,
+                                             steps["instruct"], STAGES["instruct"][1],
+                                             chat_turns, probe),
+    }
+    log: dict = {"seed": seed, "threads": threads, "scale": scale,
+                 "stage_config": {k: {"steps": steps[k], "batch": STAGES[k][1], "lr": LR[k],
+                                      "trainable": TRAINABLE[k]} for k in STAGES},
+                 "stages": {}}
+    for name, run in runs.items():
+        saved = checkpoints / f"{name}.pt" if checkpoints else None
+        if saved is not None and saved.exists():
+            state = torch.load(saved, weights_only=True)
+            model.load_state_dict(state["model"])
+            stream.next = state["next"]
+            log["stages"][name] = json.loads(state["summary"])
+            print(f"[{name}] resumed from {saved}", flush=True)
+            continue
+        model.train()
+        set_trainable(model, name)
+        log["stages"][name] = run()
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "next": stream.next,
+                        "summary": json.dumps(log["stages"][name])}, saved)
+    model.eval()
+    log["train_images"] = stream.next
+    log["train_seconds"] = round(sum(st["seconds"] for st in log["stages"].values()), 1)
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    reloaded, reprocessor = accuracy.load(out)
+    test = accuracy.test_items(TEST_IMAGES, seed)
+    eval_start = time.time()
+    log["test_accuracy"] = accuracy.evaluate(reloaded, reprocessor, test)
+    log["test_seconds"] = round(time.time() - eval_start, 1)
+    log["majority_baseline"] = {k: round(v, 4) for k, v in dataset.majority_baseline(test).items()}
+    log["parameters"] = sum(p.numel() for p in reloaded.parameters())
+    log["folder_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    log["this_run_seconds"] = round(time.time() - start, 1)
+    log["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
+                       "transformers": __import__("transformers").__version__,
+                       "tokenizers": __import__("tokenizers").__version__,
+                       "pillow": __import__("PIL").__version__, "numpy": np.__version__,
+                       "machine": platform.machine()}
+    print(f"test accuracy {log['test_accuracy']}", flush=True)
+    log_path = log_path or out / "demo_train.json"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(json.dumps(log, indent=1) + "\n")
+    return log
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the trained model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every stage's step count (e.g. 0.01 for a smoke run)")
+    parser.add_argument("--log", type=Path, default=None,
+                        help="where to write the JSON summary (default: OUT/demo_train.json)")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="save each finished stage here and resume from it on a rerun")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.scale <= 0 or args.seed < 0:
+        parser.error("--threads must be >= 1, --scale > 0 and --seed >= 0")
+    train(args.out, args.seed, args.threads, args.scale, args.log, args.checkpoints)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The committed demo VLM: loads offline as a stock HF model, is small, and answers correctly."""
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+import pytest
+
+from prunevlm.demo import accuracy, build, dataset
+
+FOLDER = accuracy.MODEL_DIR
+# The committed model is below the 90 % target (docs/demo.md: 45.7 % overall); what it has learnt is
+# where objects are (location 90 %) and partly what a named one looks like (attribute 44.5 %).
+# These check that it still does, far above always giving the commonest answer (14.5 % and 9 %).
+MIN_LOCATION, MIN_ATTRIBUTE = 0.7, 0.35
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    model = LlavaForConditionalGeneration.from_pretrained(FOLDER, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(FOLDER, local_files_only=True)
+    return model, processor
+
+
+def test_folder_is_a_small_hf_model():
+    names = {p.name for p in FOLDER.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "processor_config.json", "chat_template.jinja"} <= names
+    size = sum(p.stat().st_size for p in FOLDER.iterdir() if p.is_file())
+    assert size <= 30 * 2**20, f"model folder is {size / 2**20:.1f} MiB"
+
+
+def test_config_follows_llava_15(loaded):
+    model, processor = loaded
+    cfg = model.config
+    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    assert cfg.image_seq_length == build.IMAGE_TOKENS >= 144
+    assert cfg.image_token_id == processor.tokenizer.convert_tokens_to_ids(build.IMAGE)
+    assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
+    assert processor.tokenizer.padding_side == "left"
+    assert model.dtype == torch.float32
+
+
+def test_answers_fixed_test_questions(loaded):
+    items = accuracy.test_items(n_images=15)
+    result = accuracy.evaluate(*loaded, items, batch_size=45)
+    assert result["n"] == 90 and set(result) == set(dataset.QTYPES) | {"overall", "n"}
+    majority = dataset.majority_baseline(items)
+    assert result["location"] >= MIN_LOCATION > majority["location"] + 0.3, (result, majority)
+    assert result["attribute"] >= MIN_ATTRIBUTE > majority["attribute"] + 0.1, (result, majority)
+
+
+def test_batched_left_padded_equals_one_by_one(loaded):
+    items = accuracy.test_items(n_images=1)
+    batched = accuracy.predict(*loaded, items, batch_size=len(items))
+    single = [accuracy.predict(*loaded, [it], batch_size=1)[0] for it in items]
+    assert batched == single
+
+
+def test_load_refuses_a_folder_without_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prunevlm.demo.train"):
+        accuracy.load(tmp_path)
