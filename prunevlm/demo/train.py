@@ -317,7 +317,7 @@ def image_text_stage(name, model, processor, stream, steps, batch, turns_of, pro
         embeds = image_embeds(model, ids, pixels(processor, samples))
         return model(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss
 
-    return run_stage(name, model.parameters(), steps, loss_fn, probe, probe_every=250)
+    return run_stage(name, model.parameters(), steps, loss_fn, probe)
 
 
 def caption_turns(sample, rng):
