@@ -13,7 +13,7 @@ import time
 import torch
 
 from .. import prune
-from ..calibrate.flow import flow_similarity, last_token_states
+from ..calibrate.flow import flow_similarity
 from ..config import load_config
 from ..demo import accuracy, dataset
 from .efficiency import kv_bytes
@@ -64,9 +64,9 @@ def measure(model, processor, items, config: dict, reference: torch.Tensor | Non
     handle = None if config["method"] is None else prune(model, config["method"], config["budget"], **config["options"])
     try:
         start = time.perf_counter()
-        result = accuracy.evaluate(model, processor, items, batch_size=args.batch_size)
+        answers, states = accuracy.predict(model, processor, items, args.batch_size, return_states=True)
         seconds = time.perf_counter() - start
-        states = last_token_states(model, processor, [(i.image, i.question) for i in items], args.batch_size)
+        result = accuracy.score(items, answers)
         kept, layer_average, cache = [], [], []
         for item in items[: args.kv_samples]:
             inputs = processor(images=[item.image], text=accuracy.chat_prompts(processor, [item.question]), return_tensors="pt")

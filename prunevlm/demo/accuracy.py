@@ -1,6 +1,8 @@
 """Exact-match VQA accuracy of a LLaVA-style model on demo dataset items.
 
     evaluate(model, processor, items, batch_size=32) -> dict
+    predict(model, processor, items, batch_size=32, return_states=False) -> answers[, states]
+    score(items, answers) -> dict
     load(folder=MODEL_DIR) -> (model, processor)
     test_items(n_images=200, seed=0) -> list[Item]       # the held-out test split
 
@@ -46,35 +48,46 @@ def chat_prompts(processor, questions: list[str]) -> list[str]:
 
 
 @torch.inference_mode()
-def predict(model, processor, items: list[dataset.Item], batch_size: int = 32) -> list[str]:
-    """Normalised greedy answers, one per item, from left-padded batched ``generate``."""
+def predict(model, processor, items: list[dataset.Item], batch_size: int = 32,
+            return_states: bool = False):
+    """Normalised greedy answers, one per item, from left-padded batched ``generate``.
+
+    With ``return_states`` also the [N, D] final-norm hidden state of each prompt's last token at
+    prefill (VFlowOpt's flow measure, vflowopt.md §4), read from the same ``generate`` call."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if processor.tokenizer.padding_side != "left":
         raise ValueError("batched generation needs processor.tokenizer.padding_side == 'left'")
-    answers = []
+    answers, states = [], []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
         inputs = processor(images=[it.image for it in batch],
                            text=chat_prompts(processor, [it.question for it in batch]),
                            padding=True, return_tensors="pt")
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        out = model.generate(**inputs)
-        new = out[:, inputs["input_ids"].shape[1]:]
+        out = model.generate(**inputs, return_dict_in_generate=True,
+                             output_hidden_states=return_states)
+        new = out.sequences[:, inputs["input_ids"].shape[1]:]
         answers += [dataset.normalize(t) for t in
                     processor.batch_decode(new, skip_special_tokens=True)]
-    return answers
+        if return_states:  # step 0 is the prefill; its last layer entry is after the final norm
+            states.append(out.hidden_states[0][-1][:, -1].float())
+    return (answers, torch.cat(states)) if return_states else answers
 
 
-def evaluate(model, processor, items: list[dataset.Item], batch_size: int = 32) -> dict:
-    """Accuracy per question type plus ``overall`` and ``n`` (number of questions)."""
+def score(items: list[dataset.Item], answers: list[str]) -> dict:
+    """Exact-match accuracy per question type plus ``overall`` and ``n`` (number of questions)."""
     if not items:
         raise ValueError("no items to evaluate")
-    answers = predict(model, processor, items, batch_size)
     hits: dict[str, list[bool]] = {}
-    for it, got in zip(items, answers):
+    for it, got in zip(items, answers, strict=True):
         hits.setdefault(it.qtype, []).append(got == dataset.normalize(it.answer))
     out = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
     out["overall"] = sum(sum(h) for h in hits.values()) / len(items)
     out["n"] = len(items)
     return out
+
+
+def evaluate(model, processor, items: list[dataset.Item], batch_size: int = 32) -> dict:
+    """``score`` of the greedy answers to ``items``."""
+    return score(items, predict(model, processor, items, batch_size))

@@ -1,0 +1,56 @@
+"""`prunevlm eval` on the bundled demo model: the one-pass fidelity states and the written outputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunevlm
+from prunevlm.calibrate.flow import last_token_states
+from prunevlm.cli import main
+from prunevlm.demo import accuracy
+
+CALIBRATED = Path(__file__).parents[1] / "benchmarks" / "results" / "vflowopt-T0.25.json"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return accuracy.load()
+
+
+@pytest.mark.parametrize("method, budget", [(None, None), ("flashvlm", 16), ("vflowopt", 0.25)])
+def test_predict_states_equal_a_separate_prefill(loaded, method, budget):
+    """The eval reads the flow measure from generate's prefill; it must be the calibration's h."""
+    model, processor = loaded
+    items = accuracy.test_items(n_images=2)
+    handle = prunevlm.prune(model, method, budget) if method else None
+    try:
+        answers, states = accuracy.predict(model, processor, items, batch_size=4, return_states=True)
+        plain = accuracy.predict(model, processor, items, batch_size=4)
+        reference = last_token_states(model, processor, [(i.image, i.question) for i in items], batch_size=5)
+    finally:
+        if handle:
+            handle.remove()
+    assert answers == plain and len(answers) == 12
+    torch.testing.assert_close(states, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_writes_json_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "eval"
+    main(["eval", "--images", "2", "--methods", "flashvlm,uniform", "--budgets", "32,16",
+          "--vflowopt", str(CALIBRATED), "--kv-samples", "2", "--batch-size", "12", "--out", str(out)])
+    result = json.loads(out.with_suffix(".json").read_text())
+    names = [(r["name"], r["budget"]) for r in result["rows"]]
+    assert names == [("unpruned", None), ("flashvlm", 32), ("flashvlm", 16), ("uniform", 32), ("uniform", 16),
+                     ("vflowopt (calibrated)", 0.25), ("vflowopt (default)", 0.25)]
+    base, *pruned = result["rows"]
+    assert result["questions"] == 12 and base["fidelity"] is None and base["kept_tokens"] == 144
+    for row in pruned:
+        assert 0 < row["kv_bytes"] < base["kv_bytes"] and -1 <= row["fidelity"] <= 1
+        assert row["questions"] == 12 and set(row["accuracy"]) >= {"overall", "text", "count"}
+    assert [r["kept_tokens"] for r in pruned[:4]] == [32, 16, 32, 16]
+    assert all(abs(r["layer_average_tokens"] - 0.25 * 144) <= 1 for r in pruned[4:])
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n| ") == len(names) + 1  # header and one line per row
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
