@@ -1,10 +1,12 @@
-"""`prunevlm eval` on the bundled demo model: the one-pass fidelity states and the written outputs."""
+"""`prunevlm demo` and `prunevlm eval` on the bundled demo model: printed answers, token counts, written files."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import prunevlm
 from prunevlm.calibrate.flow import last_token_states
@@ -54,3 +56,16 @@ def test_eval_writes_json_table_and_plot(tmp_path, capsys):
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| ") == len(names) + 1  # header and one line per row
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_prints_answers_with_token_counts_and_draws_them(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    main(["demo", "--questions", "3", "--out", str(out)])
+    printed = capsys.readouterr().out
+    for method in ("flashvlm", "vispruner"):
+        for budget in (64, 32, 16):
+            before, after = map(int, re.search(rf"{method} {budget} +\d/3 right; prompt (\d+) -> (\d+) tokens", printed).groups())
+            assert before - after == 144 - budget
+    assert re.search(r"unpruned +\d/3 right\n", printed)
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width > image.height > 0
