@@ -1,4 +1,4 @@
-"""Train the demo VLM from scratch on the synthetic train split, LLaVA-style, in four stages.
+"""Train the demo VLM from scratch on the synthetic train split, LLaVA-style, in five stages.
 
     python -m prunevlm.demo.train --out DIR [--seed S] [--threads N] [--scale F] [--log JSON]
 
@@ -9,6 +9,9 @@
 1.  align:  only the projector learns, to caption images (vision tower and LLM frozen).
 2.  instruct: projector and LLM learn multi-turn chats, the caption request and the image's six
     questions in random order (vision tower frozen, as LLaVA-1.5).
+3.  answer: the same chats with the caption request always last. In stage 2 about half the
+    answers could be read off a caption earlier in the chat, which no test prompt has; here every
+    answer must come from the image.
 
 Then the model is saved as a Hugging Face folder, reloaded, and evaluated on the test split; a
 JSON summary (loss curves, accuracy, time, versions) is written to ``--log``.
@@ -31,10 +34,11 @@ from torch import nn
 from . import accuracy, build, dataset
 
 # (steps, batch) per stage; batch counts images (vision, align, instruct) or texts (text).
-STAGES = {"vision": (3000, 32), "text": (300, 32), "align": (400, 16), "instruct": (1500, 16)}
-LR = {"vision": 1e-3, "text": 1e-3, "align": 1e-3, "instruct": 1e-3}
+STAGES = {"vision": (3000, 32), "text": (300, 32), "align": (400, 16), "instruct": (1500, 16),
+          "answer": (2400, 16)}
+LR = {"vision": 1e-3, "text": 1e-3, "align": 1e-3, "instruct": 1e-3, "answer": 5e-4}
 MAX_OBJECTS = dataset.GRID * dataset.GRID
-VAL_IMAGES, TEST_IMAGES, PROBE_QUESTIONS = 50, 200, 120
+VAL_IMAGES, TEST_IMAGES = 50, 200
 DENSE_STREAM = 7  # seeds dense pretraining pages as (seed, 7, index): no split uses 7
 
 
@@ -331,10 +335,18 @@ def chat_turns(sample, rng):
     return [turns[i] for i in rng.permutation(len(turns))]
 
 
+def answer_turns(sample, rng):
+    """The image's questions in random order, then the caption request: no answer can be copied
+    from a caption earlier in the chat, as none precedes a test question."""
+    turns = [(q.text, q.answer) for q in sample.questions]
+    return [turns[i] for i in rng.permutation(len(turns))] + caption_turns(sample, rng)
+
+
 # Which parts learn in each stage (everything else is frozen).
 TRAINABLE = {"vision": ("vision_tower",), "text": ("language_model", "lm_head"),
              "align": ("multi_modal_projector",),
-             "instruct": ("multi_modal_projector", "language_model", "lm_head")}
+             "instruct": ("multi_modal_projector", "language_model", "lm_head"),
+             "answer": ("multi_modal_projector", "language_model", "lm_head")}
 
 
 def set_trainable(model, stage: str) -> None:
@@ -362,7 +374,7 @@ def train(out: Path, seed: int = 0, threads: int = 1, scale: float = 1.0,
 
     def probe():
         model.eval()
-        acc = accuracy.evaluate(model, processor, val[:PROBE_QUESTIONS])
+        acc = accuracy.evaluate(model, processor, val)
         model.train()
         return {k: round(v, 4) for k, v in acc.items()}
 
@@ -375,6 +387,8 @@ def train(out: Path, seed: int = 0, threads: int = 1, scale: float = 1.0,
         "instruct": lambda: image_text_stage("instruct", model, processor, stream,
                                              steps["instruct"], STAGES["instruct"][1],
                                              chat_turns, probe),
+        "answer": lambda: image_text_stage("answer", model, processor, stream, steps["answer"],
+                                           STAGES["answer"][1], answer_turns, probe),
     }
     log: dict = {"seed": seed, "threads": threads, "scale": scale,
                  "stage_config": {k: {"steps": steps[k], "batch": STAGES[k][1], "lr": LR[k],
