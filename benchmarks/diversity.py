@@ -2,7 +2,8 @@
 
 Coverage (flashvlm.md §4.3): K tight clusters on the unit sphere, N tokens in random order; the partition
 keeps T_div = c·K tokens; we count trials in which some cluster lost every member, and the cover radius
-max_v min_s (1 - cos). Speed: one partition of N random 1024-d tokens down to N/9, median of repeats.
+max_v min_s (1 - cos). Speed: one partition of N random 1024-d tokens down to N/9, median of repeats after
+a warm-up (the bench's `diversity_timing`).
 
     python benchmarks/diversity.py [--trials 100] [--out benchmarks/results/diversity.json]
 """
@@ -12,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from prunevlm.bench.efficiency import diversity_timing
 from prunevlm.methods.diversity import bipartite_dedup
 
 
@@ -41,19 +42,6 @@ def coverage(schedule: str, clusters: int, factor: float, trials: int, num_token
             "trials_with_missed_cluster": missed, "trials": trials, "median_radius": statistics.median(radii)}
 
 
-def speed(schedule: str, num_tokens: int, repeats: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    features = torch.randn(1, num_tokens, 1024, generator=g)
-    order = torch.randperm(num_tokens, generator=g)[None]
-    times, stats = [], {}
-    for _ in range(repeats):
-        start = time.perf_counter()
-        bipartite_dedup(features, order, num_tokens // 9, schedule=schedule, stats=stats)
-        times.append(time.perf_counter() - start)
-    return {"schedule": schedule, "tokens": num_tokens, "keep": num_tokens // 9, "median_s": statistics.median(times),
-            "rounds": stats["rounds"], "threads": torch.get_num_threads()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=100)
@@ -65,11 +53,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['schedule']} | {r['clusters']} | {r['t_div']} | {r['trials_with_missed_cluster']}/{r['trials']} | {r['median_radius']:.4f} |")
-    timings = [speed(s, n, args.repeats) for n in (576, 2304, 4608) for s in ("fixed", "geometric")]
-    print("\n| schedule | N | keep | rounds | median time |")
+    timings = [diversity_timing(n, repeats=args.repeats) for n in (576, 2304, 4608)]
+    print(f"\n| schedule | N | keep | rounds | median time ({torch.get_num_threads()} threads) |")
     print("|---|---|---|---|---|")
     for t in timings:
-        print(f"| {t['schedule']} | {t['tokens']} | {t['keep']} | {t['rounds']} | {1000 * t['median_s']:.0f} ms |")
+        for s in ("fixed", "geometric"):
+            print(f"| {s} | {t['tokens']} | {t['keep']} | {t['rounds'][s]} | {t['median_ms'][s]:.1f} ms |")
     with open(args.out, "w") as f:
         json.dump({"coverage": rows, "speed": timings, "torch": torch.__version__}, f, indent=1)
 
