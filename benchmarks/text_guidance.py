@@ -39,12 +39,12 @@ def object_patches(sample: dataset.Sample, patch: int) -> list[set[int]]:
 def relevance_on_named(model, processor, cases, top: int = 8) -> list[dict]:
     """Per question type: share of the top relevance tokens on objects that are on the named objects."""
     by_type: dict[str, list[tuple[float, float]]] = {}
-    for sample, question, objects in cases:
+    for sample, question, objects in cases:  # objects: the patches of every object in the image
         pixels = processor.image_processor([sample.image], return_tensors="pt")["pixel_values"]
         image = model.get_image_features(pixel_values=pixels).pooler_output[0][None]  # [1, 144, D] projected
         ids = processor.tokenizer(question.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         chosen = set(text_relevance(image, model.get_input_embeddings()(ids))[0].topk(top).indices.tolist())
-        named, every_object = set().union(*objects), set().union(*object_patches(sample, model.config.vision_config.patch_size))
+        named, every_object = set().union(*(objects[i] for i in question.refs)), set().union(*objects)
         on_objects = chosen & every_object
         if on_objects:
             by_type.setdefault(question.qtype, []).append((len(on_objects & named) / len(on_objects), len(named) / len(every_object)))
@@ -61,7 +61,10 @@ def main() -> None:
     model, processor = accuracy.load()
     patch, tokens = model.config.vision_config.patch_size, model.config.image_seq_length
     samples = dataset.generate("test", args.images)
-    cases = [(s, q, [object_patches(s, patch)[i] for i in q.refs]) for s in samples for q in s.questions if q.refs]
+    cases = []
+    for sample in samples:
+        objects = object_patches(sample, patch)
+        cases += [(sample, q, objects) for q in sample.questions if q.refs]
     items = [dataset.Item(s.image, q.text, q.answer, q.qtype) for s, q, _ in cases]
     results = []
     for budget in [int(b) for b in args.budgets.split(",")]:
@@ -73,9 +76,10 @@ def main() -> None:
                     kept += [set(row[0].tolist()) for row in handle.stats.kept]
             by_type: dict[str, list[tuple[float, bool, float]]] = {}
             for (_, q, objects), chosen in zip(cases, kept):
-                named = set().union(*objects)
+                named = [objects[i] for i in q.refs]
+                union = set().union(*named)
                 by_type.setdefault(q.qtype, []).append((
-                    len(chosen & named) / len(chosen), all(chosen & o for o in objects), len(named) / tokens))
+                    len(chosen & union) / len(chosen), all(chosen & o for o in named), len(union) / tokens))
             for qtype, values in sorted(by_type.items()):
                 on, every, chance = (float(np.mean([v[i] for v in values])) for i in range(3))
                 results.append({"method": method, "budget": budget, "qtype": qtype, "questions": len(values),
