@@ -67,7 +67,7 @@ def bipartite_dedup(
     kept = []
     for image, members in zip(features, order):
         # Work on the residual alone, in positions 0..R-1 of `members`.
-        chosen = image[members]
+        chosen = image.index_select(0, members)
         unit = F.normalize(chosen.float() if chosen.dtype in (torch.float16, torch.bfloat16) else chosen, dim=-1)
         scorer = DenseRedundancy(unit) if residual <= DENSE_TOKENS else ListRedundancy(unit)
         current = torch.arange(residual, device=order.device)
@@ -76,23 +76,30 @@ def bipartite_dedup(
             r = drops_per_round(current.numel(), keep, step, schedule, ratio)
             side_a, side_b = current[0::2], current[1::2]
             ranked = scorer.redundancy(side_a, side_b).argsort(descending=True, stable=True)
-            scorer.drop(side_a[ranked[:r]])
-            current = torch.cat([side_a[ranked[r:]], side_b])
+            scorer.drop(side_a.index_select(0, ranked[:r]))
+            current = torch.cat([side_a.index_select(0, ranked[r:]), side_b])
             rounds += 1
-        kept.append(members[current])
+        kept.append(members.index_select(0, current))
     if stats is not None:
         stats["rounds"] = rounds
     return torch.stack(kept)
 
 
 class DenseRedundancy:
-    """m(a) = max_b cos(a, b) read from the residual's cosine matrix, computed once."""
+    """m(a) = max_b cos(a, b) read from the residual's cosine matrix, computed once.
+
+    Each round gathers A's rows whole and masks the columns outside B with -inf before the max: the same
+    values as gathering B's columns, at about half the cost (a strided column gather is the slow part)."""
 
     def __init__(self, unit: torch.Tensor):
         self.similarity = unit @ unit.T
+        self.column_mask = torch.empty(unit.shape[0], dtype=unit.dtype, device=unit.device)
 
     def redundancy(self, side_a: torch.Tensor, side_b: torch.Tensor) -> torch.Tensor:
-        return self.similarity.index_select(0, side_a).index_select(1, side_b).amax(dim=1)
+        self.column_mask.fill_(-math.inf).index_fill_(0, side_b, 0.0)
+        rows = self.similarity.index_select(0, side_a)
+        rows += self.column_mask
+        return rows.amax(dim=1)
 
     def drop(self, dropped: torch.Tensor) -> None:
         pass
