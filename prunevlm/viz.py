@@ -39,22 +39,38 @@ def draw_tokens(image: Image.Image, grid: tuple[int, int], kept: torch.Tensor, r
     return out
 
 
+def wrap(text: str, font, width: float) -> list[str]:
+    """The lines of ``text`` (split at newlines, then between words) that fit in ``width`` pixels."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return lines
+
+
 def panel(cells: list[list[tuple[Image.Image, str]]], column_titles: list[str], size: int = 160) -> Image.Image:
-    """A grid of (image, caption) cells under one title per column (two lines at most each)."""
+    """A grid of (image, caption) cells under one title per column; text is wrapped to the cell width
+    (two lines at most per title, three per caption)."""
     font = ImageFont.load_default(size=11)
-    title_h, caption_h, gap = 28, 30, 6
+    title_h, caption_h, gap = 28, 42, 6
     width = len(column_titles) * (size + gap) + gap
     height = title_h + len(cells) * (size + caption_h + gap) + gap
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for c, title in enumerate(column_titles):
-        for line, text in enumerate(title.split("\n")[:2]):
+        for line, text in enumerate(wrap(title, font, size)[:2]):
             draw.text((gap + c * (size + gap), 2 + 12 * line), text, fill=(0, 0, 0), font=font)
     for r, row in enumerate(cells):
         top = title_h + r * (size + caption_h + gap)
         for c, (image, caption) in enumerate(row):
             left = gap + c * (size + gap)
             sheet.paste(image.resize((size, size), Image.Resampling.NEAREST), (left, top))
-            for line, text in enumerate(caption.split("\n")[:2]):
+            for line, text in enumerate(wrap(caption, font, size)[:3]):
                 draw.text((left, top + size + 2 + 12 * line), text, fill=(0, 0, 0), font=font)
     return sheet

@@ -69,3 +69,15 @@ def test_demo_prints_answers_with_token_counts_and_draws_them(tmp_path, capsys):
     assert re.search(r"unpruned +\d/3 right\n", printed)
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width > image.height > 0
+
+
+def test_captions_wrap_to_the_cell_width():
+    from PIL import ImageFont
+
+    from prunevlm.viz import wrap
+
+    font = ImageFont.load_default(size=11)
+    text = "what letter is on the purple triangle?\ntruth: r"
+    lines = wrap(text, font, 160)
+    assert len(lines) == 3 and " ".join(lines) == text.replace("\n", " ")
+    assert all(font.getlength(line) <= 160 for line in lines)
