@@ -28,11 +28,8 @@ METHODS = ("flashvlm", "vispruner", "uniform")
 
 def object_patches(sample: dataset.Sample, patch: int) -> list[set[int]]:
     """Per object, the row-major indices of the patches it covers by at least 20 %."""
-    mask = dataset.object_mask(sample)
-    g = mask.shape[0] // patch
-    cells = mask.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
-    return [set(np.nonzero((cells == i + 1).sum(1) >= 0.2 * patch * patch)[0].tolist())
-            for i in range(len(sample.objects))]
+    cover = dataset.patch_cover(dataset.object_mask(sample), patch, len(sample.objects))
+    return [set(np.nonzero(column >= 0.2 * patch * patch)[0].tolist()) for column in cover.T]
 
 
 @torch.inference_mode()

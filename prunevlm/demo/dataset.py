@@ -27,6 +27,7 @@ Public API::
     caption(sample) -> str                              # scene description (projector alignment)
     object_mask(sample) -> np.ndarray                   # [H, W] object index + 1, 0 = background
     text_mask(sample) -> np.ndarray                     # [H, W] same, for the drawn characters
+    patch_cover(mask, patch, objects) -> np.ndarray     # [N, objects] pixels of each object per patch
     normalize(text) -> str                              # answer normalisation for exact match
     majority_baseline(items) -> dict[qtype, accuracy]   # accuracy of the most common answer
 
@@ -178,6 +179,14 @@ def text_mask(sample: Sample) -> np.ndarray:
         if o.text is not None:
             _label(draw, o, tuple(v * _SUPERSAMPLE for v in o.box), i + 1)
     return np.asarray(big.resize(sample.image.size, Image.Resampling.NEAREST))
+
+
+def patch_cover(mask: np.ndarray, patch: int, objects: int) -> np.ndarray:
+    """[N, objects]: how many pixels of each patch (row-major, the ViT token order) hold mask value
+    ``i + 1``, for each object ``i`` of an ``object_mask`` or ``text_mask``."""
+    g = mask.shape[0] // patch
+    pixels = mask.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
+    return np.stack([(pixels == i + 1).sum(1) for i in range(objects)], 1)
 
 
 def normalize(text: str) -> str:

@@ -109,14 +109,8 @@ def patch_targets(sample: dataset.Sample, patch: int) -> np.ndarray:
     least 20 % of it, a character if at least 10 pixels of that character fall inside it, and
     centre = 1 if an object's box centre lies in it (one patch per object, as in CenterNet)."""
     g = sample.image.size[0] // patch
-
-    def per_patch(mask):  # [N, patch * patch]: the pixels of each patch, patches row-major
-        return mask.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
-
-    cells, glyphs = per_patch(dataset.object_mask(sample)), per_patch(dataset.text_mask(sample))
-    ids = range(1, len(sample.objects) + 1)
-    cover = np.stack([(cells == i).sum(1) for i in ids], 1)
-    ink = np.stack([(glyphs == i).sum(1) for i in ids], 1)
+    cover = dataset.patch_cover(dataset.object_mask(sample), patch, len(sample.objects))
+    ink = dataset.patch_cover(dataset.text_mask(sample), patch, len(sample.objects))
     owner = np.where(cover.max(1) >= 0.2 * patch * patch, cover.argmax(1), -1)
     writer = np.where(ink.max(1) >= 10, ink.argmax(1), -1)
     table = np.zeros((len(sample.objects) + 1, 3), dtype=np.int64)  # last row: background
