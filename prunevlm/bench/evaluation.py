@@ -16,6 +16,7 @@ from .. import prune
 from ..calibrate.flow import flow_similarity
 from ..config import load_config
 from ..demo import accuracy, dataset
+from ..loading import prompt_inputs
 from .efficiency import kv_bytes
 
 METHODS = ("flashvlm", "vispruner", "random", "uniform")
@@ -69,7 +70,7 @@ def measure(model, processor, items, config: dict, reference: torch.Tensor | Non
         result = accuracy.score(items, answers)
         kept, layer_average, cache = [], [], []
         for item in items[: args.kv_samples]:
-            inputs = processor(images=[item.image], text=accuracy.chat_prompts(processor, [item.question]), return_tensors="pt")
+            inputs = prompt_inputs(processor, [item.image], [item.question], model.device)
             cache.append(kv_bytes(model(**inputs, use_cache=True).past_key_values))
             if handle:
                 kept.append(handle.stats.tokens_after[0][0])

@@ -6,7 +6,7 @@
     load(folder=MODEL_DIR) -> (model, processor)
     test_items(n_images=200, seed=0) -> list[Item]       # the held-out test split
 
-``evaluate`` renders the chat prompt for each item, runs one left-padded batched
+``evaluate`` renders the chat prompt for each item (``loading.prompt_inputs``), runs one left-padded batched
 ``model.generate(**inputs)`` per batch (greedy, the model's generation config) and compares the
 normalised decoded answer with the reference. Pruning hooks attached to ``model`` around the call
 apply unchanged.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..loading import prompt_inputs
 from . import dataset
 
 MODEL_DIR = Path(__file__).parent / "model"
@@ -40,13 +41,6 @@ def test_items(n_images: int = 200, seed: int = 0) -> list[dataset.Item]:
     return dataset.flatten(dataset.generate("test", n_images, seed))
 
 
-def chat_prompts(processor, questions: list[str]) -> list[str]:
-    """One user turn with an image and the question, plus the generation prompt."""
-    return [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-        add_generation_prompt=True) for q in questions]
-
-
 @torch.inference_mode()
 def predict(model, processor, items: list[dataset.Item], batch_size: int = 32,
             return_states: bool = False):
@@ -56,14 +50,10 @@ def predict(model, processor, items: list[dataset.Item], batch_size: int = 32,
     prefill (VFlowOpt's flow measure, vflowopt.md §4), read from the same ``generate`` call."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if processor.tokenizer.padding_side != "left":
-        raise ValueError("batched generation needs processor.tokenizer.padding_side == 'left'")
     answers, states = [], []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        inputs = processor(images=[it.image for it in batch],
-                           text=chat_prompts(processor, [it.question for it in batch]),
-                           padding=True, return_tensors="pt")
+        inputs = prompt_inputs(processor, [it.image for it in batch], [it.question for it in batch], model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         out = model.generate(**inputs, return_dict_in_generate=True,
                              output_hidden_states=return_states)
