@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -77,8 +78,9 @@ class ImageChoice:
     selection: Selection
     plan: object | None  # the per-stage counts of in-LLM methods
 
-    @property
+    @cached_property
     def chosen(self) -> torch.Tensor:
+        """The kept columns in the unpruned sequence (read several times per prefill, computed once)."""
         return self.columns[self.selection.keep[0]]
 
     @property
