@@ -265,20 +265,17 @@ def run(args) -> dict:
         "text_tokens": args.text_tokens, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "rows": rows, "diversity_partition": diversity,
     }
-    print(f"\n{report['device']}, {args.shape} shape, {report['dtype']}, median of {args.repeats} runs\n")
-    print(table(rows))
+    summary = (f"`{report['command']}` on {report['device']}, {args.shape} shape, {report['dtype']}, "
+               f"median of {args.repeats} runs, torch {torch.__version__}\n\n{table(rows)}\n")
     if diversity:
-        print(f"\ndiversity partition, N={diversity['tokens']} -> {diversity['keep']}: "
-              + ", ".join(f"{k} {v:.0f} ms" for k, v in diversity["median_ms"].items()))
+        summary += (f"\nDiversity partition alone, N = {diversity['tokens']} -> {diversity['keep']} ("
+                    + ", ".join(f"{k} schedule {v:.0f} ms" for k, v in diversity["median_ms"].items()) + ")\n")
+    print("\n" + summary)
     out = args.out or f"benchmarks/results/bench-{args.shape}-{device.type}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(f"`{report['command']}` on {report['device']}, {args.shape} shape, {report['dtype']}, "
-                f"median of {args.repeats} runs, torch {torch.__version__}\n\n{table(rows)}\n")
-        if diversity:
-            f.write(f"\nDiversity partition alone, N = {diversity['tokens']} -> {diversity['keep']} ("
-                    + ", ".join(f"{k} schedule {v:.0f} ms" for k, v in diversity["median_ms"].items()) + ")\n")
+        f.write(summary)
     print(f"\nwrote {out} and its .md table")
     return report
