@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prunevlm
-from prunevlm.methods.diversity import bipartite_dedup, drops_per_round
+from prunevlm.methods.diversity import bipartite_dedup, drops_per_round, symmetric_gram
 from prunevlm.methods.flashvlm import fuse, sharpen, text_relevance
 from prunevlm.methods.uniform import grid_sample
 
@@ -55,6 +55,22 @@ def test_fast_dedup_equals_released_loop_on_clustered_data():
     points = centres[torch.randint(8, (400,), generator=g)] + 0.01 * torch.randn(400, 32, generator=g, dtype=torch.float64)
     order = torch.randperm(400, generator=g)[None]
     assert torch.equal(bipartite_dedup(points[None], order, 20), naive_dedup(points[None], order, 20))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_dedup_breaks_ties_like_the_released_loop(seed):
+    """Exact duplicates (flat background patches) in fp32: every tie must fall the same way."""
+    g = torch.Generator().manual_seed(seed)
+    points = torch.randn(12, 1024, generator=g)[torch.randint(12, (576,), generator=g)]
+    order = torch.randperm(576, generator=g)[None]
+    assert torch.equal(bipartite_dedup(points[None], order, 32), naive_dedup(points[None], order, 32))
+
+
+def test_symmetric_gram_equals_the_product():
+    unit = F.normalize(torch.randn(545, 40, dtype=torch.float64), dim=-1)
+    gram = symmetric_gram(unit)
+    torch.testing.assert_close(gram, unit @ unit.T)
+    assert torch.equal(gram[:272, 272:], gram[272:, :272].T)
 
 
 def test_dedup_rounds_match_the_released_count():
