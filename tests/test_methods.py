@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prunevlm
+from prunevlm.methods import diversity
 from prunevlm.methods.diversity import bipartite_dedup, drops_per_round, symmetric_gram
 from prunevlm.methods.flashvlm import fuse, sharpen, text_relevance
 from prunevlm.methods.uniform import grid_sample
@@ -55,6 +56,19 @@ def test_fast_dedup_equals_released_loop_on_clustered_data():
     points = centres[torch.randint(8, (400,), generator=g)] + 0.01 * torch.randn(400, 32, generator=g, dtype=torch.float64)
     order = torch.randperm(400, generator=g)[None]
     assert torch.equal(bipartite_dedup(points[None], order, 20), naive_dedup(points[None], order, 20))
+
+
+@pytest.mark.parametrize("neighbours", [64, 3])
+@pytest.mark.parametrize("schedule", ["fixed", "geometric"])
+def test_neighbour_lists_equal_released_loop(monkeypatch, neighbours, schedule):
+    """The path for more than DENSE_TOKENS tokens, forced on a small input; short lists force rebuilds."""
+    monkeypatch.setattr(diversity, "DENSE_TOKENS", 0)
+    monkeypatch.setattr(diversity, "NEIGHBOURS", neighbours)
+    g = torch.Generator().manual_seed(neighbours)
+    features = torch.randn(2, 400, 32, generator=g, dtype=torch.float64)
+    order = torch.stack([torch.randperm(400, generator=g) for _ in range(2)])
+    assert torch.equal(bipartite_dedup(features, order, 40, schedule=schedule),
+                       naive_dedup(features, order, 40, schedule=schedule))
 
 
 @pytest.mark.parametrize("seed", range(3))
