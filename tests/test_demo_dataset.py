@@ -114,6 +114,18 @@ def test_questions_are_unambiguous_and_correct(train300):
             assert oracle(s.objects, q.text) == q.answer, (q, s.objects)
 
 
+def test_redrawn_questions_are_correct_and_vary(train300):
+    rng = np.random.default_rng(0)
+    changed = 0
+    for s in train300[:100]:
+        redrawn = ds.redraw_questions(s, rng)
+        assert [q.qtype for q in redrawn] == list(ds.QTYPES)
+        for q in redrawn:
+            assert oracle(s.objects, q.text) == q.answer, (q, s.objects)
+        changed += sum(a.text != b.text for a, b in zip(redrawn, s.questions))
+    assert changed > 200  # most questions differ from the image's own
+
+
 def test_refs_point_at_the_objects_asked_about(train300):
     for s in train300:
         q = {q.qtype: q for q in s.questions}

@@ -22,6 +22,7 @@ Public API::
 
     generate(split, n_images, seed=0) -> list[Sample]   # split in SPLITS; deterministic
     render(split, index, seed=0) -> Sample              # one image; generate() is built on it
+    redraw_questions(sample, rng) -> list[Question]     # more questions about the same scene
     draw(rng, objects) -> (PIL image, background kind)  # the painter render() uses
     flatten(samples) -> list[Item]                      # Item(image, question, answer, qtype)
     caption(sample) -> str                              # scene description (projector alignment)
@@ -144,6 +145,12 @@ def render(split: str, index: int, seed: int = 0) -> Sample:
             break
     image, background = draw(rng, objects)
     return Sample(image, objects, questions, background)
+
+
+def redraw_questions(sample: Sample, rng: np.random.Generator) -> list[Question]:
+    """Another set of questions, one per type, about the same scene (the count question is
+    the scene's own: the scene was built around its target). For training only."""
+    return _questions(rng, sample.objects, sample.questions[QTYPES.index("count")])
 
 
 def flatten(samples: list[Sample]) -> list[Item]:

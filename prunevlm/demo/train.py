@@ -1,4 +1,4 @@
-"""Train the demo VLM from scratch on the synthetic train split, LLaVA-style, in five stages.
+"""Train the demo VLM from scratch on the synthetic train split, LLaVA-style, in six stages.
 
     python -m prunevlm.demo.train --out DIR [--seed S] [--threads N] [--scale F] [--log JSON]
 
@@ -12,6 +12,10 @@
 3.  answer: the same chats with the caption request always last. In stage 2 about half the
     answers could be read off a caption earlier in the chat, which no test prompt has; here every
     answer must come from the image.
+4.  drill: only questions, DRILL_ROUNDS sets of them per image (its own and redrawn ones, about 13
+    turns), everything trainable, the vision tower at TOWER_LR_SCALE of the rate (as LLaVA-NeXT and
+    OneVision unfreeze it): more answers per rendered image, where stage 3 spent most of its loss
+    on captions.
 
 Then the model is saved as a Hugging Face folder, reloaded, and evaluated on the test split; a
 JSON summary (loss curves, accuracy, time, versions) is written to ``--log``.
@@ -33,10 +37,13 @@ from torch import nn
 
 from . import accuracy, build, dataset
 
-# (steps, batch) per stage; batch counts images (vision, align, instruct) or texts (text).
+# (steps, batch) per stage; batch counts texts in the text stage, images in the others.
 STAGES = {"vision": (3000, 32), "text": (300, 32), "align": (400, 16), "instruct": (1500, 16),
-          "answer": (2400, 16)}
-LR = {"vision": 1e-3, "text": 1e-3, "align": 1e-3, "instruct": 1e-3, "answer": 5e-4}
+          "answer": (2400, 16), "drill": (4000, 8)}
+LR = {"vision": 1e-3, "text": 1e-3, "align": 1e-3, "instruct": 1e-3, "answer": 5e-4,
+      "drill": 5e-4}
+TOWER_LR_SCALE = 0.2  # an unfrozen vision tower learns 5x slower (LLaVA-OneVision: 2e-6 vs 1e-5)
+DRILL_ROUNDS = 3  # question sets per image in the drill stage
 MAX_OBJECTS = dataset.GRID * dataset.GRID
 VAL_IMAGES, TEST_IMAGES = 50, 200
 DENSE_STREAM = 7  # seeds dense pretraining pages as (seed, 7, index): no split uses 7
@@ -69,12 +76,19 @@ def schedule(optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def run_stage(name, params, steps, loss_fn, probe=None, probe_every=250, log_every=50) -> dict:
-    """Optimise ``params`` with AdamW for ``steps`` calls of ``loss_fn(step)``.
+def run_stage(name, params, steps, loss_fn, probe=None, probe_every=250, log_every=50,
+              slow=()) -> dict:
+    """Optimise ``params`` with AdamW for ``steps`` calls of ``loss_fn(step)``; those also in
+    ``slow`` at ``TOWER_LR_SCALE`` times the stage's rate.
 
     Returns a loss summary; ``probe()`` (held-out metrics) runs every ``probe_every`` steps."""
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR[name], weight_decay=0.05, betas=(0.9, 0.98))
+    slow_ids = {id(p) for p in slow}
+    groups = [{"params": [p for p in params if id(p) not in slow_ids]},
+              {"params": [p for p in params if id(p) in slow_ids],
+               "lr": LR[name] * TOWER_LR_SCALE}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=LR[name], weight_decay=0.05,
+                            betas=(0.9, 0.98))
     sched = schedule(opt, steps)
     losses, probes, t0 = [], [], time.time()
     for step in range(steps):
@@ -276,10 +290,11 @@ def supervised(tokenizer, turns: list[tuple[str, str]]) -> tuple[list[int], list
 
 def image_embeds(model, ids, pix) -> torch.Tensor:
     """LLM input embeddings with projected image features in place of the ``<image>`` tokens,
-    the same computation as ``LlavaModel.forward`` (layer -2, CLS dropped, projector) with the
-    frozen tower run without gradients."""
-    with torch.no_grad():
-        hidden = model.model.vision_tower(pix, output_hidden_states=True).hidden_states
+    the same computation as ``LlavaModel.forward`` (layer -2, CLS dropped, projector); a frozen
+    tower runs without gradients."""
+    tower = model.model.vision_tower
+    with torch.set_grad_enabled(any(p.requires_grad for p in tower.parameters())):
+        hidden = tower(pix, output_hidden_states=True).hidden_states
         feats = hidden[model.config.vision_feature_layer][:, 1:]
     feats = model.model.multi_modal_projector(feats)
     embeds = model.get_input_embeddings()(ids)
@@ -315,7 +330,8 @@ def image_text_stage(name, model, processor, stream, steps, batch, turns_of, pro
         embeds = image_embeds(model, ids, pixels(processor, samples))
         return model(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss
 
-    return run_stage(name, model.parameters(), steps, loss_fn, probe)
+    return run_stage(name, model.parameters(), steps, loss_fn, probe,
+                     slow=list(model.model.vision_tower.parameters()))
 
 
 def caption_turns(sample, rng):
@@ -336,11 +352,21 @@ def answer_turns(sample, rng):
     return [turns[i] for i in rng.permutation(len(turns))] + caption_turns(sample, rng)
 
 
+def drill_turns(sample, rng):
+    """``DRILL_ROUNDS`` sets of questions about the image (its own and redrawn ones, each
+    question once) in random order, no caption: more answers per rendered image."""
+    sets = [sample.questions] + [dataset.redraw_questions(sample, rng)
+                                 for _ in range(DRILL_ROUNDS - 1)]
+    turns = list(dict.fromkeys((q.text, q.answer) for qs in sets for q in qs))
+    return [turns[i] for i in rng.permutation(len(turns))]
+
+
 # Which parts learn in each stage (everything else is frozen).
 TRAINABLE = {"vision": ("vision_tower",), "text": ("language_model", "lm_head"),
              "align": ("multi_modal_projector",),
              "instruct": ("multi_modal_projector", "language_model", "lm_head"),
-             "answer": ("multi_modal_projector", "language_model", "lm_head")}
+             "answer": ("multi_modal_projector", "language_model", "lm_head"),
+             "drill": ("vision_tower", "multi_modal_projector", "language_model", "lm_head")}
 
 
 def set_trainable(model, stage: str) -> None:
@@ -383,6 +409,8 @@ def train(out: Path, seed: int = 0, threads: int = 1, scale: float = 1.0,
                                              chat_turns, probe),
         "answer": lambda: image_text_stage("answer", model, processor, stream, steps["answer"],
                                            STAGES["answer"][1], answer_turns, probe),
+        "drill": lambda: image_text_stage("drill", model, processor, stream, steps["drill"],
+                                          STAGES["drill"][1], drill_turns, probe),
     }
     log: dict = {"seed": seed, "threads": threads, "scale": scale,
                  "stage_config": {k: {"steps": steps[k], "batch": STAGES[k][1], "lr": LR[k],
