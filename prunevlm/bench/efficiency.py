@@ -1,7 +1,8 @@
 """`prunevlm bench`: time to first token, LLM prefill, selection, decode, KV cache and peak memory, per method
 and budget, on a randomly initialised LLaVA-1.5-shaped model (speed does not depend on the weights).
 
-Every figure is the median of `--repeats` runs after one warm-up, measured in one process:
+Every figure is the median of `--repeats` rounds after a warm-up round, in one process; a round runs every
+(method, budget) once, so a slow spell of a shared machine spreads over all rows:
 - ttft_ms: generate(max_new_tokens=1) wall time: vision tower, selection, LLM prefill and the first token;
 - prefill_ms: the language model's forward at prefill only (timed by hooks that run after the pruning hook);
 - selection_ms: signal hooks + method (`handle.stats.selection_ms`);
@@ -148,38 +149,49 @@ def kv_bytes(cache) -> int:
 
 
 @torch.inference_mode()
-def measure(model, inputs, method: str, budget: int, repeats: int, decode_tokens: int) -> dict:
-    """Median figures of one (method, budget) over `repeats` runs after a warm-up."""
+def measure_once(model, inputs, method: str, budget: int, decode_tokens: int) -> dict:
+    """One run of one (method, budget): pruning attached, one timed generate, removed."""
     handle = None if method == "none" else prune(model, method, budget)
     watch = Stopwatch(model)
-    runs = []
     try:
-        for repeat in range(repeats + 1):
-            watch.prefill.clear()
-            _sync(model)
-            start = time.perf_counter()
-            out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
-            _sync(model)
-            ttft = time.perf_counter() - start
-            prefill = watch.prefill[-1]
-            selection = handle.stats.selection_ms if handle else 0.0
-            kept = handle.stats.tokens_after[0][0] if handle else None
-            cache = kv_bytes(out.past_key_values)
-            del out
-            watch.steps.clear()
-            model.generate(**inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
-            decode = statistics.median(watch.steps)
-            if repeat:  # the first run warms up
-                runs.append({"ttft_ms": 1000 * ttft, "prefill_ms": 1000 * prefill, "selection_ms": selection,
-                             "decode_ms": 1000 * decode, "kv_mb": cache / 2**20, "kept": kept})
+        _sync(model)
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+        _sync(model)
+        ttft = time.perf_counter() - start
+        run = {"ttft_ms": 1000 * ttft, "prefill_ms": 1000 * watch.prefill[-1],
+               "selection_ms": handle.stats.selection_ms if handle else 0.0,
+               "kv_mb": kv_bytes(out.past_key_values) / 2**20,
+               "kept": handle.stats.tokens_after[0][0] if handle else None}
+        del out
+        watch.steps.clear()
+        model.generate(**inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
+        run["decode_ms"] = 1000 * statistics.median(watch.steps)
     finally:
         watch.remove()
         if handle:
             handle.remove()
-    result = {"method": method, "budget": budget if handle else None}
-    for key in runs[0]:
-        result[key] = runs[0][key] if key == "kept" else statistics.median(r[key] for r in runs)
-    return result
+    return run
+
+
+def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, decode_tokens: int) -> list[dict]:
+    """Median figures per (method, budget) over `repeats` rounds after a warm-up round.
+
+    Each round runs every configuration once, so a slow spell of a shared machine spreads over all of
+    them instead of landing on the few measured back to back while it lasts."""
+    runs = {config: [] for config in configs}
+    for round_ in range(repeats + 1):
+        for method, budget in configs:
+            run = measure_once(model, inputs, method, budget, decode_tokens)
+            if round_:  # round 0 warms every configuration up
+                runs[(method, budget)].append(run)
+    rows = []
+    for (method, budget), measured in runs.items():
+        row = {"method": method, "budget": budget}
+        for key in measured[0]:
+            row[key] = measured[0][key] if key == "kept" else statistics.median(r[key] for r in measured)
+        rows.append(row)
+    return rows
 
 
 @torch.inference_mode()
@@ -248,13 +260,9 @@ def run(args) -> dict:
     print(f"building a random {args.shape}-shaped LLaVA ({dtype}, {device}, attn={args.attn})...", file=sys.stderr)
     model = build_model(args.shape, dtype, device, args.attn)
     inputs = prompt_inputs(model, args.text_tokens, device)
-    rows = []
-    for method in methods:
-        for budget in ([None] if method == "none" else budgets):
-            row = measure(model, inputs, method, budget, args.repeats, args.decode_tokens)
-            rows.append(row)
-            print(f"  {method:10s} {str(budget or 'all'):>4s}: prefill {row['prefill_ms']:.1f} ms, "
-                  f"selection {row['selection_ms']:.2f} ms, TTFT {row['ttft_ms']:.0f} ms", file=sys.stderr)
+    configs = [(method, budget) for method in methods for budget in ([None] if method == "none" else budgets)]
+    print(f"{len(configs)} configurations x {args.repeats + 1} rounds (the first warms up)...", file=sys.stderr)
+    rows = measure(model, inputs, configs, args.repeats, args.decode_tokens)
     diversity = diversity_timing(args.diversity_tokens) if args.diversity_tokens else None
     for row in rows:
         row["peak_mb"] = peak_memory(model, inputs, row["method"], row["budget"])
