@@ -30,7 +30,7 @@ def test_predict_states_equal_a_separate_prefill(loaded, method, budget):
     try:
         answers, states = accuracy.predict(model, processor, items, batch_size=4, return_states=True)
         plain = accuracy.predict(model, processor, items, batch_size=4)
-        reference = last_token_states(model, processor, [(i.image, i.question) for i in items], batch_size=5)
+        reference = last_token_states(model, processor, [(i.image, i.question) for i in items], batch_size=4)
     finally:
         if handle:
             handle.remove()
