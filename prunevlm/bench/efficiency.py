@@ -150,7 +150,8 @@ def kv_bytes(cache) -> int:
 
 @torch.inference_mode()
 def measure_once(model, inputs, method: str, budget: int, decode_tokens: int) -> dict:
-    """One run of one (method, budget): pruning attached, one timed generate, removed."""
+    """One run of one (method, budget) with its pruning attached: a one-token generate (TTFT, prefill,
+    selection, KV cache), then a `decode_tokens` generate (decode ms per token)."""
     handle = None if method == "none" else prune(model, method, budget)
     watch = Stopwatch(model)
     try:
