@@ -31,15 +31,21 @@ def text_relevance(
     `norm_gating` reproduces the official Qwen2.5-VL path, which scales each normalised text row by
     ‖e_j‖ / max_k ‖e_k‖ (§1.2; a no-op in the official LLaVA path). Rows without text give NaN.
     """
-    unit_image = F.normalize(image_tokens.float(), dim=-1)
+    image_tokens = image_tokens.float()
     unit_text = F.normalize(text_embeds.float(), dim=-1)
-    mask = torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device) if text_mask is None else text_mask.bool()
     if norm_gating:
-        norms = text_embeds.float().norm(dim=-1).masked_fill(~mask, 0.0)
+        norms = text_embeds.float().norm(dim=-1)
+        if text_mask is not None:
+            norms = norms.masked_fill(~text_mask.bool(), 0.0)
         unit_text = unit_text * (norms / norms.amax(dim=-1, keepdim=True).clamp_min(1e-12))[..., None]
-    sim = unit_image @ unit_text.transpose(1, 2)  # [B, N, L]
-    weights = torch.softmax((sim / temperature).masked_fill(~mask[:, None, :], float("-inf")), dim=-1)
-    return (weights * sim.masked_fill(~mask[:, None, :], 0.0)).sum(dim=-1)
+    # cos(x, u) = (x . u) / |x|: the image norms divide the [B, N, L] product, not the [B, N, D] tokens
+    image_norms = image_tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim = (image_tokens @ unit_text.transpose(1, 2)) / image_norms  # [B, N, L]
+    logits = sim / temperature
+    if text_mask is not None:
+        padded = ~text_mask.bool()[:, None, :]
+        logits, sim = logits.masked_fill(padded, float("-inf")), sim.masked_fill(padded, 0.0)
+    return (torch.softmax(logits, dim=-1) * sim).sum(dim=-1)
 
 
 def sharpen(
