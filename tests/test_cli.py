@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import tiny
+from prunevlm.bench import efficiency
 from prunevlm.cli import main
 
 
@@ -47,10 +48,15 @@ def test_generate_explains_bad_input(folder):
         main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt", "w3", "--budget", "x"])
 
 
-def test_bench_writes_a_table_and_json(tmp_path, capsys):
+def test_bench_writes_a_table_and_json(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
-    main(["bench", "--shape", "tiny", "--methods", "none,flashvlm", "--budgets", "576,64", "--repeats", "1",
-          "--decode-tokens", "2", "--diversity-tokens", "300", "--out", str(out)])
+    runs = []
+    measure_once = efficiency.measure_once
+    monkeypatch.setattr(efficiency, "measure_once", lambda *args: runs.append(args[2:4]) or measure_once(*args))
+    main(["bench", "--shape", "tiny", "--methods", "none,flashvlm,flashvlm", "--budgets", "576,64,64",
+          "--repeats", "1", "--decode-tokens", "2", "--diversity-tokens", "300", "--out", str(out)])
+    # repeated methods and budgets are measured once per round (a warm-up round and one measured round)
+    assert sorted(runs, key=str) == sorted([("none", None), ("flashvlm", 576), ("flashvlm", 64)] * 2, key=str)
     report = json.loads(out.read_text())
     rows = {(r["method"], r["budget"]): r for r in report["rows"]}
     assert rows[("flashvlm", 64)]["kept"] == 64

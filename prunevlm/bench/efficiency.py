@@ -256,8 +256,9 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    # a repeated method or budget is measured once (dict keys keep the given order)
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    budgets = list(dict.fromkeys(int(b) for b in args.budgets.split(",") if b.strip()))
     print(f"building a random {args.shape}-shaped LLaVA ({dtype}, {device}, attn={args.attn})...", file=sys.stderr)
     model = build_model(args.shape, dtype, device, args.attn)
     inputs = prompt_inputs(model, args.text_tokens, device)
