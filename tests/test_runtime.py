@@ -5,6 +5,7 @@ import torch
 
 import prunevlm
 import tiny
+from prunevlm.signals import attention
 
 FAMILIES = {
     "llava": (tiny.llava, lambda: tiny.llava_inputs([1, 0, 2])),
@@ -229,6 +230,22 @@ def test_llava_saliency_is_the_cls_attention_row_of_the_feature_layer():
     attentions = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
     layer = len(attentions) + model.config.vision_feature_layer  # hidden_states[-2] is this layer's output
     torch.testing.assert_close(recorded, attentions[layer][:, :, 0, 1:].mean(dim=1), atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk", [1, 10**9])
+def test_llava_attention_map_is_the_feature_layer_map(monkeypatch, chunk):
+    """VFlowOpt's patch-to-patch map equals eager attention averaged over heads, whether the heads are
+    taken one at a time (chunk = 1 element) or all at once."""
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", chunk)
+    model, inputs = tiny.llava(), tiny.llava_inputs([2])
+    with prunevlm.prune(model, "vflowopt", budget=1.0) as handle:
+        tokens = model.model.get_image_features(inputs["pixel_values"]).pooler_output
+        recorded = torch.stack([s["attention"] for s in handle.runtime.capture.match(list(tokens))[0]])
+    eager = tiny.llava(attn="eager")
+    attentions = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    layer = len(attentions) + model.config.vision_feature_layer
+    torch.testing.assert_close(recorded, attentions[layer][:, :, 1:, 1:].mean(dim=1), atol=1e-6, rtol=1e-5)
 
 
 @torch.no_grad()

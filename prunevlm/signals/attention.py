@@ -5,13 +5,26 @@ from __future__ import annotations
 import torch
 
 
+# Logits computed at once, at most (2 MB in fp32). Larger temporaries are mapped fresh from the OS by the
+# allocator, one page fault per page each call: the full 16-head map of CLIP-L (21 MB of logits) took 9 to
+# 25 ms from one process to the next when done in one piece, a steady 7.5 ms head by head (2 cores).
+CHUNK_ELEMENTS = 1 << 19
+
+
 def attention_probs(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q kᵀ · scale) over keys, averaged over heads, in fp32.
+    """softmax(q kᵀ · scale) over keys, averaged over heads, in fp32; heads in chunks of `CHUNK_ELEMENTS`.
 
     queries [..., H, Q, d], keys [..., H, K, d] -> [..., Q, K].
     """
-    logits = (queries.float() @ keys.float().transpose(-1, -2)) * scale
-    return torch.softmax(logits, dim=-1).mean(dim=-3)
+    heads, rows, dim = queries.shape[-3:]
+    per_head = queries.numel() // (heads * dim) * keys.shape[-2]  # logits of one head, every batch entry
+    step = max(1, CHUNK_ELEMENTS // per_head)
+    total = None
+    for start in range(0, heads, step):
+        q, k = queries[..., start : start + step, :, :].float(), keys[..., start : start + step, :, :].float()
+        probs = torch.softmax((q @ k.transpose(-1, -2)).mul_(scale), dim=-1).sum(dim=-3)
+        total = probs if total is None else total.add_(probs)
+    return total.div_(heads)
 
 
 def attention_map(queries: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
