@@ -105,6 +105,14 @@ def oracle(objects, question: str) -> str:
         o = find(m[2])
         assert o.text is not None and o.text.isdigit() == (m[1] == "number")
         return o.text
+    if m := re.fullmatch(r"what (letter|number) is at the ([\w ]+)\?", question):
+        o = unique(cell=position[m[2]])
+        assert o.text is not None and o.text.isdigit() == (m[1] == "number")
+        return o.text
+    if m := re.fullmatch(r"where is the ([\w ]+)\?", question):
+        x0, y0, x1, y1 = find(m[1]).box  # the cell of the shape's centre, not its recorded cell
+        cell = ds.IMAGE_SIZE / ds.GRID
+        return ds.POSITIONS[int((y0 + y1) / 2 // cell)][int((x0 + x1) / 2 // cell)]
     raise AssertionError(f"question matches no template: {question!r}")
 
 
@@ -124,6 +132,26 @@ def test_redrawn_questions_are_correct_and_vary(train300):
             assert oracle(s.objects, q.text) == q.answer, (q, s.objects)
         changed += sum(a.text != b.text for a, b in zip(redrawn, s.questions))
     assert changed > 200  # most questions differ from the image's own
+
+
+def test_where_questions_name_every_uniquely_named_object(train300):
+    rng = np.random.default_rng(0)
+    for s in train300[:100]:
+        where = ds.where_questions(s, rng)
+        assert sorted(q.refs[0] for q in where) == sorted(
+            i for i, o in enumerate(s.objects)
+            if sum(p.shape == o.shape for p in s.objects) == 1
+            or sum((p.shape, p.colour) == (o.shape, o.colour) for p in s.objects) == 1)
+        for q in where:
+            assert q.qtype == "where" and oracle(s.objects, q.text) == q.answer, (q, s.objects)
+
+
+def test_read_questions_ask_for_every_character(train300):
+    for s in train300[:100]:
+        read = ds.read_questions(s)
+        assert sorted(q.refs[0] for q in read) == [i for i, o in enumerate(s.objects) if o.text]
+        for q in read:
+            assert q.qtype == "read" and oracle(s.objects, q.text) == q.answer, (q, s.objects)
 
 
 def test_refs_point_at_the_objects_asked_about(train300):

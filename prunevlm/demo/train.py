@@ -29,6 +29,7 @@ import json
 import math
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,11 @@ from . import accuracy, build, dataset
 
 # (steps, batch) per stage; batch counts texts in the text stage, images in the others.
 STAGES = {"vision": (3000, 32), "text": (300, 32), "align": (400, 16), "instruct": (1500, 16),
-          "answer": (2400, 16), "drill": (4000, 8)}
+          "answer": (2400, 16), "drill": (4000, 8), "drill2": (3000, 8),
+          "locate": (4000, 8), "read": (2000, 8)}
 LR = {"vision": 1e-3, "text": 1e-3, "align": 1e-3, "instruct": 1e-3, "answer": 5e-4,
-      "drill": 5e-4}
+      "drill": 5e-4, "drill2": 5e-4, "locate": 5e-4,
+      "read": 5e-4}
 TOWER_LR_SCALE = 0.2  # an unfrozen vision tower learns 5x slower (LLaVA-OneVision: 2e-6 vs 1e-5)
 DRILL_ROUNDS = 3  # question sets per image in the drill stage
 MAX_OBJECTS = dataset.GRID * dataset.GRID
@@ -361,12 +364,30 @@ def drill_turns(sample, rng):
     return [turns[i] for i in rng.permutation(len(turns))]
 
 
+def locate_turns(sample, rng):
+    """The drill's turns plus 'where is X?' for each named object, shuffled together: relation
+    questions stayed at chance while every type that names one object was learnt."""
+    turns = drill_turns(sample, rng) + [(q.text, q.answer)
+                                        for q in dataset.where_questions(sample, rng)]
+    return [turns[i] for i in rng.permutation(len(turns))]
+
+
+def read_turns(sample, rng):
+    """The locate turns plus 'what letter is at the center?' for each character, shuffled together:
+    text questions stayed at the answer prior through every earlier stage."""
+    turns = locate_turns(sample, rng) + [(q.text, q.answer) for q in dataset.read_questions(sample)]
+    return [turns[i] for i in rng.permutation(len(turns))]
+
+
 # Which parts learn in each stage (everything else is frozen).
+LLM = ("multi_modal_projector", "language_model", "lm_head")
 TRAINABLE = {"vision": ("vision_tower",), "text": ("language_model", "lm_head"),
-             "align": ("multi_modal_projector",),
-             "instruct": ("multi_modal_projector", "language_model", "lm_head"),
-             "answer": ("multi_modal_projector", "language_model", "lm_head"),
-             "drill": ("vision_tower", "multi_modal_projector", "language_model", "lm_head")}
+             "align": ("multi_modal_projector",), "instruct": LLM, "answer": LLM,
+             "drill": ("vision_tower",) + LLM, "drill2": ("vision_tower",) + LLM,
+             "locate": ("vision_tower",) + LLM, "read": ("vision_tower",) + LLM}
+# The chat turns of each image-text stage (drill2 continues the drill).
+TURNS = {"align": caption_turns, "instruct": chat_turns, "answer": answer_turns, "drill": drill_turns,
+         "drill2": drill_turns, "locate": locate_turns, "read": read_turns}
 
 
 def set_trainable(model, stage: str) -> None:
@@ -402,16 +423,10 @@ def train(out: Path, seed: int = 0, threads: int = 1, scale: float = 1.0,
         "vision": lambda: pretrain_vision(model, processor, stream, steps["vision"],
                                           STAGES["vision"][1]),
         "text": lambda: pretrain_text(model, tokenizer, stream, steps["text"], STAGES["text"][1]),
-        "align": lambda: image_text_stage("align", model, processor, stream, steps["align"],
-                                          STAGES["align"][1], caption_turns),
-        "instruct": lambda: image_text_stage("instruct", model, processor, stream,
-                                             steps["instruct"], STAGES["instruct"][1],
-                                             chat_turns, probe),
-        "answer": lambda: image_text_stage("answer", model, processor, stream, steps["answer"],
-                                           STAGES["answer"][1], answer_turns, probe),
-        "drill": lambda: image_text_stage("drill", model, processor, stream, steps["drill"],
-                                          STAGES["drill"][1], drill_turns, probe),
     }
+    for name, turns in TURNS.items():  # alignment (captions only) is not probed
+        runs[name] = partial(image_text_stage, name, model, processor, stream, steps[name], STAGES[name][1],
+                             turns, None if name == "align" else probe)
     log: dict = {"seed": seed, "threads": threads, "scale": scale,
                  "stage_config": {k: {"steps": steps[k], "batch": STAGES[k][1], "lr": LR[k],
                                       "trainable": TRAINABLE[k]} for k in STAGES},
