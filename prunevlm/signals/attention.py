@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 
-# Logits computed at once, at most (2 MB in fp32). Larger temporaries are mapped fresh from the OS by the
-# allocator, one page fault per page each call: the full 16-head map of CLIP-L (21 MB of logits) took 9 to
-# 25 ms from one process to the next when done in one piece, a steady 7.5 ms head by head (2 cores).
+# Logits computed at once, at most (2 MB in fp32). The full 16-head map of CLIP-L in one piece (21 MB of
+# logits, plus as much for the softmax) took 9 to 25 ms from one process to the next on 2 cores, a steady
+# 7.5 ms head by head; large temporaries cost whatever the allocator's state makes them cost.
 CHUNK_ELEMENTS = 1 << 19
 
 
@@ -16,7 +16,7 @@ def attention_probs(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> 
 
     queries [..., H, Q, d], keys [..., H, K, d] -> [..., Q, K].
     """
-    heads, rows, dim = queries.shape[-3:]
+    heads, dim = queries.shape[-3], queries.shape[-1]
     per_head = queries.numel() // (heads * dim) * keys.shape[-2]  # logits of one head, every batch entry
     step = max(1, CHUNK_ELEMENTS // per_head)
     total = None
