@@ -8,11 +8,11 @@ import pytest
 from prunevlm.demo import accuracy, build, dataset
 
 FOLDER = accuracy.MODEL_DIR
-# The committed model is below the 90 % target (docs/demo.md: 71.7 % overall); what it has learnt is
-# where objects are and what a named one looks like (both 100 %), whether one exists (88.5 %) and how
-# many there are (81 %). These check that it still does on 15 images, above always giving the
-# commonest answer (15 images: 20 % attribute and location, 67 % exists, 27 % count).
-MIN_ACCURACY = {"location": 0.9, "attribute": 0.9, "exists": 0.8, "count": 0.6}
+# The committed model is below the 90 % target (docs/demo.md: 82.9 % overall): it answers every type but
+# text (99 to 100 %, count 89 %) and reads characters at the answer prior. These check that it still does
+# on 15 images, above always giving the commonest answer (15 images: 20 % attribute and location, 67 %
+# exists, 27 % count, 60 % relation).
+MIN_ACCURACY = {"location": 0.9, "attribute": 0.9, "exists": 0.9, "count": 0.7, "relation": 0.9}
 
 
 @pytest.fixture(scope="module")

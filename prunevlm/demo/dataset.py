@@ -24,7 +24,6 @@ Public API::
     render(split, index, seed=0) -> Sample              # one image; generate() is built on it
     redraw_questions(sample, rng) -> list[Question]     # more questions about the same scene
     where_questions(sample, rng) -> list[Question]      # 'where is the star?' (training only)
-    read_questions(sample) -> list[Question]            # 'what letter is at the center?' (training only)
     draw(rng, objects) -> (PIL image, background kind)  # the painter render() uses
     flatten(samples) -> list[Item]                      # Item(image, question, answer, qtype)
     caption(sample) -> str                              # scene description (projector alignment)
@@ -162,14 +161,6 @@ def where_questions(sample: Sample, rng: np.random.Generator) -> list[Question]:
     return [Question(f"where is the {names[int(rng.integers(len(names)))]}?",
                      sample.objects[i].position, "where", (i,))
             for i, names in _refs(sample.objects).items()]
-
-
-def read_questions(sample: Sample) -> list[Question]:
-    """'what letter is at the top left?' -> 'k' for every object that carries a character: reading
-    by place, which the location questions already taught to find. A training-only type ("read")."""
-    return [Question(f"what {'number' if o.text.isdigit() else 'letter'} is at the {o.position}?",
-                     o.text, "read", (i,))
-            for i, o in enumerate(sample.objects) if o.text is not None]
 
 
 def flatten(samples: list[Sample]) -> list[Item]:
