@@ -220,32 +220,22 @@ def test_saved_model_loads_and_prunes(tmp_path):
 
 
 @torch.no_grad()
-def test_llava_saliency_is_the_cls_attention_row_of_the_feature_layer():
-    """The hook's CLS row (from the layer's own q/k projections, tower on SDPA) equals eager attention."""
-    model, inputs = tiny.llava(), tiny.llava_inputs([2])
-    with prunevlm.prune(model, "vispruner", budget=1.0) as handle:
-        tokens = model.model.get_image_features(inputs["pixel_values"]).pooler_output
-        recorded = torch.stack([s["saliency"] for s in handle.runtime.capture.match(list(tokens))[0]])
-    eager = tiny.llava(attn="eager")
-    attentions = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
-    layer = len(attentions) + model.config.vision_feature_layer  # hidden_states[-2] is this layer's output
-    torch.testing.assert_close(recorded, attentions[layer][:, :, 0, 1:].mean(dim=1), atol=1e-6, rtol=1e-5)
-
-
-@torch.no_grad()
 @pytest.mark.parametrize("chunk", [1, 10**9])
-def test_llava_attention_map_is_the_feature_layer_map(monkeypatch, chunk):
-    """VFlowOpt's patch-to-patch map equals eager attention averaged over heads, whether the heads are
-    taken one at a time (chunk = 1 element) or all at once."""
+@pytest.mark.parametrize("method, signal", [("vispruner", "saliency"), ("vflowopt", "attention")])
+def test_llava_attention_signals_equal_eager_attention(monkeypatch, method, signal, chunk):
+    """The hook's CLS row (saliency) and patch-to-patch map (VFlowOpt's attention), from the feature layer's
+    own q/k projections with the tower on SDPA, equal eager attention averaged over heads, whether the
+    heads are taken one at a time (chunk = 1 logit) or all at once."""
     monkeypatch.setattr(attention, "CHUNK_ELEMENTS", chunk)
     model, inputs = tiny.llava(), tiny.llava_inputs([2])
-    with prunevlm.prune(model, "vflowopt", budget=1.0) as handle:
+    with prunevlm.prune(model, method, budget=1.0) as handle:
         tokens = model.model.get_image_features(inputs["pixel_values"]).pooler_output
-        recorded = torch.stack([s["attention"] for s in handle.runtime.capture.match(list(tokens))[0]])
+        recorded = torch.stack([s[signal] for s in handle.runtime.capture.match(list(tokens))[0]])
     eager = tiny.llava(attn="eager")
     attentions = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
-    layer = len(attentions) + model.config.vision_feature_layer
-    torch.testing.assert_close(recorded, attentions[layer][:, :, 1:, 1:].mean(dim=1), atol=1e-6, rtol=1e-5)
+    layer = attentions[len(attentions) + model.config.vision_feature_layer]  # its output is hidden_states[-2]
+    expected = layer[:, :, 0, 1:] if signal == "saliency" else layer[:, :, 1:, 1:]
+    torch.testing.assert_close(recorded, expected.mean(dim=1), atol=1e-6, rtol=1e-5)
 
 
 @torch.no_grad()
