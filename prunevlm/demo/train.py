@@ -339,6 +339,10 @@ def image_text_stage(name, model, processor, stream, steps, batch, turns_of, pro
                      slow=list(model.model.vision_tower.parameters()))
 
 
+def shuffled(turns: list, rng: np.random.Generator) -> list:
+    return [turns[i] for i in rng.permutation(len(turns))]
+
+
 def caption_turns(sample, rng):
     return [(build.CAPTION_QUESTION, dataset.caption(sample))]
 
@@ -347,14 +351,14 @@ def chat_turns(sample, rng):
     """The caption request and every question of the image as one multi-turn chat in random
     order (LLaVA's instruction data mixes descriptions and short answers in conversations)."""
     turns = caption_turns(sample, rng) + [(q.text, q.answer) for q in sample.questions]
-    return [turns[i] for i in rng.permutation(len(turns))]
+    return shuffled(turns, rng)
 
 
 def answer_turns(sample, rng):
     """The image's questions in random order, then the caption request: no answer can be copied
     from a caption earlier in the chat, as none precedes a test question."""
     turns = [(q.text, q.answer) for q in sample.questions]
-    return [turns[i] for i in rng.permutation(len(turns))] + caption_turns(sample, rng)
+    return shuffled(turns, rng) + caption_turns(sample, rng)
 
 
 def drill_turns(sample, rng):
@@ -363,7 +367,7 @@ def drill_turns(sample, rng):
     sets = [sample.questions] + [dataset.redraw_questions(sample, rng)
                                  for _ in range(DRILL_ROUNDS - 1)]
     turns = list(dict.fromkeys((q.text, q.answer) for qs in sets for q in qs))
-    return [turns[i] for i in rng.permutation(len(turns))]
+    return shuffled(turns, rng)
 
 
 def locate_turns(sample, rng):
@@ -371,15 +375,15 @@ def locate_turns(sample, rng):
     questions stayed at chance while every type that names one object was learnt."""
     turns = drill_turns(sample, rng) + [(q.text, q.answer)
                                         for q in dataset.where_questions(sample, rng)]
-    return [turns[i] for i in rng.permutation(len(turns))]
+    return shuffled(turns, rng)
 
 
 # Which parts learn in each stage (everything else is frozen).
 LLM = ("multi_modal_projector", "language_model", "lm_head")
+EVERYTHING = ("vision_tower",) + LLM
 TRAINABLE = {"vision": ("vision_tower",), "text": ("language_model", "lm_head"),
              "align": ("multi_modal_projector",), "instruct": LLM, "answer": LLM,
-             "drill": ("vision_tower",) + LLM, "drill2": ("vision_tower",) + LLM,
-             "locate": ("vision_tower",) + LLM}
+             "drill": EVERYTHING, "drill2": EVERYTHING, "locate": EVERYTHING}
 # The chat turns of each image-text stage (drill2 continues the drill).
 TURNS = {"align": caption_turns, "instruct": chat_turns, "answer": answer_turns, "drill": drill_turns,
          "drill2": drill_turns, "locate": locate_turns}
