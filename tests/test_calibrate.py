@@ -10,12 +10,15 @@ import time
 
 import optuna
 import pytest
+import torch
 from PIL import Image
 
 import prunevlm
 import tiny
+from prunevlm.calibrate import jsonl_samples, search
 from prunevlm.calibrate.search import r_1_bounds
 from prunevlm.cli import main
+from prunevlm.loading import load
 from prunevlm.methods.vflowopt import VFlowOpt
 
 
@@ -70,6 +73,21 @@ def test_calibration_writes_a_config_that_prune_loads(workdir, capsys):
     main(command(workdir, "basic", 7))
     after = {(t.number, t.value) for t in completed(workdir, "basic")}
     assert before < after and len(after) == 7
+
+
+def test_cached_references_are_recomputed_when_the_weights_change(workdir, tmp_path, monkeypatch):
+    model, processor = load(str(workdir / "model"))
+    samples = jsonl_samples(str(workdir / "data.jsonl"))[:3]
+    computed, real = [], search.last_token_states
+    monkeypatch.setattr(search, "last_token_states", lambda *a, **k: computed.append(1) or real(*a, **k))
+    cache = str(tmp_path / "refs.pt")
+    first = search.FlowObjective(model, processor, samples, 0.5, cache=cache).reference
+    again = search.FlowObjective(model, processor, samples, 0.5, cache=cache).reference
+    assert len(computed) == 1 and torch.equal(first, again)
+    with torch.no_grad():  # the same folder name, other weights (a model retrained in place)
+        model.model.language_model.norm.weight.mul_(2)
+    changed = search.FlowObjective(model, processor, samples, 0.5, cache=cache).reference
+    assert len(computed) == 2 and not torch.allclose(changed, first)
 
 
 def run_cli(workdir, name, trials):

@@ -92,7 +92,8 @@ def run(args) -> dict:
     out = args.out or f"vflowopt-{tag}.json"
     storage = args.storage or str(Path(out).with_suffix(".db"))
     study_name = args.study or f"vflowopt-{tag}"
-    cache = str(Path(out).with_suffix(f".{study_name}.refs.pt"))  # unpruned states, reused when resuming
+    beside = out if "://" in storage else storage  # the unpruned states, reused when resuming
+    cache = str(Path(beside).with_suffix(f".{study_name}.refs.pt"))
     depth = len(model.model.language_model.layers)
     layers = default_layers(depth)
     # the entropy term undoes the processor's normalisation to get raw grey levels

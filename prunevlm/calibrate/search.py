@@ -11,7 +11,8 @@ that keeps r_2 in [0.01, 1] for the sampled r_v, so every trial meets the budget
 
 The study lives in an Optuna storage (a SQLite file by default, or any storage URL) so that a killed run
 resumes and several workers, on several machines, fill one study; each worker stops when the study holds
-`trials` completed trials. Unpruned reference states are computed once and cached next to the storage.
+`trials` completed trials. Unpruned reference states are computed once and cached next to the storage (or
+next to the output for a storage URL), keyed on the weights, prompts and images.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ class FlowObjective:
         self.reference = self._references(cache)
 
     def _references(self, cache: str | None) -> torch.Tensor:
-        key = hashlib.sha256(repr([(self.model.name_or_path, p, _image_digest(i)) for i, p in self.samples]).encode()).hexdigest()
+        # keyed on the weights too: a model retrained into the same folder must not reuse old states
+        samples = [(self.model.name_or_path, p, _image_digest(i)) for i, p in self.samples]
+        key = hashlib.sha256(repr([weights_fingerprint(self.model), samples]).encode()).hexdigest()
         if cache and os.path.exists(cache):
             stored = torch.load(cache)
             if stored.get("key") == key:
@@ -80,6 +83,11 @@ class FlowObjective:
 
     def __call__(self, options: dict) -> float:
         return float(self.per_sample(options).sum())
+
+
+def weights_fingerprint(model) -> list[tuple]:
+    """Name, shape and float64 sum of every parameter: cheap (no copy), and changed by any retraining."""
+    return [(name, tuple(p.shape), float(p.detach().sum(dtype=torch.float64))) for name, p in model.named_parameters()]
 
 
 def _image_digest(image) -> str:
