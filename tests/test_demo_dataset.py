@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from prunevlm.demo import dataset as ds
+from prunevlm.demo.train import dense_page
 
 
 def digest(samples) -> str:
@@ -140,6 +141,19 @@ def test_where_questions_name_every_uniquely_named_object(train300):
             or sum((p.shape, p.colour) == (o.shape, o.colour) for p in s.objects) == 1)
         for q in where:
             assert q.qtype == "where" and oracle(s.objects, q.text) == q.answer, (q, s.objects)
+
+
+def test_read_questions_ask_every_readable_named_object(train300):
+    rng = np.random.default_rng(0)
+    pages = [dense_page(0, i) for i in range(20)]  # the read stage's 16-character pages
+    for s in train300[:100] + pages:
+        read = ds.read_questions(s, rng)
+        assert sorted(q.refs[0] for q in read) == sorted(
+            i for i, o in enumerate(s.objects) if o.text is not None and (
+                sum(p.shape == o.shape for p in s.objects) == 1
+                or sum((p.shape, p.colour) == (o.shape, o.colour) for p in s.objects) == 1))
+        for q in read:
+            assert q.qtype == "text" and oracle(s.objects, q.text) == q.answer, (q, s.objects)
 
 
 def test_refs_point_at_the_objects_asked_about(train300):

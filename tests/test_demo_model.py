@@ -8,11 +8,12 @@ import pytest
 from prunevlm.demo import accuracy, build, dataset
 
 FOLDER = accuracy.MODEL_DIR
-# The committed model is below the 90 % target (docs/demo.md: 82.9 % overall): it answers every type but
-# text (99 to 100 %, count 89 %) and reads characters at the answer prior. These check that it still does
-# on 15 images, above always giving the commonest answer (15 images: 20 % attribute and location, 67 %
-# exists, 27 % count, 60 % relation).
-MIN_ACCURACY = {"location": 0.9, "attribute": 0.9, "exists": 0.9, "count": 0.7, "relation": 0.9}
+# The committed model reaches 90.4 % (docs/demo.md): 99 to 100 % on attribute, location, exists and
+# relation, 78.5 % on text, 65.5 % on count. These check that it still does on 15 images (where it
+# scores 80 % count, 93 % text, 100 % on the rest), above always giving the commonest answer (15 images:
+# 20 % attribute, location and text, 67 % exists, 27 % count, 60 % relation).
+MIN_ACCURACY = {"location": 0.9, "attribute": 0.9, "exists": 0.9, "count": 0.6, "relation": 0.9,
+                "text": 0.6}
 
 
 @pytest.fixture(scope="module")

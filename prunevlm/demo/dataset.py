@@ -24,6 +24,7 @@ Public API::
     render(split, index, seed=0) -> Sample              # one image; generate() is built on it
     redraw_questions(sample, rng) -> list[Question]     # more questions about the same scene
     where_questions(sample, rng) -> list[Question]      # 'where is the star?' (training only)
+    read_questions(sample, rng) -> list[Question]       # the text question for every readable object
     draw(rng, objects) -> (PIL image, background kind)  # the painter render() uses
     flatten(samples) -> list[Item]                      # Item(image, question, answer, qtype)
     caption(sample) -> str                              # scene description (projector alignment)
@@ -161,6 +162,15 @@ def where_questions(sample: Sample, rng: np.random.Generator) -> list[Question]:
     return [Question(f"where is the {names[int(rng.integers(len(names)))]}?",
                      sample.objects[i].position, "where", (i,))
             for i, names in _refs(sample.objects).items()]
+
+
+def read_questions(sample: Sample, rng: np.random.Generator) -> list[Question]:
+    """'what letter is on the star?' for every uniquely named object with a character: the test's
+    text question for each readable object (training pages with more characters than a scene)."""
+    return [Question(f"what {'number' if o.text.isdigit() else 'letter'} is on the "
+                     f"{names[int(rng.integers(len(names)))]}?", o.text, "text", (i,))
+            for i, names in _refs(sample.objects).items()
+            if (o := sample.objects[i]).text is not None]
 
 
 def flatten(samples: list[Sample]) -> list[Item]:
