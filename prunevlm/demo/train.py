@@ -1,4 +1,4 @@
-"""Train the demo VLM from scratch on the synthetic train split, LLaVA-style, in eight stages.
+"""Train the demo VLM from scratch on the synthetic train split, LLaVA-style, in nine stages.
 
     python -m prunevlm.demo.train --out DIR [--seed S] [--threads N] [--scale F] [--log JSON]
 
@@ -20,6 +20,9 @@
 6.  locate: the drill's turns plus 'where is the star?' -> 'top left' for every uniquely named
     object (a training-only question): relation questions, which need that step for two objects,
     had stayed at chance through stages 2 to 5.
+7.  read:   the locate chats plus dense character pages asked the character on every named shape,
+    with a per-patch character loss on the projected image tokens, everything at the full rate:
+    text questions had stayed at the answer prior through stage 6.
 
 Then the model is saved as a Hugging Face folder, reloaded, and evaluated on the test split; a
 JSON summary (loss curves, accuracy, time, versions) is written to ``--log``.
