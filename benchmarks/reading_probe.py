@@ -20,7 +20,7 @@ import json
 import numpy as np
 import torch
 
-from prunevlm.demo import accuracy, dataset
+from prunevlm.demo import accuracy, dataset, train
 
 TRAIN_OFFSET = 500_000  # train-stream images far beyond those the demo training used
 
@@ -32,8 +32,8 @@ def object_features(model, processor, samples, batch: int = 32):
     tower, projected, chars = [], [], []
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
-        pixels = processor.image_processor([s.image for s in chunk], return_tensors="pt")["pixel_values"]
-        feats = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+        hidden = model.model.vision_tower(train.pixels(processor, chunk), output_hidden_states=True).hidden_states
+        feats = hidden[layer][:, 1:]
         proj = model.model.multi_modal_projector(feats)
         for sample, f, p in zip(chunk, feats, proj):
             ink = dataset.patch_cover(dataset.text_mask(sample), patch, len(sample.objects))
@@ -76,10 +76,10 @@ def main(argv=None) -> None:
     model, processor = accuracy.load(args.model)
     if args.checkpoint:
         model.load_state_dict(torch.load(args.checkpoint, weights_only=True)["model"])
-    train = [dataset.render("train", TRAIN_OFFSET + i) for i in range(args.train_images)]
-    val = dataset.generate("val", args.val_images)
+    train_samples = [dataset.render("train", TRAIN_OFFSET + i) for i in range(args.train_images)]
+    val_samples = dataset.generate("val", args.val_images)
     (tower, projected, y), (tower_val, projected_val, y_val) = (
-        object_features(model, processor, samples) for samples in (train, val))
+        object_features(model, processor, samples) for samples in (train_samples, val_samples))
     result = {"model": args.model, "checkpoint": args.checkpoint, "objects": [len(y), len(y_val)],
               "tower": linear_probe(tower, y, tower_val, y_val),
               "projected": linear_probe(projected, y, projected_val, y_val)}

@@ -131,14 +131,18 @@ def test_redrawn_questions_are_correct_and_vary(train300):
     assert changed > 200  # most questions differ from the image's own
 
 
+def uniquely_named(objects) -> list[int]:
+    """Objects whose shape, or colour and shape, no other object shares (restated, not `ds._refs`)."""
+    return [i for i, o in enumerate(objects)
+            if sum(p.shape == o.shape for p in objects) == 1
+            or sum((p.shape, p.colour) == (o.shape, o.colour) for p in objects) == 1]
+
+
 def test_where_questions_name_every_uniquely_named_object(train300):
     rng = np.random.default_rng(0)
     for s in train300[:100]:
         where = ds.where_questions(s, rng)
-        assert sorted(q.refs[0] for q in where) == sorted(
-            i for i, o in enumerate(s.objects)
-            if sum(p.shape == o.shape for p in s.objects) == 1
-            or sum((p.shape, p.colour) == (o.shape, o.colour) for p in s.objects) == 1)
+        assert sorted(q.refs[0] for q in where) == uniquely_named(s.objects)
         for q in where:
             assert q.qtype == "where" and oracle(s.objects, q.text) == q.answer, (q, s.objects)
 
@@ -148,10 +152,8 @@ def test_read_questions_ask_every_readable_named_object(train300):
     pages = [dense_page(0, i) for i in range(20)]  # the read stage's 16-character pages
     for s in train300[:100] + pages:
         read = ds.read_questions(s, rng)
-        assert sorted(q.refs[0] for q in read) == sorted(
-            i for i, o in enumerate(s.objects) if o.text is not None and (
-                sum(p.shape == o.shape for p in s.objects) == 1
-                or sum((p.shape, p.colour) == (o.shape, o.colour) for p in s.objects) == 1))
+        assert sorted(q.refs[0] for q in read) == [
+            i for i in uniquely_named(s.objects) if s.objects[i].text is not None]
         for q in read:
             assert q.qtype == "text" and oracle(s.objects, q.text) == q.answer, (q, s.objects)
 

@@ -167,10 +167,8 @@ def where_questions(sample: Sample, rng: np.random.Generator) -> list[Question]:
 def read_questions(sample: Sample, rng: np.random.Generator) -> list[Question]:
     """'what letter is on the star?' for every uniquely named object with a character: the test's
     text question for each readable object (training pages with more characters than a scene)."""
-    return [Question(f"what {'number' if o.text.isdigit() else 'letter'} is on the "
-                     f"{names[int(rng.integers(len(names)))]}?", o.text, "text", (i,))
-            for i, names in _refs(sample.objects).items()
-            if (o := sample.objects[i]).text is not None]
+    return [_text_question(sample.objects, i, names[int(rng.integers(len(names)))])
+            for i, names in _refs(sample.objects).items() if sample.objects[i].text is not None]
 
 
 def flatten(samples: list[Sample]) -> list[Item]:
@@ -354,10 +352,14 @@ def _questions(rng, objects: list[Obj], count_q: Question) -> list[Question] | N
     if not readable:
         return None
     i = pick(readable)
-    kind = "number" if objects[i].text.isdigit() else "letter"
-    text = f"what {kind} is on the {pick(refs[i])}?"
-    qs["text"] = Question(text, objects[i].text, "text", (i,))
+    qs["text"] = _text_question(objects, i, pick(refs[i]))
     return [qs[t] for t in QTYPES]
+
+
+def _text_question(objects: list[Obj], i: int, name: str) -> Question:
+    """'what letter (or number) is on the {name}?' about object ``i``, named ``name``."""
+    o = objects[i]
+    return Question(f"what {'number' if o.text.isdigit() else 'letter'} is on the {name}?", o.text, "text", (i,))
 
 
 # --------------------------------------------------------------------------- drawing

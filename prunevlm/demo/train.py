@@ -310,6 +310,12 @@ def projected_features(model, pix) -> torch.Tensor:
     return model.model.multi_modal_projector(feats)
 
 
+def chat_batch(tokenizer, chats: list[list[tuple[str, str]]]):
+    """Right-padded ids, attention mask and labels of one ``supervised`` chat per image."""
+    rows = [supervised(tokenizer, turns) for turns in chats]
+    return pad_right([r[0] for r in rows], [r[1] for r in rows], tokenizer.pad_token_id)
+
+
 def image_embeds(model, ids, tokens) -> torch.Tensor:
     """LLM input embeddings with the ``projected_features`` in place of the ``<image>`` tokens."""
     embeds = model.get_input_embeddings()(ids)
@@ -340,8 +346,7 @@ def image_text_stage(name, model, processor, stream, steps, batch, turns_of, pro
     def loss_fn(step):
         samples = stream.take(batch)
         rngs = [np.random.default_rng([stream.seed, step, k]) for k in range(batch)]
-        chats = [supervised(tok, turns_of(s, rng)) for s, rng in zip(samples, rngs)]
-        ids, mask, lab = pad_right([c[0] for c in chats], [c[1] for c in chats], tok.pad_token_id)
+        ids, mask, lab = chat_batch(tok, [turns_of(s, rng) for s, rng in zip(samples, rngs)])
         embeds = image_embeds(model, ids, projected_features(model, pixels(processor, samples)))
         return model(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss
 
@@ -372,8 +377,7 @@ def read_stage(model, processor, stream, steps, batch, probe=None) -> dict:
         turns = [locate_turns(s, rng) for s, rng in zip(scenes, rngs)]
         turns += [shuffled([(q.text, q.answer) for q in dataset.read_questions(p, rng)], rng)
                   for p, rng in zip(pages, rngs[batch:])]
-        chats = [supervised(tok, t) for t in turns]
-        ids, mask, lab = pad_right([c[0] for c in chats], [c[1] for c in chats], tok.pad_token_id)
+        ids, mask, lab = chat_batch(tok, turns)
         tokens = projected_features(model, pixels(processor, scenes + pages))
         chars = torch.from_numpy(np.stack([patch_targets(s, patch)[:, 2] for s in scenes + pages]))
         aux = nn.functional.cross_entropy(head(tokens).flatten(0, 1), chars.flatten())
