@@ -5,7 +5,7 @@ Every figure is the median of `--repeats` rounds after a warm-up round, in one p
 (method, budget) once, so a slow spell of a shared machine spreads over all rows:
 - ttft_ms: generate(max_new_tokens=1) wall time: vision tower, selection, LLM prefill and the first token;
 - prefill_ms: the language model's forward at prefill only (timed by hooks that run after the pruning hook);
-- selection_ms: signal hooks + method (`handle.stats.selection_ms`);
+- selection_ms: signal hooks + the LLM-input hook that matches, selects and gathers (`handle.stats.selection_ms`);
 - for vflowopt the budget is the layer-averaged count; "tokens at LLM input" is its stage-0 count;
 - decode_ms: one decoding step of the whole model (median over steps);
 - kv_mb: keys and values held for the prompt after prefill;

@@ -35,7 +35,7 @@ class Stats:
     tokens_after: list[list[int]] = field(default_factory=list)
     prefill_before: list[int] = field(default_factory=list)  # real (unpadded) prompt tokens per row
     prefill_after: list[int] = field(default_factory=list)
-    selection_ms: float = 0.0  # signal hooks + method, for the whole batch
+    selection_ms: float = 0.0  # signal hooks + the whole prefill hook (matching, method, gathers), for the batch
     signal_ms: float = 0.0  # of which: computing signals in the vision hooks
     stages: list[list] = field(default_factory=list)  # in-LLM methods: per row, per image, its Plan
     kept: list[list] = field(default_factory=list)  # per row, per image: kept token indices within the image
@@ -221,6 +221,8 @@ class InputPruning:
 
     def _prune_prefill(self, kwargs: dict, images: list[tuple[int, torch.Tensor]]) -> dict:
         embeds = kwargs["inputs_embeds"]
+        _sync(embeds.device)
+        start = time.perf_counter()
         batch, length, _ = embeds.shape
         mask = kwargs.get("attention_mask")
         if mask is not None and (isinstance(mask, dict) or mask.dim() != 2):
@@ -234,22 +236,24 @@ class InputPruning:
             image_columns[row, columns] = True
         text_columns = real & ~image_columns
 
-        signals, signal_seconds = self.capture.match([embeds[row, columns] for row, columns in images])
-        _sync(embeds.device)
-        start = time.perf_counter()
-        choices = [self._choose(embeds.detach(), row, columns, text_columns, recorded)
-                   for (row, columns), recorded in zip(images, signals)]
+        # index_select, not embeds[row, columns]: the same rows, 7x faster on the CPU
+        image_tokens = [embeds[row].detach().index_select(0, columns) for row, columns in images]
+        signals, signal_seconds = self.capture.match(image_tokens)
+        choices = [self._choose(tokens, embeds.detach(), row, columns, text_columns, recorded)
+                   for (row, columns), tokens, recorded in zip(images, image_tokens, signals)]
         kept = [torch.nonzero(text_columns[row]).flatten() for row in range(batch)]
         for choice in choices:
             kept[choice.row] = torch.cat([kept[choice.row], choice.chosen])
         source = self._source_columns(kept, embeds.device)
-        new_embeds = embeds.gather(1, source.clamp_min(0)[..., None].expand(-1, -1, embeds.shape[-1])).clone()
+        # rows of the flattened batch: a copy like gather's, without its per-element index arithmetic
+        flat_source = (source.clamp_min(0) + length * torch.arange(batch, device=embeds.device)[:, None]).flatten()
+        new_embeds = embeds.flatten(0, 1).index_select(0, flat_source).view(batch, -1, embeds.shape[-1])
         for choice in choices:
             if choice.selection.tokens is not None:  # recycled tokens replace the values at their slots
                 slots = torch.searchsorted(source[choice.row], choice.chosen)
                 new_embeds[choice.row, slots] = choice.selection.tokens[0].to(new_embeds.dtype)
         new_mask = (source >= 0).long()
-        new_embeds[new_mask == 0] = 0
+        new_embeds.masked_fill_(~new_mask.bool()[..., None], 0)
         _sync(embeds.device)
         select_seconds = time.perf_counter() - start
 
@@ -279,22 +283,22 @@ class InputPruning:
         kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
         return kwargs
 
-    def _choose(self, embeds, row, columns, text_columns, recorded) -> ImageChoice:
+    def _choose(self, image_tokens, embeds, row, columns, text_columns, recorded) -> ImageChoice:
         """Run the method on one image (in-LLM methods first plan their per-stage counts)."""
-        inputs = self._signals(embeds, row, columns, text_columns, recorded)
+        inputs = self._signals(image_tokens, embeds, row, columns, text_columns, recorded)
         plan = self.method.plan(self.budget, columns.numel(), self.num_layers) if hasattr(self.method, "plan") else None
         with torch.no_grad():
             selection = self.method(plan.counts[0] if plan else self.budget, **inputs)
         return ImageChoice(row, columns, selection, plan)
 
-    def _signals(self, embeds, row, columns, text_columns, recorded) -> dict:
+    def _signals(self, image_tokens, embeds, row, columns, text_columns, recorded) -> dict:
         """The method's inputs for one image, as a batch of one."""
-        signals = {"image_tokens": embeds[row, columns][None]}
+        signals = {"image_tokens": image_tokens[None]}
         if self.needed & {"text_embeds", "text_mask"}:
             text = torch.nonzero(text_columns[row]).flatten()
             if getattr(self.method, "text_scope", "prompt") == "prefix":
                 text = text[text < columns[0]]  # official Qwen2.5-VL behaviour (flashvlm.md §1.10.3)
-            signals["text_embeds"] = embeds[row, text][None]
+            signals["text_embeds"] = embeds[row].index_select(0, text)[None]
         for name in self.needed - {"image_tokens", "text_embeds", "text_mask"}:
             value = recorded.get(name)
             if value is None:
