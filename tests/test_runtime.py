@@ -280,3 +280,20 @@ def test_bfloat16_models(method, budget):
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
     assert all(kept <= before for row_b, row_a in zip(handle.stats.tokens_before, handle.stats.tokens_after)
                for before, kept in zip(row_b, row_a))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_recorded_signals_are_found_by_identical_tokens_only(dtype):
+    from prunevlm.models.base import Capture
+
+    capture = Capture()
+    tokens = torch.randn(2, 6, 16).to(dtype)
+    capture.record("tokens", list(tokens))
+    capture.record("saliency", [torch.zeros(6), torch.ones(6)])
+    found, _ = capture.match([tokens[1].clone(), tokens[0].clone()])
+    assert [float(record["saliency"][0]) for record in found] == [1.0, 0.0]
+    # same shape and the same first 8 columns (the lookup key), one value changed past them
+    changed = tokens[0].clone()
+    changed[5, 12] += 1
+    with pytest.raises(RuntimeError, match="not encoded while pruning was attached"):
+        capture.match([changed])

@@ -73,7 +73,7 @@ class Capture:
 def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     """torch.equal; through NumPy on the CPU, where it is 4x faster for [576, 1024] fp32 tokens."""
     if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float16, torch.float64):
-        return np.array_equal(a.numpy(), b.numpy())
+        return np.array_equal(a.detach().numpy(), b.detach().numpy())
     return torch.equal(a, b)
 
 
