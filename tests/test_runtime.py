@@ -5,6 +5,7 @@ import torch
 
 import prunevlm
 import tiny
+from prunevlm.models.base import Capture
 from prunevlm.signals import attention
 
 FAMILIES = {
@@ -284,8 +285,6 @@ def test_bfloat16_models(method, budget):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_recorded_signals_are_found_by_identical_tokens_only(dtype):
-    from prunevlm.models.base import Capture
-
     capture = Capture()
     tokens = torch.randn(2, 6, 16).to(dtype)
     capture.record("tokens", list(tokens))
