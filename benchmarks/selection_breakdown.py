@@ -1,0 +1,106 @@
+"""Where a method's selection time goes, measured inside the pipeline on the bench's small CPU model.
+
+Runs `generate(max_new_tokens=1)` repeatedly with the method attached and times its parts with wrappers
+around the functions that do them (the wrappers cost a few microseconds each, so the parts add up to a
+little more than an unwrapped run). Prints the median of each part, the median `selection_ms` the handle
+reports, the median LLM prefill and their ratio.
+
+    python benchmarks/selection_breakdown.py [--method flashvlm] [--budget 32] [--runs 30] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+import prunevlm
+from prunevlm.bench.efficiency import Stopwatch
+from prunevlm.bench.models import build_model, prompt_inputs
+from prunevlm.methods import base, diversity, flashvlm
+from prunevlm.models.base import Capture
+from prunevlm.runtime.llm_input import InputPruning
+
+# (owner, attribute, label): the parts, outermost first
+PARTS = [
+    (InputPruning, "_prune_prefill", "LLM-input hook, whole"),
+    (Capture, "match", "  matching recorded signals to the images"),
+    (InputPruning, "_choose", "  method on the image, whole"),
+    (base.Method, "check_signals", "    signal checks"),
+    (flashvlm.FlashVLM, "text_score", "    text relevance + sharpening"),
+    (flashvlm, "fuse", "    log-domain fusion"),
+    (diversity, "bipartite_dedup", "    diversity partition, whole"),
+    (diversity.DenseRedundancy, "__init__", "      Gram matrix of the residual"),
+    (diversity.DenseRedundancy, "redundancy", "      rounds: column-wise max over B (per round)"),
+]
+
+
+def wrap(owner, name: str, label: str, times: dict) -> None:
+    inner = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        result = inner(*args, **kwargs)
+        times[label].append(time.perf_counter() - start)
+        return result
+
+    setattr(owner, name, timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="flashvlm")
+    parser.add_argument("--budget", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=30, help="timed generate calls, after 5 untimed ones")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="optional JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = build_model("small", torch.float32, torch.device("cpu"))
+    inputs = prompt_inputs(model, 40, torch.device("cpu"))
+    times: dict[str, list[float]] = defaultdict(list)
+    for owner, name, label in PARTS:
+        wrap(owner, name, label, times)
+    selection, signals = [], []
+    watch = Stopwatch(model)
+    with prunevlm.prune(model, args.method, args.budget) as handle, torch.inference_mode():
+        for run in range(5 + args.runs):
+            if run == 5:
+                times.clear()
+                watch.prefill.clear()
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            if run >= 5:
+                selection.append(handle.stats.selection_ms)
+                signals.append(handle.stats.signal_ms)
+    watch.remove()
+    prefill = 1000 * statistics.median(watch.prefill)
+    rounds = len(times["      rounds: column-wise max over B (per round)"]) // args.runs
+    report = {"method": args.method, "budget": args.budget, "runs": args.runs, "threads": args.threads,
+              "selection_ms": statistics.median(selection), "signal_hooks_ms": statistics.median(signals),
+              "prefill_ms": prefill, "rounds_per_call": rounds,
+              "parts_ms": {label.strip(): 1000 * statistics.median(values) for label, values in times.items()}}
+    print(f"{args.method} at {args.budget} tokens, median of {args.runs} calls ({args.threads} threads):")
+    print(f"  signal hooks in the vision tower                {report['signal_hooks_ms']:7.3f} ms")
+    for _, _, label in PARTS:
+        if times[label]:
+            note = f"  x {rounds} rounds" if "per round" in label else ""
+            print(f"  {label:48s}{1000 * statistics.median(times[label]):7.3f} ms{note}")
+    whole = times["    diversity partition, whole"]
+    if whole:
+        rest = report["parts_ms"]["diversity partition, whole"] - report["parts_ms"]["Gram matrix of the residual"] \
+            - rounds * report["parts_ms"]["rounds: column-wise max over B (per round)"]
+        report["parts_ms"]["partition remainder (ordering, gathers, loop)"] = rest
+        print(f"  {'        remainder: ordering, gathers, loop':48s}{rest:7.3f} ms")
+    print(f"selection_ms reported {report['selection_ms']:.2f} ms; LLM prefill {prefill:.1f} ms; "
+          f"ratio {100 * report['selection_ms'] / prefill:.1f} %")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
