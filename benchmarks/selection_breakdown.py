@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections import defaultdict
 
@@ -79,7 +80,7 @@ def main() -> None:
     watch.remove()
     prefill = 1000 * statistics.median(watch.prefill)
     rounds = len(times["      rounds: column-wise max over B (per round)"]) // args.runs
-    report = {"method": args.method, "budget": args.budget, "runs": args.runs, "threads": args.threads,
+    report = {"command": " ".join(["python benchmarks/selection_breakdown.py", *sys.argv[1:]]), "method": args.method, "budget": args.budget, "runs": args.runs, "threads": args.threads,
               "selection_ms": statistics.median(selection), "signal_hooks_ms": statistics.median(signals),
               "prefill_ms": prefill, "rounds_per_call": rounds,
               "parts_ms": {label.strip(): 1000 * statistics.median(values) for label, values in times.items()}}
