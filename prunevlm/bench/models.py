@@ -42,8 +42,8 @@ def build_model(shape: str, dtype: torch.dtype, device: torch.device, attn: str 
     config = llava_config(shape)
     config._attn_implementation = attn
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    with torch.device(device):  # built in `dtype` directly: the 7B shape in fp32 first would need 27 GB
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # random weights: decode a fixed number of tokens
     model.generation_config.pad_token_id = 0
     return model
