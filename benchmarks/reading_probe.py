@@ -28,12 +28,11 @@ TRAIN_OFFSET = 500_000  # train-stream images far beyond those the demo training
 @torch.no_grad()
 def object_features(model, processor, samples, batch: int = 32):
     """(tower [M, D], projected [M, D'], characters [M]) for the M objects that carry a character."""
-    layer, patch = model.config.vision_feature_layer, model.config.vision_config.patch_size
+    patch = model.config.vision_config.patch_size
     tower, projected, chars = [], [], []
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
-        hidden = model.model.vision_tower(train.pixels(processor, chunk), output_hidden_states=True).hidden_states
-        feats = hidden[layer][:, 1:]
+        feats = train.tower_features(model, train.pixels(processor, chunk))
         proj = model.model.multi_modal_projector(feats)
         for sample, f, p in zip(chunk, feats, proj):
             ink = dataset.patch_cover(dataset.text_mask(sample), patch, len(sample.objects))

@@ -300,14 +300,18 @@ def supervised(tokenizer, turns: list[tuple[str, str]]) -> tuple[list[int], list
     return ids, labels
 
 
-def projected_features(model, pix) -> torch.Tensor:
-    """[B, N, D] the image tokens as the LLM receives them (layer -2, CLS dropped, projector), as
-    in ``LlavaModel.forward``; a frozen tower runs without gradients."""
+def tower_features(model, pix) -> torch.Tensor:
+    """[B, N, Dv] the tower's patch features the projector reads (layer -2, CLS dropped), as in
+    ``LlavaModel.forward``; a frozen tower (or a caller under no_grad) runs without gradients."""
     tower = model.model.vision_tower
-    with torch.set_grad_enabled(any(p.requires_grad for p in tower.parameters())):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
         hidden = tower(pix, output_hidden_states=True).hidden_states
-        feats = hidden[model.config.vision_feature_layer][:, 1:]
-    return model.model.multi_modal_projector(feats)
+        return hidden[model.config.vision_feature_layer][:, 1:]
+
+
+def projected_features(model, pix) -> torch.Tensor:
+    """[B, N, D] the image tokens as the LLM receives them: ``tower_features`` through the projector."""
+    return model.model.multi_modal_projector(tower_features(model, pix))
 
 
 def chat_batch(tokenizer, chats: list[list[tuple[str, str]]]):
