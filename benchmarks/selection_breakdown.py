@@ -26,17 +26,20 @@ from prunevlm.methods import base, diversity, flashvlm
 from prunevlm.models.base import Capture
 from prunevlm.runtime.llm_input import InputPruning
 
-# (owner, attribute, label): the parts, outermost first
+PARTITION, GRAM, ROUND = "diversity partition, whole", "Gram matrix of the residual", \
+    "rounds: column-wise max over B (per round)"
+REMAINDER = "partition remainder (ordering, gathers, loop)"
+# (owner, attribute, depth, label): the parts, outermost first
 PARTS = [
-    (InputPruning, "_prune_prefill", "LLM-input hook, whole"),
-    (Capture, "match", "  matching recorded signals to the images"),
-    (InputPruning, "_choose", "  method on the image, whole"),
-    (base.Method, "check_signals", "    signal checks"),
-    (flashvlm.FlashVLM, "text_score", "    text relevance + sharpening"),
-    (flashvlm, "fuse", "    log-domain fusion"),
-    (diversity, "bipartite_dedup", "    diversity partition, whole"),
-    (diversity.DenseRedundancy, "__init__", "      Gram matrix of the residual"),
-    (diversity.DenseRedundancy, "redundancy", "      rounds: column-wise max over B (per round)"),
+    (InputPruning, "_prune_prefill", 0, "LLM-input hook, whole"),
+    (Capture, "match", 1, "matching recorded signals to the images"),
+    (InputPruning, "_choose", 1, "method on the image, whole"),
+    (base.Method, "check_signals", 2, "signal checks"),
+    (flashvlm.FlashVLM, "text_score", 2, "text relevance + sharpening"),
+    (flashvlm, "fuse", 2, "log-domain fusion"),
+    (diversity, "bipartite_dedup", 2, PARTITION),
+    (diversity.DenseRedundancy, "__init__", 3, GRAM),
+    (diversity.DenseRedundancy, "redundancy", 3, ROUND),
 ]
 
 
@@ -64,7 +67,7 @@ def main() -> None:
     model = build_model("small", torch.float32, torch.device("cpu"))
     inputs = prompt_inputs(model, 40, torch.device("cpu"))
     times: dict[str, list[float]] = defaultdict(list)
-    for owner, name, label in PARTS:
+    for owner, name, _, label in PARTS:
         wrap(owner, name, label, times)
     selection, signals = [], []
     watch = Stopwatch(model)
@@ -79,23 +82,22 @@ def main() -> None:
                 signals.append(handle.stats.signal_ms)
     watch.remove()
     prefill = 1000 * statistics.median(watch.prefill)
-    rounds = len(times["      rounds: column-wise max over B (per round)"]) // args.runs
-    report = {"command": " ".join(["python benchmarks/selection_breakdown.py", *sys.argv[1:]]), "method": args.method, "budget": args.budget, "runs": args.runs, "threads": args.threads,
+    parts = {label: 1000 * statistics.median(values) for label, values in times.items() if values}
+    rounds = len(times[ROUND]) // args.runs
+    if PARTITION in parts:
+        parts[REMAINDER] = parts[PARTITION] - parts[GRAM] - rounds * parts[ROUND]
+    report = {"command": " ".join(["python benchmarks/selection_breakdown.py", *sys.argv[1:]]),
+              "method": args.method, "budget": args.budget, "runs": args.runs, "threads": args.threads,
               "selection_ms": statistics.median(selection), "signal_hooks_ms": statistics.median(signals),
-              "prefill_ms": prefill, "rounds_per_call": rounds,
-              "parts_ms": {label.strip(): 1000 * statistics.median(values) for label, values in times.items()}}
+              "prefill_ms": prefill, "rounds_per_call": rounds, "parts_ms": parts}
     print(f"{args.method} at {args.budget} tokens, median of {args.runs} calls ({args.threads} threads):")
-    print(f"  signal hooks in the vision tower                {report['signal_hooks_ms']:7.3f} ms")
-    for _, _, label in PARTS:
-        if times[label]:
-            note = f"  x {rounds} rounds" if "per round" in label else ""
-            print(f"  {label:48s}{1000 * statistics.median(times[label]):7.3f} ms{note}")
-    whole = times["    diversity partition, whole"]
-    if whole:
-        rest = report["parts_ms"]["diversity partition, whole"] - report["parts_ms"]["Gram matrix of the residual"] \
-            - rounds * report["parts_ms"]["rounds: column-wise max over B (per round)"]
-        report["parts_ms"]["partition remainder (ordering, gathers, loop)"] = rest
-        print(f"  {'        remainder: ordering, gathers, loop':48s}{rest:7.3f} ms")
+    rows = [(0, "signal hooks in the vision tower", report["signal_hooks_ms"])]
+    rows += [(depth, label, parts[label]) for _, _, depth, label in PARTS if label in parts]
+    if REMAINDER in parts:
+        rows.append((4, REMAINDER, parts[REMAINDER]))
+    for depth, label, ms in rows:
+        note = f"  x {rounds} rounds" if label == ROUND else ""
+        print(f"  {'  ' * depth + label:56s}{ms:7.3f} ms{note}")
     print(f"selection_ms reported {report['selection_ms']:.2f} ms; LLM prefill {prefill:.1f} ms; "
           f"ratio {100 * report['selection_ms'] / prefill:.1f} %")
     if args.out:
