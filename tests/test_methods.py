@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import prunevlm
 from prunevlm.methods import diversity
-from prunevlm.methods.diversity import bipartite_dedup, drops_per_round, symmetric_gram
+from prunevlm.methods.diversity import bipartite_dedup, drops_per_round, nearest_neighbours, symmetric_gram
 from prunevlm.methods.flashvlm import fuse, sharpen, text_relevance
 from prunevlm.methods.uniform import grid_sample
 
@@ -58,17 +58,32 @@ def test_fast_dedup_equals_released_loop_on_clustered_data():
     assert torch.equal(bipartite_dedup(points[None], order, 20), naive_dedup(points[None], order, 20))
 
 
+@pytest.mark.parametrize("chunk_rows", [1024, 96, 16])
 @pytest.mark.parametrize("neighbours", [64, 3])
 @pytest.mark.parametrize("schedule", ["fixed", "geometric"])
-def test_neighbour_lists_equal_released_loop(monkeypatch, neighbours, schedule):
-    """The path for more than DENSE_TOKENS tokens, forced on a small input; short lists force rebuilds."""
+def test_neighbour_lists_equal_released_loop(monkeypatch, neighbours, schedule, chunk_rows):
+    """The path for more than DENSE_TOKENS tokens, forced on a small input; short lists force rebuilds,
+    short chunks split the lists' cosine matrix into blocks (the last one partial) and the rebuilds too."""
     monkeypatch.setattr(diversity, "DENSE_TOKENS", 0)
     monkeypatch.setattr(diversity, "NEIGHBOURS", neighbours)
+    monkeypatch.setattr(diversity, "CHUNK_ROWS", chunk_rows)
     g = torch.Generator().manual_seed(neighbours)
     features = torch.randn(2, 400, 32, generator=g, dtype=torch.float64)
     order = torch.stack([torch.randperm(400, generator=g) for _ in range(2)])
     assert torch.equal(bipartite_dedup(features, order, 40, schedule=schedule),
                        naive_dedup(features, order, 40, schedule=schedule))
+
+
+@pytest.mark.parametrize("chunk_rows", [1024, 96, 7])
+def test_nearest_neighbours_are_the_top_of_each_row(monkeypatch, chunk_rows):
+    """Lists built from the blocks on and above the diagonal equal each row's top of the full matrix."""
+    monkeypatch.setattr(diversity, "CHUNK_ROWS", chunk_rows)
+    unit = F.normalize(torch.randn(250, 16, dtype=torch.float64), dim=-1)
+    full = (unit @ unit.T).fill_diagonal_(-math.inf)
+    similarity, neighbours = nearest_neighbours(unit, 10)
+    expected, expected_index = full.topk(10, dim=1)
+    torch.testing.assert_close(similarity, expected)
+    assert torch.equal(neighbours, expected_index)
 
 
 @pytest.mark.parametrize("seed", range(3))

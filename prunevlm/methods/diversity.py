@@ -8,9 +8,10 @@ The released loop recomputes an |A|x|B| product every round: Θ(N³d/r) for its 
 §4.3: 11 s at N = 4608). The rounds here are exactly the released ones, with m(a) found more cheaply:
 - up to `DENSE_TOKENS` tokens, from the N x N cosine matrix computed once (about 3N²d/4 multiply-adds
   instead of ~6N²d): cosine is symmetric, so m over A is a column-wise max over B's rows;
-- beyond, from per-token nearest-neighbour lists: m(a) is the similarity of a's nearest neighbour that
-  sits in B. Dropped tokens never come back, so a list is rebuilt (against the live tokens) only when none
-  of its entries sits in B, which happens for few tokens per round.
+- beyond, from per-token nearest-neighbour lists (built from the half of the cosine matrix on and above
+  its diagonal): m(a) is the similarity of a's nearest neighbour that sits in B. Dropped tokens never come
+  back, so a list is rebuilt (against the live tokens) only when none of its entries sits in B, together
+  with the lists that are more than half dead.
 The rounds, a handful of small sequential operations each, run on the host in NumPy, where one costs about
 a microsecond of overhead instead of several (CPU torch) or a kernel launch (GPU); the cosine matrix is
 computed with torch on the features' device and copied to the host once.
@@ -31,7 +32,7 @@ from .base import Method, Selection, check_unit
 
 DENSE_TOKENS = 2048  # up to this many tokens the whole cosine matrix is kept (16 MB in fp32)
 NEIGHBOURS = 64  # length of the nearest-neighbour lists; a speed knob only, results do not depend on it
-CHUNK_ROWS = 1024  # rows of the similarity matrix computed at once when building the lists
+CHUNK_ROWS = 1024  # side of the blocks of the cosine matrix computed at once for the lists, and rows per rebuild
 
 
 def drops_per_round(residual: int, keep: int, step: int, schedule: str, ratio: float) -> int:
@@ -101,6 +102,37 @@ def symmetric_gram(unit: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def nearest_neighbours(unit: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's `width` most similar other tokens, (similarity, index) sorted descending.
+
+    The cosine matrix is computed in CHUNK_ROWS blocks, only those on or above the diagonal: block (i, j)
+    gives candidates to the rows of chunk i, and transposed to those of chunk j (cosine is symmetric), so
+    about half the products of the full matrix are computed. Each row keeps its best `width` candidates."""
+    count = unit.shape[0]
+    starts = list(range(0, count, CHUNK_ROWS))
+    candidates: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in starts]
+    for i, row_start in enumerate(starts):
+        rows = unit[row_start : row_start + CHUNK_ROWS]
+        for j in range(i, len(starts)):
+            column_start = starts[j]
+            block = rows @ unit[column_start : column_start + CHUNK_ROWS].T
+            views = [(i, column_start, block)]
+            if i == j:
+                block.fill_diagonal_(-math.inf)  # not itself
+            else:
+                views.append((j, row_start, block.T))
+            for owner, offset, sims in views:
+                values, index = sims.topk(min(width, sims.shape[1]), dim=1)
+                candidates[owner].append((values, index + offset))
+    similarity, neighbours = [], []
+    for chunk in candidates:
+        values, index = torch.cat([v for v, _ in chunk], dim=1), torch.cat([n for _, n in chunk], dim=1)
+        best, position = values.topk(width, dim=1)
+        similarity.append(best)
+        neighbours.append(index.gather(1, position))
+    return torch.cat(similarity), torch.cat(neighbours)
+
+
 class DenseRedundancy:
     """m(a) = max_b cos(a, b) read from the residual's cosine matrix, computed once.
 
@@ -129,14 +161,7 @@ class ListRedundancy:
         count = unit.shape[0]
         self.alive = torch.ones(count, dtype=torch.bool, device=unit.device)
         self.in_b = torch.zeros_like(self.alive)
-        width = max(1, min(NEIGHBOURS, count - 1))
-        self.neighbours = torch.zeros(count, width, dtype=torch.long, device=unit.device)
-        self.similarity = torch.full((count, width), -math.inf, dtype=unit.dtype, device=unit.device)
-        for start in range(0, count, CHUNK_ROWS):
-            rows = torch.arange(start, min(start + CHUNK_ROWS, count), device=unit.device)
-            sim = self.unit[rows] @ self.unit.T
-            sim[torch.arange(rows.numel(), device=unit.device), rows] = -math.inf  # not itself
-            self.similarity[rows], self.neighbours[rows] = sim.topk(width, dim=1)
+        self.similarity, self.neighbours = nearest_neighbours(self.unit, max(1, min(NEIGHBOURS, count - 1)))
 
     def redundancy(self, side_a: np.ndarray, side_b: np.ndarray) -> np.ndarray:
         side_a, side_b = (torch.from_numpy(side).to(self.unit.device) for side in (side_a, side_b))
@@ -153,14 +178,28 @@ class ListRedundancy:
         return best.cpu().numpy()
 
     def _rebuild(self, rows: torch.Tensor) -> torch.Tensor:
-        """Exact m for `rows`, whose lists hold no B-token, and fresh lists from the live tokens."""
-        sim = self.unit[rows] @ self.unit.T
-        sim[torch.arange(rows.numel(), device=rows.device), rows] = -math.inf  # not itself
-        sim[:, ~self.alive] = -math.inf
-        width = min(self.neighbours.shape[1], int(self.alive.sum()) - 1)
-        self.similarity[rows, :width], self.neighbours[rows, :width] = sim.topk(width, dim=1)
-        self.similarity[rows, width:] = -math.inf
-        return torch.where(self.in_b[None, :], sim, -math.inf).amax(dim=1)
+        """Exact m for `rows`, whose lists hold no B-token, and fresh lists from the live tokens.
+
+        A rebuild reads all the features however few rows it serves, so the live tokens whose lists are
+        more than half dead are rebuilt in the same pass, before they run out too (at N = 4608 this turns
+        about fifty rebuilds into one or two)."""
+        width = self.neighbours.shape[1]
+        live_entries = self.alive.index_select(0, self.neighbours.view(-1)).view_as(self.neighbours)
+        stale = self.alive & ((live_entries & (self.similarity > -math.inf)).sum(dim=1) <= width // 2)
+        stale[rows] = False
+        refresh = torch.cat([rows, torch.nonzero(stale).flatten()])
+        live = min(width, int(self.alive.sum()) - 1)
+        best = []
+        for start in range(0, refresh.numel(), CHUNK_ROWS):
+            part = refresh[start : start + CHUNK_ROWS]
+            sim = self.unit[part] @ self.unit.T
+            sim[torch.arange(part.numel(), device=part.device), part] = -math.inf  # not itself
+            sim.masked_fill_(~self.alive[None, :], -math.inf)
+            self.similarity[part, :live], self.neighbours[part, :live] = sim.topk(live, dim=1)
+            self.similarity[part, live:] = -math.inf
+            if start < rows.numel():
+                best.append(sim[: rows.numel() - start].masked_fill_(~self.in_b[None, :], -math.inf).amax(dim=1))
+        return torch.cat(best)
 
     def drop(self, dropped: np.ndarray) -> None:
         self.alive[torch.from_numpy(dropped).to(self.unit.device)] = False
