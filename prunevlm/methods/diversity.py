@@ -9,9 +9,9 @@ The released loop recomputes an |A|x|B| product every round: Θ(N³d/r) for its 
 - up to `DENSE_TOKENS` tokens, from the N x N cosine matrix computed once (about 3N²d/4 multiply-adds
   instead of ~6N²d): cosine is symmetric, so m over A is a column-wise max over B's rows;
 - beyond, from per-token nearest-neighbour lists (built from the half of the cosine matrix on and above
-  its diagonal): m(a) is the similarity of a's nearest neighbour that sits in B. Dropped tokens never come
-  back, so a list is rebuilt (against the live tokens) only when none of its entries sits in B, together
-  with the lists that are more than half dead.
+  its diagonal): m(a) is the similarity of a's nearest neighbour that sits in B, looked for in the head
+  of the list first. Dropped tokens never come back, so a list is rebuilt (against the live tokens) only
+  when none of its entries sits in B, together with the lists that are more than half dead.
 The rounds, a handful of small sequential operations each, run on the host in NumPy, where one costs about
 a microsecond of overhead instead of several (CPU torch) or a kernel launch (GPU); the cosine matrix is
 computed with torch on the features' device and copied to the host once.
@@ -32,6 +32,7 @@ from .base import Method, Selection, check_unit
 
 DENSE_TOKENS = 2048  # up to this many tokens the whole cosine matrix is kept (16 MB in fp32)
 NEIGHBOURS = 64  # length of the nearest-neighbour lists; a speed knob only, results do not depend on it
+LIST_HEAD = 8  # list entries read first each round, the rest only where none is in B; a speed knob too
 CHUNK_ROWS = 1024  # side of the blocks of the cosine matrix computed at once for the lists, and rows per rebuild
 
 
@@ -167,38 +168,50 @@ class ListRedundancy:
         side_a, side_b = (torch.from_numpy(side).to(self.unit.device) for side in (side_a, side_b))
         self.in_b.zero_()
         self.in_b.index_fill_(0, side_b, True)
-        neighbours = self.neighbours.index_select(0, side_a)
-        hit = self.in_b.index_select(0, neighbours.view(-1)).view_as(neighbours)
-        # The lists are sorted, so the best entry that sits in B is a's nearest B-token; -inf if there is none
-        # (list padding is -inf too).
-        best = torch.where(hit, self.similarity.index_select(0, side_a), -math.inf).amax(dim=1)
+        # Most tokens find a B-token among their first few neighbours; only the others read their whole list,
+        # and only those with none in it are rebuilt.
+        best = self._nearest_in_b(side_a, LIST_HEAD)
         missed = best == -math.inf
         if missed.any():
-            best[missed] = self._rebuild(side_a[missed])
+            best[missed] = self._nearest_in_b(side_a[missed], None)
+            missed = best == -math.inf
+            if missed.any():
+                best[missed] = self._rebuild(side_a[missed])
         return best.cpu().numpy()
 
-    def _rebuild(self, rows: torch.Tensor) -> torch.Tensor:
-        """Exact m for `rows`, whose lists hold no B-token, and fresh lists from the live tokens.
+    def _nearest_in_b(self, rows: torch.Tensor, length: int | None) -> torch.Tensor:
+        """The similarity of each row's first list entry (of the first `length`) that sits in B, else -inf.
 
-        A rebuild reads all the features however few rows it serves, so the live tokens whose lists are
-        more than half dead are rebuilt in the same pass, before they run out too (at N = 4608 this turns
-        about fifty rebuilds into one or two)."""
+        The lists are sorted, so that entry is the row's nearest B-token (list padding is -inf too)."""
+        neighbours = self.neighbours[:, :length].index_select(0, rows)
+        hit = self.in_b.index_select(0, neighbours.view(-1)).view_as(neighbours)
+        return torch.where(hit, self.similarity[:, :length].index_select(0, rows), -math.inf).amax(dim=1)
+
+    def _rebuild(self, rows: torch.Tensor) -> torch.Tensor:
+        """Exact m for `rows` (live tokens whose lists hold no B-token), and fresh lists from the live tokens.
+
+        A rebuild reads all the live features however few rows it serves, so the live tokens whose lists
+        are more than half dead are rebuilt in the same pass, before they run out too (at N = 4608 this
+        turns about fifty rebuilds into one or two)."""
         width = self.neighbours.shape[1]
         live_entries = self.alive.index_select(0, self.neighbours.view(-1)).view_as(self.neighbours)
         stale = self.alive & ((live_entries & (self.similarity > -math.inf)).sum(dim=1) <= width // 2)
         stale[rows] = False
         refresh = torch.cat([rows, torch.nonzero(stale).flatten()])
-        live = min(width, int(self.alive.sum()) - 1)
+        live_tokens = torch.nonzero(self.alive).flatten()
+        live_unit, live_in_b = self.unit.index_select(0, live_tokens), self.in_b.index_select(0, live_tokens)
+        length = min(width, live_tokens.numel() - 1)
         best = []
         for start in range(0, refresh.numel(), CHUNK_ROWS):
             part = refresh[start : start + CHUNK_ROWS]
-            sim = self.unit[part] @ self.unit.T
-            sim[torch.arange(part.numel(), device=part.device), part] = -math.inf  # not itself
-            sim.masked_fill_(~self.alive[None, :], -math.inf)
-            self.similarity[part, :live], self.neighbours[part, :live] = sim.topk(live, dim=1)
-            self.similarity[part, live:] = -math.inf
+            sim = self.unit.index_select(0, part) @ live_unit.T
+            itself = torch.searchsorted(live_tokens, part)  # every refreshed token is live
+            sim[torch.arange(part.numel(), device=part.device), itself] = -math.inf
+            values, index = sim.topk(length, dim=1)
+            self.similarity[part, :length], self.neighbours[part, :length] = values, live_tokens[index]
+            self.similarity[part, length:] = -math.inf
             if start < rows.numel():
-                best.append(sim[: rows.numel() - start].masked_fill_(~self.in_b[None, :], -math.inf).amax(dim=1))
+                best.append(sim[: rows.numel() - start].masked_fill_(~live_in_b[None, :], -math.inf).amax(dim=1))
         return torch.cat(best)
 
     def drop(self, dropped: np.ndarray) -> None:
