@@ -235,13 +235,14 @@ class InputPruning:
         for row, columns in images:
             image_columns[row, columns] = True
         text_columns = real & ~image_columns
+        text_per_row = [torch.nonzero(text_columns[row]).flatten() for row in range(batch)]
 
         # index_select, not embeds[row, columns]: the same rows, 7x faster on the CPU
         image_tokens = [embeds[row].detach().index_select(0, columns) for row, columns in images]
         signals, signal_seconds = self.capture.match(image_tokens)
-        choices = [self._choose(tokens, embeds.detach(), row, columns, text_columns, recorded)
+        choices = [self._choose(tokens, embeds.detach(), row, columns, text_per_row[row], recorded)
                    for (row, columns), tokens, recorded in zip(images, image_tokens, signals)]
-        kept = [torch.nonzero(text_columns[row]).flatten() for row in range(batch)]
+        kept = list(text_per_row)
         for choice in choices:
             kept[choice.row] = torch.cat([kept[choice.row], choice.chosen])
         source = self._source_columns(kept, embeds.device)
@@ -283,19 +284,18 @@ class InputPruning:
         kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
         return kwargs
 
-    def _choose(self, image_tokens, embeds, row, columns, text_columns, recorded) -> ImageChoice:
+    def _choose(self, image_tokens, embeds, row, columns, text, recorded) -> ImageChoice:
         """Run the method on one image (in-LLM methods first plan their per-stage counts)."""
-        inputs = self._signals(image_tokens, embeds, row, columns, text_columns, recorded)
+        inputs = self._signals(image_tokens, embeds, row, columns, text, recorded)
         plan = self.method.plan(self.budget, columns.numel(), self.num_layers) if hasattr(self.method, "plan") else None
         with torch.no_grad():
             selection = self.method(plan.counts[0] if plan else self.budget, **inputs)
         return ImageChoice(row, columns, selection, plan)
 
-    def _signals(self, image_tokens, embeds, row, columns, text_columns, recorded) -> dict:
-        """The method's inputs for one image, as a batch of one."""
+    def _signals(self, image_tokens, embeds, row, columns, text, recorded) -> dict:
+        """The method's inputs for one image, as a batch of one (`text`: the row's text columns)."""
         signals = {"image_tokens": image_tokens[None]}
         if self.needed & {"text_embeds", "text_mask"}:
-            text = torch.nonzero(text_columns[row]).flatten()
             if getattr(self.method, "text_scope", "prompt") == "prefix":
                 text = text[text < columns[0]]  # official Qwen2.5-VL behaviour (flashvlm.md §1.10.3)
             signals["text_embeds"] = embeds[row].index_select(0, text)[None]
