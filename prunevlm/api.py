@@ -8,6 +8,7 @@ from .budget import check_budget
 from .config import load_config
 from .methods import METHODS, SIGNALS, Method, Selection, make_method
 from .models import get_adapter
+from .runtime.contract import warn_if_untested
 from .runtime.llm_input import InputPruning, Stats
 from .runtime.llm_layers import LayerPruning
 
@@ -20,6 +21,7 @@ class PruneHandle:
     def __init__(self, model: nn.Module, method: Method, budget, positions: str):
         self.model, self.method, self.budget = model, method, budget
         self.adapter = get_adapter(model)
+        warn_if_untested()
         self.runtime = InputPruning(self.adapter, method, budget, positions)
         # methods with in-LLM stages (VFlowOpt) also prune at decoder layers
         self.layers = LayerPruning(self.runtime) if hasattr(method, "plan") else None

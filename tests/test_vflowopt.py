@@ -8,6 +8,7 @@ import torch
 import prunevlm
 import tiny
 from prunevlm.methods.vflowopt import VFlowOpt, context_relevance, default_layers, importance, recycle
+from prunevlm.runtime.contract import output_cache
 from prunevlm.signals.entropy import CLIP_MEAN, CLIP_STD, grey_levels, patch_entropy
 
 
@@ -142,7 +143,7 @@ def test_full_budget_is_identity(case):
 def test_stages_shorten_the_cache_of_later_layers(case):
     name, model, inputs = case
     with prunevlm.prune(model, "vflowopt", 0.4, layers=(1, 2)) as handle:
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
         lengths = [layer.keys.shape[-2] for layer in cache.layers]
         stats = handle.stats
     text = [p - sum(a) for p, a in zip(stats.prefill_after, stats.tokens_after)]

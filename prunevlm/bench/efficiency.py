@@ -30,6 +30,7 @@ import torch
 
 from .. import prune
 from ..methods.diversity import bipartite_dedup
+from ..runtime.contract import output_cache
 from .models import SHAPES, build_model, prompt_inputs
 
 METHODS = ("none", "flashvlm", "vispruner", "vflowopt", "random", "uniform")
@@ -162,7 +163,7 @@ def measure_once(model, inputs, method: str, budget: int, decode_tokens: int) ->
         ttft = time.perf_counter() - start
         run = {"ttft_ms": 1000 * ttft, "prefill_ms": 1000 * watch.prefill[-1],
                "selection_ms": handle.stats.selection_ms if handle else 0.0,
-               "kv_mb": kv_bytes(out.past_key_values) / 2**20,
+               "kv_mb": kv_bytes(output_cache(out)) / 2**20,
                "kept": handle.stats.tokens_after[0][0] if handle else None}
         del out
         watch.steps.clear()

@@ -17,6 +17,7 @@ from ..calibrate.flow import flow_similarity
 from ..config import load_config
 from ..demo import accuracy, dataset
 from ..loading import prompt_inputs
+from ..runtime.contract import output_cache
 from .efficiency import kv_bytes
 
 METHODS = ("flashvlm", "vispruner", "random", "uniform")
@@ -71,7 +72,7 @@ def measure(model, processor, items, config: dict, reference: torch.Tensor | Non
         kept, layer_average, cache = [], [], []
         for item in items[: args.kv_samples]:
             inputs = prompt_inputs(processor, [item.image], [item.question], model.device)
-            cache.append(kv_bytes(model(**inputs, use_cache=True).past_key_values))
+            cache.append(kv_bytes(output_cache(model(**inputs, use_cache=True))))
             if handle:
                 kept.append(handle.stats.tokens_after[0][0])
                 layer_average.append(handle.stats.layer_average[0][0])

@@ -25,6 +25,7 @@ import torch
 
 from ..methods.base import Method, Selection
 from ..models.base import Adapter, Capture, _sync
+from .contract import Call, ContractError, check_dynamic, is_prefill, output_cache
 
 
 @dataclass
@@ -94,10 +95,6 @@ class ImageChoice:
         return keep[self.selection.info["recycled"][0]] if "recycled" in self.selection.info else keep[:0]
 
 
-def is_prefill(past_key_values) -> bool:
-    return past_key_values is None or past_key_values.get_seq_length() == 0
-
-
 def locate_images(image_mask: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
     """Split each row's placeholder columns into consecutive images of the given token counts.
 
@@ -150,6 +147,7 @@ class InputPruning:
         self.stats = Stats()
         self.handles = adapter.install(self.needed, self.capture)
         self.handles.append(adapter.base.register_forward_pre_hook(self._before_base, with_kwargs=True))
+        self.handles.append(adapter.base.register_forward_hook(self._after_base, with_kwargs=True))
         lm = adapter.language_model
         self.handles.append(lm.register_forward_pre_hook(self._before_llm, with_kwargs=True))
         self.handles.append(lm.register_forward_hook(self._after_llm, with_kwargs=True))
@@ -166,29 +164,35 @@ class InputPruning:
     # -- hooks ------------------------------------------------------------------------------------------
 
     def _before_outer(self, module, args, kwargs):
-        if kwargs.get("labels") is not None:
+        if Call(module, args, kwargs).get("labels") is not None:
             raise ValueError(
                 "labels are not supported while visual tokens are pruned: the pruned sequence is shorter than "
                 "the labels. Remove the pruning handle to compute a loss."
             )
 
     def _before_base(self, module, args, kwargs):
-        self.adapter.check_inputs(kwargs)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        counts = self.adapter.image_token_counts(kwargs)
-        if not is_prefill(kwargs.get("past_key_values")):
+        call = Call(module, args, kwargs)
+        self.adapter.check_inputs(call.kwargs)
+        counts = self.adapter.image_token_counts(call.kwargs)
+        self.images = None
+        if not is_prefill(call.cache(required=False)):
             if counts:
                 raise NotImplementedError(
                     "new images after the first forward of a cached sequence cannot be pruned; start a new "
                     "generation with all images in the prompt, or remove the pruning handle"
                 )
-            self.images = None
             return
-        image_mask = self._image_mask(input_ids, kwargs.get("inputs_embeds"))
+        image_mask = self._image_mask(call.get("input_ids"), call.get("inputs_embeds"))
         if image_mask is None or (not image_mask.any() and not counts):
             self.images = []
             return
         self.images = locate_images(image_mask, counts)
+
+    def _after_base(self, module, args, kwargs, output):
+        pending, self.images = self.images, None
+        if pending:
+            raise ContractError(f"the prompt's {len(pending)} image(s) were located, but the language model's pruning "
+                                f"hook never received them as a prefill")
 
     def _image_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
         if input_ids is not None:
@@ -200,35 +204,53 @@ class InputPruning:
         return (inputs_embeds == image_row).all(dim=-1)
 
     def _before_llm(self, module, args, kwargs):
-        past = kwargs.get("past_key_values")
-        if is_prefill(past):
+        call = Call(module, args, kwargs)
+        cache = call.cache(required=True)
+        check_dynamic(cache)
+        if is_prefill(cache):
             images, self.images = self.images, None
             self.state = None
             if not images:
                 self.capture.clear()
-                self._record_unpruned(kwargs)
+                self._record_unpruned(call)
                 return None
-            return args, self._prune_prefill(kwargs, images)
-        if self.state is None or self.state.cache is None or self.state.cache() is not past:
-            return None  # not a continuation of a prefill pruned here
-        return args, self._fix_decode(kwargs, past)
+            return self._prune_prefill(call, images)
+        if self.images:
+            raise ContractError("the base model saw a prefill with images, but its language model received a "
+                                "non-empty cache")
+        if self.state is None:
+            return None  # this generation's prefill had no image: nothing to narrow
+        if self.state.cache is None or self.state.cache() is not cache:
+            raise ContractError(
+                "a decoding step continues a KV cache that the last pruned prefill did not produce (two generations "
+                "interleaved on one handle, or a cache transformers copied)"
+            )
+        return self._fix_decode(call, cache)
 
     def _after_llm(self, module, args, kwargs, output):
-        if self.state is not None and self.state.cache is None and getattr(output, "past_key_values", None) is not None:
-            self.state.cache = weakref.ref(output.past_key_values)
+        state = self.state
+        if state is None or state.cache is not None:
+            return
+        cache = output_cache(output)
+        if cache is None:
+            return
+        if cache.get_seq_length() != state.pruned_length:
+            raise ContractError(f"a prefill pruned to {state.pruned_length} tokens left {cache.get_seq_length()} in "
+                                f"the language model's cache")
+        state.cache = weakref.ref(cache)
 
     # -- prefill --------------------------------------------------------------------------------------
 
-    def _prune_prefill(self, kwargs: dict, images: list[tuple[int, torch.Tensor]]) -> dict:
-        embeds = kwargs["inputs_embeds"]
+    def _prune_prefill(self, call: Call, images: list[tuple[int, torch.Tensor]]) -> tuple[tuple, dict]:
+        embeds = call["inputs_embeds"]
         _sync(embeds.device)
         start = time.perf_counter()
         batch, length, _ = embeds.shape
-        mask = kwargs.get("attention_mask")
+        mask = call.get("attention_mask")
         if mask is not None and (isinstance(mask, dict) or mask.dim() != 2):
             raise NotImplementedError(
-                "pruning needs a 2D attention mask; prepared 4D masks (static or other compileable caches) are "
-                "not supported: use the default dynamic cache"
+                "pruning needs a 2D padding mask [batch, length]; prepared 4D masks are not supported: pass the "
+                "attention_mask the processor returns"
             )
         real = torch.ones(batch, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
         image_columns = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
@@ -258,7 +280,7 @@ class InputPruning:
         _sync(embeds.device)
         select_seconds = time.perf_counter() - start
 
-        positions = self._prefill_positions(kwargs.get("position_ids"), source, new_mask, batch, length, embeds.device)
+        positions = self._prefill_positions(call.get("position_ids"), source, new_mask, batch, length, embeds.device)
         real_before, real_after = real.sum(dim=1), new_mask.sum(dim=1)
         per_row = [[c for c in choices if c.row == row] for row in range(batch)]
         self.state = DecodeState(
@@ -281,8 +303,7 @@ class InputPruning:
             kept=[[c.selection.keep[0] for c in row] for row in per_row],
             recycled=[[c.recycled for c in row] for row in per_row],
         )
-        kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
-        return kwargs
+        return call.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
 
     def _choose(self, image_tokens, embeds, row, columns, text, recorded) -> ImageChoice:
         """Run the method on one image (in-LLM methods first plan their per-stage counts)."""
@@ -324,9 +345,9 @@ class InputPruning:
         index = source.clamp_min(0).expand(*positions.shape[:-2], -1, -1)
         return positions.gather(-1, index).masked_fill(source < 0, 0)
 
-    def _record_unpruned(self, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        mask = kwargs.get("attention_mask")
+    def _record_unpruned(self, call: Call):
+        embeds = call.get("inputs_embeds")
+        mask = call.get("attention_mask")
         if embeds is None:
             return
         lengths = [embeds.shape[1]] * embeds.shape[0] if mask is None or mask.dim() != 2 else mask.sum(dim=1).tolist()
@@ -337,13 +358,16 @@ class InputPruning:
 
     # -- decoding ---------------------------------------------------------------------------------------
 
-    def _fix_decode(self, kwargs: dict, past) -> dict:
+    def _fix_decode(self, call: Call, past) -> tuple[tuple, dict]:
         state = self.state
-        embeds = kwargs.get("inputs_embeds")
+        embeds = call["inputs_embeds"]
         steps = embeds.shape[1]
         past_length = past.get_seq_length()
         generated = past_length - state.pruned_length + steps  # tokens after the prompt, this step included
-        mask = kwargs.get("attention_mask")
+        if generated < steps:
+            raise ContractError(f"a decoding step's cache holds {past_length} tokens, fewer than the "
+                                f"{state.pruned_length} the pruned prefill left")
+        mask = call.get("attention_mask")
         if mask is not None:
             if isinstance(mask, dict) or mask.dim() != 2:
                 raise NotImplementedError("pruning needs 2D attention masks while decoding (use the dynamic cache)")
@@ -352,15 +376,15 @@ class InputPruning:
                     f"decoding mask has {mask.shape[1]} columns; expected the unpruned prompt ({state.prompt_length}) "
                     f"plus {generated} generated tokens"
                 )
-            kwargs["attention_mask"] = torch.cat([state.prompt_mask.to(mask.dtype), mask[:, state.prompt_length:]], dim=1)
+            call.update(attention_mask=torch.cat([state.prompt_mask.to(mask.dtype), mask[:, state.prompt_length:]], dim=1))
         elif not bool(state.prompt_mask.all()):
             ones = torch.ones(state.prompt_mask.shape[0], generated, dtype=state.prompt_mask.dtype, device=state.prompt_mask.device)
-            kwargs["attention_mask"] = torch.cat([state.prompt_mask, ones], dim=1)
-        positions = kwargs.get("position_ids")
+            call.update(attention_mask=torch.cat([state.prompt_mask, ones], dim=1))
+        positions = call.get("position_ids")
         if self.positions == "compact":
             if positions is not None:
-                kwargs["position_ids"] = positions - state.removed.to(positions.device)
+                call.update(position_ids=positions - state.removed.to(positions.device))
         elif positions is None:
             start = past_length + state.prompt_length - state.pruned_length
-            kwargs["position_ids"] = torch.arange(start, start + steps, device=embeds.device).expand(embeds.shape[0], -1)
-        return kwargs
+            call.update(position_ids=torch.arange(start, start + steps, device=embeds.device).expand(embeds.shape[0], -1))
+        return call.update()

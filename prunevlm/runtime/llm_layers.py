@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
-from .llm_input import InputPruning, is_prefill
+from .contract import Call, causal_mask, is_prefill, layer_cache_length
+from .llm_input import InputPruning
 
 
 @dataclass
@@ -46,11 +46,12 @@ class LayerPruning:
 
     def _before_llm(self, module, args, kwargs):
         # Runs after the input pruning hook, so it sees the pruned prompt's mask.
+        call = Call(module, args, kwargs)
         state = self.inputs.state
-        prefill = is_prefill(kwargs.get("past_key_values"))
+        prefill = is_prefill(call.cache(required=True))
         if prefill:
             self.views = self._views(state) if state is not None and any(state.visual) else None
-        self.step = {"prefill": prefill, "mask": kwargs.get("attention_mask"), "built": {}}
+        self.step = {"prefill": prefill, "mask": call.get("attention_mask"), "built": {}}
 
     def _hook(self, index: int):
         def before_layer(module, args, kwargs):
@@ -59,7 +60,7 @@ class LayerPruning:
             starts = [k for k in self.views if k <= index]
             if not starts:
                 return None
-            return self._apply(index, max(starts), args, kwargs)
+            return self._apply(module, index, max(starts), args, kwargs)
 
         return before_layer
 
@@ -105,37 +106,33 @@ class LayerPruning:
 
     # -- one decoder layer ------------------------------------------------------------------------------
 
-    def _apply(self, index: int, start: int, args, kwargs):
+    def _apply(self, layer, index: int, start: int, args, kwargs):
         view = self.views[start]
-        hidden = args[0] if args else kwargs["hidden_states"]
+        call = Call(layer, args, kwargs)
+        hidden = call["hidden_states"]
         batch = hidden.shape[0]
-        past = kwargs.get("past_key_values")
+        past = call.cache(required=True)
         if self.step["prefill"]:
             if index == start:
                 hidden = _gather(hidden, view.within_previous)
-            cos, sin = kwargs["position_embeddings"]
-            kwargs["position_embeddings"] = (_gather(cos.expand(batch, -1, -1), view.source),
-                                             _gather(sin.expand(batch, -1, -1), view.source))
-            positions = kwargs.get("position_ids")
+            cos, sin = call["position_embeddings"]
+            call.update(position_embeddings=(_gather(cos.expand(batch, -1, -1), view.source),
+                                             _gather(sin.expand(batch, -1, -1), view.source)))
+            positions = call.get("position_ids")
             if positions is not None:
-                kwargs["position_ids"] = _gather(positions.expand(batch, -1), view.source)
+                call.update(position_ids=_gather(positions.expand(batch, -1), view.source))
             mask = view.mask
         else:
             # this layer's cache holds its view of the prompt plus the generated tokens
-            generated = hidden.shape[1] + past.layers[index].keys.shape[-2] - view.source.shape[1]
+            generated = hidden.shape[1] + layer_cache_length(past, index) - view.source.shape[1]
             llm_mask = self.step["mask"]
             tail = (llm_mask[:, -generated:] if llm_mask is not None
                     else torch.ones(batch, generated, dtype=view.mask.dtype, device=hidden.device))
             mask = torch.cat([view.mask, tail.to(view.mask.dtype)], dim=1)
         built = self.step["built"]  # layers of one stage share their mask
         if start not in built:
-            built[start] = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask,
-                                              past_key_values=past, layer_idx=index)
-        kwargs["attention_mask"] = built[start]
-        if args:
-            return (hidden, *args[1:]), kwargs
-        kwargs["hidden_states"] = hidden
-        return args, kwargs
+            built[start] = causal_mask(self.config, hidden, mask, past, index)
+        return call.update(hidden_states=hidden, attention_mask=built[start])
 
 
 def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
