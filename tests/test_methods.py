@@ -128,12 +128,92 @@ def test_diversity_keeps_every_cluster_at_twice_the_cluster_count(clusters):
     assert torch.stack(radii).median() < 0.02
 
 
-def test_vispruner_equals_flashvlm_without_text():
-    s = signals()
-    for budget in (1, 5, 16, 0.25, 63):
-        vis = prunevlm.select("vispruner", budget, image_tokens=s["image_tokens"], saliency=s["saliency"], features=s["features"])
-        flash = prunevlm.select("flashvlm", budget, image_tokens=s["image_tokens"], saliency=s["saliency"], features=s["features"])
-        assert torch.equal(vis.keep, flash.keep)
+def saliency_of(kind, batch, tokens, seed=0):
+    """Saliencies that stress the ranking: heavy tails put many values under FlashVLM's 1e-6 floor, and
+    ties (exact zeros, a few repeated levels) leave the order to the tie-break alone."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(batch, tokens, generator=g)
+    if kind == "uniform":
+        return u
+    if kind.startswith("pow"):
+        return u ** int(kind[3:])
+    if kind == "zeros":  # three quarters exactly zero, the rest heavy-tailed (some of it below the floor)
+        return torch.where(u < 0.75, 0.0, torch.rand(batch, tokens, generator=g) ** 8)
+    if kind == "levels":  # five repeated values
+        return (u * 5).floor() / 4
+    if kind == "fp16":
+        return (u ** 8).half()
+    raise ValueError(kind)
+
+
+def same_selection(a, b):
+    """Index-identical: kept set, important share, and the diverse share in the partition's final order."""
+    return all(torch.equal(a.info[key], b.info[key]) for key in ("important", "diverse")) and torch.equal(a.keep, b.keep)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "pow3", "pow8", "zeros", "levels", "fp16"])
+def test_vispruner_equals_flashvlm_without_text(kind):
+    """flashvlm.py's module docstring: with no text the ranking score is the saliency itself (docs/methods.md),
+    so the selection equals VisPruner's for any saliency, whatever the floor would have tied."""
+    s = signals(batch=3, tokens=576, dim=16)
+    saliency = saliency_of(kind, 3, 576)
+    no_text = [{}, {"text_embeds": s["text_embeds"][:, :0]},
+               {"text_embeds": s["text_embeds"], "text_mask": torch.zeros(3, 7, dtype=torch.bool)}]
+    differ, scored = [], []
+    for budget in (1, 5, 32, 64, 128, 0.25, 575):
+        vis = prunevlm.select("vispruner", budget, image_tokens=s["image_tokens"], saliency=saliency, features=s["features"])
+        for text in no_text:
+            flash = prunevlm.select("flashvlm", budget, image_tokens=s["image_tokens"], saliency=saliency,
+                                    features=s["features"], **text)
+            if not same_selection(vis, flash):
+                differ.append((budget, sorted(text)))
+            scored.append(torch.equal(flash.scores, saliency.float()))
+    assert differ == []
+    assert all(scored)
+
+
+@pytest.mark.parametrize("kind", ["pow3", "pow8", "zeros"])
+def test_flashvlm_rows_without_text_equal_vispruner_in_a_mixed_batch(kind):
+    """A row whose text_mask is all False selects as VisPruner on that row; a row with text as FlashVLM on
+    that row alone."""
+    s = signals(batch=2, tokens=576, dim=16)
+    saliency = saliency_of(kind, 2, 576, seed=1)
+    mask = torch.tensor([[True] * 5 + [False] * 2, [False] * 7])  # row 0: 5 text rows and padding; row 1: none
+    for budget in (8, 64, 128):
+        batch = prunevlm.select("flashvlm", budget, image_tokens=s["image_tokens"], saliency=saliency,
+                                features=s["features"], text_embeds=s["text_embeds"], text_mask=mask)
+        with_text = prunevlm.select("flashvlm", budget, image_tokens=s["image_tokens"][:1], saliency=saliency[:1],
+                                    features=s["features"][:1], text_embeds=s["text_embeds"][:1, :5])
+        without = prunevlm.select("vispruner", budget, image_tokens=s["image_tokens"][1:], saliency=saliency[1:],
+                                  features=s["features"][1:])
+        for row, alone in ((0, with_text), (1, without)):
+            assert torch.equal(batch.keep[row], alone.keep[0])
+            assert all(torch.equal(batch.info[key][row], alone.info[key][0]) for key in ("important", "diverse"))
+            assert torch.equal(batch.scores[row], alone.scores[0])
+        assert not torch.equal(batch.scores[0], saliency[0])  # the text row is fused, not the saliency
+
+
+def test_flashvlm_official_no_text_score_keeps_the_floor_ties():
+    """no_text_score="fused" is the official computation without text: the fused formula with T ≡ ε, whose
+    floor ties the lowest saliencies, so it departs from VisPruner on a heavy-tailed saliency."""
+    s = signals(batch=2, tokens=576)
+    saliency = saliency_of("pow8", 2, 576)
+    official = prunevlm.select("flashvlm", 64, image_tokens=s["image_tokens"], saliency=saliency, no_text_score="fused")
+    assert torch.equal(official.scores, fuse(saliency, None))
+    vis = prunevlm.select("vispruner", 64, image_tokens=s["image_tokens"], saliency=saliency)
+    assert not torch.equal(official.keep, vis.keep)
+    with pytest.raises(ValueError, match="no_text_score must be 'saliency' or 'fused', got 'cls'"):
+        prunevlm.select("flashvlm", 64, image_tokens=s["image_tokens"], saliency=saliency, no_text_score="cls")
+
+
+def test_flashvlm_with_text_ranks_by_the_fused_score():
+    """The text path is the formula of flashvlm.md §1.5 on every row, as before the no-text fix."""
+    s = signals(batch=2, tokens=144)
+    s["saliency"] = saliency_of("pow8", 2, 144)
+    method = prunevlm.api.METHODS["flashvlm"]()
+    expected = fuse(s["saliency"], method.text_score(s["image_tokens"], s["text_embeds"], None))
+    for no_text_score in ("saliency", "fused"):
+        assert torch.equal(prunevlm.select("flashvlm", 16, no_text_score=no_text_score, **s).scores, expected)
 
 
 def test_text_changes_the_flashvlm_selection():

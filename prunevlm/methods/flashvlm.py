@@ -3,8 +3,15 @@ reference/flashvlm.md §1).
 
 Relevance of each projected image token to the prompt's LLM input embeddings is pooled over the text,
 sharpened, and fused in the log domain with the vision saliency. Half the budget goes to the top of the
-fused score, half to a diversity-preserving partition of the rest (`diversity.py`). With no text the fused
-ranking is the saliency ranking, so the method reduces to VisPruner.
+fused score, half to a diversity-preserving partition of the rest (`diversity.py`).
+
+Without text (no `text_embeds`, `text_embeds` with L = 0, or a row whose `text_mask` is all False) the
+ranking score of that row is the saliency itself as float, exactly the score VisPruner ranks by, so the
+selection of such a row (important share, residual order fed to the diversity partition, diverse share) is
+index-identical to VisPruner's for any saliency, ties included (docs/methods.md, FlashVLM). The fused formula
+with T ≡ ε, which the official code applies, keeps the saliency order only above the floor: every token
+with minmax(saliency) < ε ties there; `no_text_score="fused"` reproduces it. Rows with text always use the
+fused score, unaffected by the other rows of the batch.
 """
 
 from __future__ import annotations
@@ -70,7 +77,9 @@ def sharpen(
 def fuse(saliency: torch.Tensor, text_score: torch.Tensor | None, eta: float = 0.5, floor: float = 1e-6) -> torch.Tensor:
     """f = minmax(A^(1−η) · T^η) with A = max(minmax(saliency), floor), T = max(t, floor) (§1.4–1.5).
 
-    Without text, T ≡ floor, which leaves the saliency ranking unchanged.
+    Without text, T ≡ floor: the order of f is the saliency's except that every saliency whose min-max value
+    is below the floor ties with the others there. `FlashVLM.scores` therefore ranks such rows by the
+    saliency itself, and uses this formula only for rows with text.
     """
     a = minmax(saliency.float()).clamp_min(floor)
     t = torch.full_like(a, floor) if text_score is None else text_score.clamp_min(floor)
@@ -96,6 +105,7 @@ class FlashVLM(ImportantDiverse):
     floor: float = 1e-6  # ε before the logarithms (§1.5)
     text_norm_gating: bool = False  # official Qwen2.5-VL path: weight text rows by their norm (§1.2)
     text_scope: str = "prompt"  # "prompt": every non-image token; "prefix": only text before the first image (§1.10.3)
+    no_text_score: str = "saliency"  # rows without text: "saliency" (= VisPruner) or "fused" (official code; docs/methods.md)
 
     def __post_init__(self):
         super().__post_init__()
@@ -107,19 +117,40 @@ class FlashVLM(ImportantDiverse):
         check_unit("damping", self.damping)
         if self.text_scope not in ("prompt", "prefix"):
             raise ValueError(f"{self.name}: text_scope must be 'prompt' or 'prefix', got {self.text_scope!r}")
+        if self.no_text_score not in ("saliency", "fused"):
+            raise ValueError(f"{self.name}: no_text_score must be 'saliency' or 'fused', got {self.no_text_score!r}")
+
+    @staticmethod
+    def has_text(text_embeds, text_mask) -> torch.Tensor | None:
+        """[B] bool, True for rows with at least one text row; None when no text is given at all."""
+        if text_embeds is None or text_embeds.shape[1] == 0:
+            return None
+        if text_mask is None:
+            return torch.ones(text_embeds.shape[0], dtype=torch.bool, device=text_embeds.device)
+        return text_mask.bool().any(dim=1)
 
     def text_score(self, image_tokens, text_embeds, text_mask) -> torch.Tensor | None:
         """t_i in [0, 1], or None without text; rows with no text get the floor."""
-        if text_embeds is None or text_embeds.shape[1] == 0:
+        has_text = self.has_text(text_embeds, text_mask)
+        if has_text is None:
             return None
         relevance = text_relevance(image_tokens, text_embeds, text_mask, self.text_temperature, self.text_norm_gating)
-        has_text = torch.ones(relevance.shape[0], dtype=torch.bool, device=relevance.device) if text_mask is None else text_mask.any(dim=1)
         relevance = torch.where(has_text[:, None], relevance, 0.0)
         t = sharpen(relevance, self.sharpen_temperature, self.gamma, self.top_p, self.damping)
         return torch.where(has_text[:, None], t, self.floor)
 
     def scores(self, image_tokens, saliency, text_embeds=None, text_mask=None) -> torch.Tensor:
-        return fuse(saliency, self.text_score(image_tokens, text_embeds, text_mask), self.eta, self.floor)
+        """The ranking score [B, N]: the fused f (in [0, 1]) for rows with text, and for rows without it the
+        saliency itself as float, VisPruner's score, so that those rows select exactly as VisPruner does
+        (module docstring); with `no_text_score="fused"` every row gets f. Rows with text are unchanged by
+        the rows without."""
+        if self.no_text_score == "fused":
+            return fuse(saliency, self.text_score(image_tokens, text_embeds, text_mask), self.eta, self.floor)
+        has_text = self.has_text(text_embeds, text_mask)
+        if has_text is None or not has_text.any():
+            return saliency.float()
+        fused = fuse(saliency, self.text_score(image_tokens, text_embeds, text_mask), self.eta, self.floor)
+        return torch.where(has_text[:, None], fused, saliency.float())
 
     def select(self, k, image_tokens, saliency, text_embeds=None, text_mask=None, features=None) -> Selection:
         fused = self.scores(image_tokens, saliency, text_embeds, text_mask)

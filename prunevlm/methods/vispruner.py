@@ -1,7 +1,8 @@
 """VisPruner (ICCV'25): important tokens by vision saliency, the rest by de-duplication.
 
-It is FlashVLM without text (flashvlm.md §1.5): the important share is the top of the saliency and the
-residual is de-duplicated in descending-saliency order.
+The important share is the top of `saliency.float()` and the residual is de-duplicated in descending order
+of it. FlashVLM ranks its rows without text by this same score, so on those rows it selects exactly these
+indices (docs/methods.md, FlashVLM).
 """
 
 from __future__ import annotations
