@@ -51,10 +51,57 @@ def test_patch_entropy_is_the_grey_level_histogram_entropy_in_bits():
     assert patch_entropy(levels).tolist() == pytest.approx([0.0, 1.0, 2.0], abs=1e-6)
 
 
-def test_code_entropy_reproduces_the_uint8_clamp():
+def cast_inputs() -> torch.Tensor:
+    """Normalised pixel blocks [5, 3, 14, 14] whose ×255 covers negatives, values above 255 and fractions."""
+    g = torch.Generator().manual_seed(0)
+    wide = torch.rand(4, 3, 14, 14, generator=g) * 4 - 2  # x * 255 in [-510, 510)
+    edges = torch.tensor([-100.7, 300.2, -255.0, -256.4, -0.5, -1.0, 255.9, 256.0, 511.7, -300.3, 12.6, 0.0]) / 255
+    edge = torch.cat([edges, torch.zeros(3 * 196 - edges.numel())]).view(1, 3, 14, 14)
+    return torch.cat([wide, edge])
+
+
+def test_code_entropy_wrap_is_the_pytorch_cpu_cast():
+    """entropy="code" with the default code_cast="wrap" equals torch's own float -> uint8 cast on CPU of the
+    official (x * 255), then the channel mean and rounding (docs/methods.md, VFlowOpt)."""
+    x = cast_inputs()
+    cast = (x * 255).to(torch.uint8)
+    assert torch.tensor([-100.7, 300.2, -255.0]).to(torch.uint8).tolist() == [156, 44, 1]  # it wraps on this CPU
+    expected = cast.float().mean(dim=-3).round()
+    assert torch.equal(grey_levels(x, mode="code"), expected)
+    assert torch.equal(grey_levels(x, mode="code", code_cast="wrap"), expected)
+
+
+def test_code_entropy_saturate_is_a_clamp_of_the_product():
+    x = cast_inputs()
+    expected = (x * 255).clamp(0, 255).to(torch.uint8).float().mean(dim=-3).round()
+    assert torch.equal(grey_levels(x, mode="code", code_cast="saturate"), expected)
+    assert not torch.equal(expected, grey_levels(x, mode="code"))  # the two readings differ here
+
+
+def test_code_entropy_readings_on_pixels_darker_than_the_mean():
     dark = normalised(torch.cat([torch.full((7, 14), 10), torch.full((7, 14), 60)]))  # both below the mean
     assert patch_entropy(grey_levels(dark[None])).item() == pytest.approx(1.0)
-    assert patch_entropy(grey_levels(dark[None], mode="code")).item() == pytest.approx(0.0, abs=1e-6)
+    # saturating, every dark pixel becomes 0; wrapping keeps the two levels apart
+    assert patch_entropy(grey_levels(dark[None], mode="code", code_cast="saturate")).item() == pytest.approx(0.0, abs=1e-6)
+    assert patch_entropy(grey_levels(dark[None], mode="code", code_cast="wrap")).item() == pytest.approx(1.0)
+
+
+def test_vflowopt_code_cast_option_reaches_the_entropy():
+    g = torch.Generator().manual_seed(0)
+    attention = torch.softmax(torch.randn(1, 5, 5, generator=g), dim=-1)
+    patches = cast_inputs()[None]
+    assert VFlowOpt().code_cast == "wrap" and VFlowOpt().entropy == "paper"
+    for cast in ("wrap", "saturate"):
+        entropy = patch_entropy(grey_levels(patches, mode="code", code_cast=cast))
+        expected = importance(attention, entropy, 2.0, 0.5)
+        assert torch.equal(VFlowOpt(t=2.0, alpha=0.5, entropy="code", code_cast=cast).scores(attention, patches), expected)
+    paper = importance(attention, patch_entropy(grey_levels(patches)), 2.0, 0.5)
+    for cast in ("wrap", "saturate"):  # the paper mode ignores the cast
+        assert torch.equal(VFlowOpt(t=2.0, alpha=0.5, code_cast=cast).scores(attention, patches), paper)
+    with pytest.raises(ValueError, match="vflowopt: code_cast must be 'wrap' or 'saturate', got 'clamp'"):
+        VFlowOpt(entropy="code", code_cast="clamp")
+    with pytest.raises(ValueError, match="code_cast must be 'wrap' or 'saturate', got 'clamp'"):
+        grey_levels(patches, mode="code", code_cast="clamp")
 
 
 def test_recycling_keeps_the_exact_count_and_averages_each_cell():

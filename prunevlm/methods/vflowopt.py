@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ..signals.entropy import CLIP_MEAN, CLIP_STD, grey_levels, patch_entropy
+from ..signals.entropy import CLIP_MEAN, CLIP_STD, CODE_CASTS, grey_levels, patch_entropy
 from .base import Method, Selection
 
 # Released configurations for LLaVA-OneVision-7B (vflowopt.md §3.4): T -> (r_v, r_1, r_2, t, m, alpha).
@@ -139,7 +139,8 @@ class VFlowOpt(Method):
     alpha: float = 0.0  # entropy weight; 0 in every released config (§2.3)
     layers: tuple[int, int] | None = None  # (k1, k2); None: 9/28 and 18/28 of the LLM depth
     recycle: bool = True  # aggregate pruned tokens per cell at stage 0 (§3.1)
-    entropy: str = "paper"  # "paper": raw 0-255 grey levels; "code": the official uint8 clamp (§2.2)
+    entropy: str = "paper"  # "paper": raw 0-255 grey levels; "code": the official uint8 cast (docs/methods.md)
+    code_cast: str = "wrap"  # how "code" reads that cast: "wrap" (mod 256, PyTorch CPU) or "saturate" (docs/methods.md)
     pixel_mean: tuple[float, float, float] = CLIP_MEAN  # the processor's normalisation, to undo for "paper"
     pixel_std: tuple[float, float, float] = CLIP_STD
 
@@ -157,6 +158,8 @@ class VFlowOpt(Method):
             raise ValueError(f"vflowopt: pixel_mean/pixel_std need 3 channels (std > 0), got {self.pixel_mean}, {self.pixel_std}")
         if self.entropy not in ("paper", "code"):
             raise ValueError(f"vflowopt: entropy must be 'paper' or 'code', got {self.entropy!r}")
+        if self.code_cast not in CODE_CASTS:
+            raise ValueError(f"vflowopt: code_cast must be 'wrap' or 'saturate', got {self.code_cast!r}")
         if self.layers is not None:
             self.layers = tuple(int(k) for k in self.layers)
             if len(self.layers) != 2 or not 1 <= self.layers[0] <= self.layers[1]:
@@ -193,7 +196,7 @@ class VFlowOpt(Method):
         return Plan((n0, n1, n2), (k1, k2), num_layers)
 
     def scores(self, attention: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        entropy = patch_entropy(grey_levels(patches, self.pixel_mean, self.pixel_std, self.entropy))
+        entropy = patch_entropy(grey_levels(patches, self.pixel_mean, self.pixel_std, self.entropy, self.code_cast))
         return importance(attention, entropy, self.t, self.alpha)
 
     def keep_all(self, batch, num_tokens, image_tokens, attention, patches, grid) -> Selection:

@@ -9,13 +9,22 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def grey_levels(patches: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, mode: str = "paper") -> torch.Tensor:
+CODE_CASTS = ("wrap", "saturate")  # readings of the official float -> uint8 cast (docs/methods.md, VFlowOpt)
+
+
+def grey_levels(
+    patches: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, mode: str = "paper", code_cast: str = "wrap"
+) -> torch.Tensor:
     """Integer grey levels 0..255 of normalised pixel blocks [..., C, h, w] -> [..., h, w].
 
     "paper": undo the processor's normalisation to raw 0-255 intensities, the paper's intent.
-    "code": the official code's computation on the normalised tensor: x * 255 cast to uint8, which on CUDA
-    saturates (negatives become 0), so every pixel darker than the mean collapses to 0 (§2.2 quirk).
-    Both then average the channels with equal weights and round.
+    "code": the official code's computation on the normalised tensor, `(x * 255).to(torch.uint8)`, whose
+    result for values outside [0, 256) depends on how the cast is read (`code_cast`, docs/methods.md):
+      "wrap": truncate toward zero, then keep the value mod 256 (PyTorch's CPU cast, which goes through
+              int64: -100.7 -> 156, 300.2 -> 44); computed explicitly here, so it is the same on every device;
+      "saturate": truncate, then clamp to [0, 255], so every pixel darker than the mean becomes 0.
+    Which one the official CUDA runs performed is unverified. `code_cast` is read only in "code" mode.
+    Both modes then average the channels with equal weights and round.
     """
     shape = (-1, 1, 1)
     if mode == "paper":
@@ -23,7 +32,13 @@ def grey_levels(patches: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, mode: str =
         std_t = torch.tensor(std, dtype=torch.float32, device=patches.device).view(shape)
         values = ((patches.float() * std_t + mean_t) * 255).round().clamp(0, 255)
     elif mode == "code":
-        values = (patches.float() * 255).clamp(0, 255).trunc()
+        scaled = patches.float() * 255
+        if code_cast == "wrap":
+            values = scaled.to(torch.int64).remainder(256).float()  # float -> int64 truncates toward zero
+        elif code_cast == "saturate":
+            values = scaled.clamp(0, 255).trunc()
+        else:
+            raise ValueError(f"code_cast must be 'wrap' or 'saturate', got {code_cast!r}")
     else:
         raise ValueError(f"entropy mode must be 'paper' or 'code', got {mode!r}")
     return values.mean(dim=-3).round()
