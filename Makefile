@@ -3,15 +3,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch; a bare `torch` would pull several GB of CUDA packages.
 TORCH_PIN ?= torch==2.13.0
+EXTRAS := .[calibrate,plot,dev]
+# The exact versions the set-up installs; `make lock` refreshes it.
+LOCK := requirements.lock
+# The lowest transformers pyproject.toml allows: CI tests it beside the locked and the newest versions.
+OLDEST_TRANSFORMERS := transformers==5.23.0
 
-.PHONY: setup demo bench test clean
+# $(call fresh_venv,DIR,MORE_PIP_ARGUMENTS): a new venv with the CPU torch and this project (editable).
+define fresh_venv
+	rm -rf $(1)
+	python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q $(TORCH_PIN)
+	$(1)/bin/python -m pip install -q -e "$(EXTRAS)" $(2)
+endef
+
+.PHONY: setup demo bench test test-newest test-oldest lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[calibrate,plot,dev]"
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	$(call fresh_venv,$(VENV),-c $(LOCK))
 	touch $@
 
 demo: setup
@@ -23,5 +34,20 @@ bench: setup
 test: setup
 	$(PY) -m pytest
 
+# The suite where pip resolves every dependency to its newest allowed release (torch pinned as above).
+test-newest:
+	$(call fresh_venv,.venv-newest,)
+	.venv-newest/bin/python -m pytest
+
+test-oldest:
+	$(call fresh_venv,.venv-oldest,"$(OLDEST_TRANSFORMERS)")
+	.venv-oldest/bin/python -m pytest
+
+# Refresh $(LOCK) with the newest allowed releases; then `make test` and commit it.
+lock:
+	$(call fresh_venv,.venv-lock,)
+	.venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' > $(LOCK)
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-newest .venv-oldest .venv-lock build *.egg-info
