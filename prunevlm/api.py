@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .budget import check_budget
+from .budget import Budget
 from .config import load_config
 from .methods import METHODS, SIGNALS, Method, Selection, make_method
 from .models import get_adapter
@@ -18,7 +18,7 @@ _ATTACHED = "_prunevlm_handle"
 class PruneHandle:
     """A pruning method attached to a model through hooks. Use as a context manager or call `.remove()`."""
 
-    def __init__(self, model: nn.Module, method: Method, budget, positions: str):
+    def __init__(self, model: nn.Module, method: Method, budget: Budget, positions: str):
         self.model, self.method, self.budget = model, method, budget
         self.adapter = get_adapter(model)
         warn_if_untested()
@@ -55,17 +55,18 @@ class PruneHandle:
         return f"PruneHandle({self.method!r}, budget={self.budget!r}, {self.adapter.family}, {state})"
 
 
-def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | float | None = None, *,
+def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | float | Budget | None = None, *,
           config=None, positions: str = "original", **options) -> PruneHandle:
     """Attach a pruning method to a stock Hugging Face VLM.
 
-    budget: an int is the number of visual tokens kept per image (an image with fewer stays whole); a float
-    in (0, 1] is the fraction of each image's tokens. For methods that prune inside the LLM (vflowopt) it is
-    the layer-averaged count or fraction. config: a saved configuration (path or dict, e.g. from
-    `prunevlm calibrate`) giving the method's options and budget. positions: "original" keeps the kept
-    tokens' RoPE positions (required for M-RoPE), "compact" renumbers them. Other keyword arguments are
-    method options.
+    budget: an int (Python or NumPy) is the number of visual tokens kept per image (an image with fewer stays
+    whole); a float in (0, 1] is the fraction of each image's tokens; a `Budget` is either. For methods that
+    prune inside the LLM (vflowopt) it is the layer-averaged count or fraction. config: a saved configuration
+    (path or dict, e.g. from `prunevlm calibrate`) giving the method's options and budget. positions:
+    "original" keeps the kept tokens' RoPE positions (required for M-RoPE), "compact" renumbers them. Other
+    keyword arguments are method options.
     """
+    budget = None if budget is None else Budget.of(budget)
     if config is not None:
         loaded = load_config(config)
         name = method if isinstance(method, str) else method.name
@@ -82,7 +83,6 @@ def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | flo
         budget, options = loaded["budget"], {**loaded["options"], **options}
     if budget is None:
         raise TypeError("prune() needs a budget: tokens per image (int) or a fraction of each image (float in (0, 1])")
-    check_budget(budget)
     method = make_method(method, **options)
     existing = getattr(model, _ATTACHED, None)
     if existing is not None:
@@ -90,13 +90,13 @@ def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | flo
     return PruneHandle(model, method, budget, positions)
 
 
-def select(method: str | Method, budget: int | float, **kwargs) -> Selection:
+def select(method: str | Method, budget: int | float | Budget, **kwargs) -> Selection:
     """Run a method on signals directly: `select("flashvlm", 64, image_tokens=..., saliency=..., text_embeds=...)`.
 
     Keyword arguments named like a signal (see `list_methods()`) are signals; the rest are method options.
     Returns a `Selection` whose `.keep` is a LongTensor [B, k] of ascending original indices.
     """
-    check_budget(budget)
+    budget = Budget.of(budget)
     signals = {name: kwargs.pop(name) for name in list(kwargs) if name in SIGNALS}
     return make_method(method, **kwargs)(budget, **signals)
 

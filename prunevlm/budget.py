@@ -2,36 +2,73 @@
 
 from __future__ import annotations
 
-import math
 import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ALLOWED = "an int >= 1 (visual tokens kept per image) or a float in (0, 1] (fraction of each image's tokens)"
 
 
-def check_budget(budget) -> int | float:
-    """Validate a budget without knowing the image: an int >= 1 or a float in (0, 1]."""
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(
-            f"budget must be an int (tokens kept per image) or a float in (0, 1] (fraction of each image's "
-            f"tokens), got {budget!r} of type {type(budget).__name__}"
-        )
-    if isinstance(budget, numbers.Integral):
-        if budget < 1:
-            raise ValueError(f"budget={budget} keeps no visual token; use an int >= 1 or a float in (0, 1]")
-        return int(budget)
-    budget = float(budget)
-    if not (0.0 < budget <= 1.0) or math.isnan(budget):
-        raise ValueError(
-            f"a float budget is the fraction of each image's tokens to keep and must lie in (0, 1], got {budget}; "
-            f"use an int for a token count"
-        )
-    return budget
+@dataclass(frozen=True)
+class Budget:
+    """A validated per-image budget, built once where a budget enters (prune, select, configs, the CLI).
 
+    `Budget(8)` keeps 8 tokens per image, `Budget(0.25)` a quarter of each image; Python and NumPy ints and
+    floats are accepted, anything else is refused.
+    """
 
-def tokens_to_keep(budget, num_tokens: int) -> int:
-    """Tokens kept out of `num_tokens`: an int budget is capped at the image's size (the image stays whole),
-    a fraction is rounded to the nearest count and keeps at least one token."""
-    budget = check_budget(budget)
-    if num_tokens < 1:
-        raise ValueError(f"an image must have at least one visual token, got {num_tokens}")
-    if isinstance(budget, int):
-        return min(budget, num_tokens)
-    return min(num_tokens, max(1, round(budget * num_tokens)))
+    value: int | float  # an int: tokens kept per image; a float: the fraction of each image's tokens
+    is_count: bool = field(init=False)  # compared too: Budget(1), one token, is not Budget(1.0), the whole image
+
+    def __post_init__(self):
+        budget = self.value
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+            raise TypeError(f"budget must be {ALLOWED}, got {budget!r} of type {type(budget).__name__}")
+        if isinstance(budget, numbers.Integral):
+            value = int(budget)
+            if value < 1:
+                raise ValueError(f"budget={budget!r} keeps no visual token; use {ALLOWED}")
+        else:
+            # np.float32(0.1) means 0.1, not 0.10000000149: a NumPy float is read as the decimal it prints as
+            value = float(str(budget)) if isinstance(budget, np.floating) else float(budget)
+            if not 0.0 < value <= 1.0:  # also refuses NaN
+                raise ValueError(
+                    f"a float budget is the fraction of each image's tokens to keep and must lie in (0, 1], got "
+                    f"{budget!r}; use an int >= 1 for a number of tokens per image"
+                )
+        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "is_count", isinstance(value, int))
+
+    @classmethod
+    def of(cls, budget) -> Budget:
+        """`budget` itself if it is a Budget, else a new one from a number."""
+        return budget if isinstance(budget, Budget) else cls(budget)
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """Command-line text: an int ('64') is a count, a float ('0.25', '1e-1') a fraction."""
+        try:
+            number = float(text) if any(c in text for c in ".eE") else int(text)
+        except ValueError:
+            raise ValueError(
+                f"budget must be an int, read as tokens kept per image (e.g. 64), or a decimal number, read as the "
+                f"fraction in (0, 1] of each image's tokens (e.g. 0.25), got {text!r}"
+            ) from None
+        return cls(number)
+
+    def tokens_to_keep(self, num_tokens: int) -> int:
+        """Tokens kept out of `num_tokens`: a count is capped at the image's size (the image stays whole),
+        a fraction is rounded to the nearest count and keeps at least one token."""
+        if num_tokens < 1:
+            raise ValueError(f"an image must have at least one visual token, got {num_tokens}")
+        if self.is_count:
+            return min(self.value, num_tokens)
+        return min(num_tokens, max(1, round(self.value * num_tokens)))
+
+    def fraction_of(self, num_tokens: int) -> float:
+        """The share of an image of `num_tokens` tokens that the budget keeps (at most the whole image)."""
+        return min(1.0, self.value / num_tokens) if self.is_count else self.value
+
+    def __str__(self) -> str:
+        return str(self.value)

@@ -7,13 +7,15 @@ import json
 import sys
 import time
 
+from .budget import Budget
 
-def parse_budget(text: str) -> int | float:
+
+def parse_budget(text: str) -> Budget:
     """'64' -> 64 tokens per image, '0.25' -> a quarter of each image's tokens."""
     try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be an int (tokens per image) or a float in (0, 1], got {text!r}")
+        return Budget.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--method", default="flashvlm", help="a method name (prunevlm methods), or 'none'")
-    gen.add_argument("--budget", type=parse_budget, default=64, help="tokens per image (int) or fraction (float)")
+    gen.add_argument("--budget", type=parse_budget, default=Budget(64), help="tokens per image (int) or fraction (float)")
     gen.add_argument("--option", type=parse_option, action="append", default=[], help="method option KEY=VALUE")
     gen.add_argument("--positions", choices=["original", "compact"], default="original")
     gen.add_argument("--max-new-tokens", type=int, default=64)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import os
 
-from .budget import check_budget
+from .budget import Budget
 from .methods import get_method, make_method
 
 FORMAT = "prunevlm-config/1"
 
 
 def save_config(path: str, method: str, budget, options: dict, **provenance) -> dict:
-    """Write a configuration; the options are validated by building the method first."""
+    """Write a configuration (the budget as a plain number); the options are validated by building the method first."""
     make_method(method, **options)
-    data = {"format": FORMAT, "method": method, "budget": check_budget(budget), "options": options, **provenance}
+    data = {"format": FORMAT, "method": method, "budget": Budget.of(budget).value, "options": options, **provenance}
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -24,7 +24,7 @@ def save_config(path: str, method: str, budget, options: dict, **provenance) -> 
 
 
 def load_config(config: str | os.PathLike | dict) -> dict:
-    """Read and validate a configuration (a path or an already loaded dict)."""
+    """Read and validate a configuration (a path or an already loaded dict); its budget comes back as a Budget."""
     if isinstance(config, dict):
         data = config
     else:
@@ -37,6 +37,6 @@ def load_config(config: str | os.PathLike | dict) -> dict:
     if missing or data.get("format", FORMAT) != FORMAT:
         raise ValueError(f"not a prunevlm config (format {FORMAT}, with method, budget and options): missing {sorted(missing)}")
     get_method(data["method"])
-    check_budget(data["budget"])
+    budget = Budget.of(data["budget"])
     make_method(data["method"], **data["options"])
-    return data
+    return {**data, "budget": budget}

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +13,12 @@ import optuna
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import prunevlm
 import tiny
+from prunevlm.budget import Budget
 from prunevlm.calibrate import jsonl_samples, search
 from prunevlm.calibrate.search import r_1_bounds
 from prunevlm.cli import main
@@ -53,7 +57,7 @@ def test_every_searched_point_meets_the_budget():
         for r_v in (budget, 1.25 * budget, min(1.0, 1.5 * budget)):
             low, high = r_1_bounds(budget, r_v, (9, 18), 28)
             for r_1 in (low, (low + high) / 2, high):
-                plan = VFlowOpt(r_v=r_v, r_1=r_1, layers=(9, 18)).plan(budget, 729, 28)
+                plan = VFlowOpt(r_v=r_v, r_1=r_1, layers=(9, 18)).plan(Budget(budget), 729, 28)
                 assert abs(plan.layer_average / 729 - budget) < 2 / 729
 
 
@@ -75,19 +79,64 @@ def test_calibration_writes_a_config_that_prune_loads(workdir, capsys):
     assert before < after and len(after) == 7
 
 
-def test_cached_references_are_recomputed_when_the_weights_change(workdir, tmp_path, monkeypatch):
+def counted_references(workdir, monkeypatch):
+    """(model, references(cache) -> states, the list that grows by one per computation of the references)."""
     model, processor = load(str(workdir / "model"))
     samples = jsonl_samples(str(workdir / "data.jsonl"))[:3]
     computed, real = [], search.last_token_states
     monkeypatch.setattr(search, "last_token_states", lambda *a, **k: computed.append(1) or real(*a, **k))
-    cache = str(tmp_path / "refs.pt")
-    first = search.FlowObjective(model, processor, samples, 0.5, cache=cache).reference
-    again = search.FlowObjective(model, processor, samples, 0.5, cache=cache).reference
+
+    def references(cache):
+        return search.FlowObjective(model, processor, samples, Budget(0.5), cache=str(cache)).reference
+
+    return model, references, computed
+
+
+def test_cached_references_are_recomputed_when_the_weights_change(workdir, tmp_path, monkeypatch):
+    model, references, computed = counted_references(workdir, monkeypatch)
+    cache = tmp_path / "refs.safetensors"
+    first = references(cache)
+    again = references(cache)
     assert len(computed) == 1 and torch.equal(first, again)
     with torch.no_grad():  # the same folder name, other weights (a model retrained in place)
         model.model.language_model.norm.weight.mul_(2)
-    changed = search.FlowObjective(model, processor, samples, 0.5, cache=cache).reference
+    changed = references(cache)
     assert len(computed) == 2 and not torch.allclose(changed, first)
+
+
+class Payload:
+    """Unpickling it creates `marker`: code a tampered cache would run if it were unpickled."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("damage", ["pickle", "garbage", "truncated", "wrong key", "wrong shape"])
+def test_a_bad_cache_is_recomputed_never_executed(workdir, tmp_path, monkeypatch, damage):
+    _, references, computed = counted_references(workdir, monkeypatch)
+    cache, marker = tmp_path / "refs.safetensors", tmp_path / "executed"
+    first = references(cache)
+    with safe_open(str(cache), framework="pt") as f:
+        key = f.metadata()["key"]
+    if damage == "pickle":
+        torch.save({"key": key, "states": first, "payload": Payload(str(marker))}, cache)
+    elif damage == "garbage":
+        cache.write_bytes(random.Random(0).randbytes(4096))
+    elif damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[:-16])
+    else:
+        save_file({"states": first[:2] if damage == "wrong shape" else first}, str(cache),
+                  metadata={"key": key if damage == "wrong shape" else "0" * 64})
+    shutil.copy(cache, tmp_path / "damaged")
+    assert torch.equal(references(cache), first) and len(computed) == 2  # recomputed, no crash
+    assert not marker.exists()
+    assert torch.equal(references(cache), first) and len(computed) == 2  # and overwritten with a valid cache
+    if damage == "pickle":  # the payload is live: unpickling the damaged file would have run it
+        torch.load(tmp_path / "damaged", weights_only=False)
+        assert marker.exists()
 
 
 def run_cli(workdir, name, trials):

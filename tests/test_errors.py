@@ -1,37 +1,56 @@
 """Bad input gets an error that says what is wrong and what to do."""
 
 import math
+import os
+import re
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prunevlm
 import tiny
+from prunevlm.config import save_config
 
 
 def signals(tokens=16):
     return {"image_tokens": torch.randn(1, tokens, 8), "saliency": torch.rand(1, tokens)}
 
 
-@pytest.mark.parametrize("budget", [0, -3])
+ALLOWED = re.escape("an int >= 1 (visual tokens kept per image) or a float in (0, 1] (fraction of each image's tokens)")
+
+
+def refused(budget, error, message):
+    """The budget is refused alike by select(), prune() and a config, before anything else runs."""
+    for call in (lambda: prunevlm.select("flashvlm", budget, **signals()),
+                 lambda: prunevlm.prune(tiny.llava(), "flashvlm", budget),
+                 lambda: save_config(os.devnull, "flashvlm", budget, {})):
+        with pytest.raises(error, match=message):
+            call()
+
+
+@pytest.mark.parametrize("budget", [0, -3, np.int64(0)])
 def test_budget_of_zero_or_below(budget):
-    with pytest.raises(ValueError, match="keeps no visual token"):
-        prunevlm.select("flashvlm", budget, **signals())
-    with pytest.raises(ValueError, match="keeps no visual token"):
-        prunevlm.prune(tiny.llava(), "flashvlm", budget)
+    refused(budget, ValueError, f"budget={re.escape(repr(budget))} keeps no visual token; use {ALLOWED}")
 
 
-@pytest.mark.parametrize("budget", [0.0, 1.5, -0.2, math.nan])
+@pytest.mark.parametrize("budget", [0.0, 1.5, -0.2, math.nan, math.inf, -math.inf, np.float32(1.5), np.float64(math.nan)])
 def test_fraction_outside_unit_interval(budget):
-    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
-        prunevlm.select("flashvlm", budget, **signals())
+    refused(budget, ValueError, rf"must lie in \(0, 1\], got {re.escape(repr(budget))}; use an int >= 1 for a number of tokens")
 
 
-@pytest.mark.parametrize("budget", [True, "64", None])
+@pytest.mark.parametrize("budget", [True, np.bool_(False), "64", [8], torch.tensor(8), 1 + 0j])
 def test_budget_of_the_wrong_type(budget):
-    with pytest.raises(TypeError, match="budget must be an int"):
-        prunevlm.select("flashvlm", budget, **signals())
+    message = f"budget must be {ALLOWED}, got {re.escape(repr(budget))} of type {type(budget).__name__}"
+    refused(budget, TypeError, message)
+
+
+def test_no_budget():
+    with pytest.raises(TypeError, match=f"budget must be {ALLOWED}, got None of type NoneType"):
+        prunevlm.select("flashvlm", None, **signals())
+    with pytest.raises(TypeError, match=r"prune\(\) needs a budget: tokens per image \(int\) or a fraction"):
+        prunevlm.prune(tiny.llava(), "flashvlm")
 
 
 def test_int_budget_above_the_image_keeps_it_whole():

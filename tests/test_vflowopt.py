@@ -7,6 +7,7 @@ import torch
 
 import prunevlm
 import tiny
+from prunevlm.budget import Budget
 from prunevlm.methods.vflowopt import VFlowOpt, context_relevance, default_layers, importance, recycle
 from prunevlm.runtime.contract import output_cache
 from prunevlm.signals.entropy import CLIP_MEAN, CLIP_STD, grey_levels, patch_entropy
@@ -136,17 +137,17 @@ def test_plan_meets_the_layer_averaged_budget():
     method = VFlowOpt()
     for fraction in (0.05, 0.1, 0.25, 0.5, 0.8):
         for tokens, depth in ((576, 28), (576, 8), (144, 4), (729, 32)):
-            plan = method.plan(fraction, tokens, depth)
+            plan = method.plan(Budget(fraction), tokens, depth)
             n0, n1, n2 = plan.counts
             assert n0 >= n1 >= n2 >= 1
             assert abs(plan.layer_average / tokens - fraction) <= 1.0 / tokens
-    assert VFlowOpt().plan(1.0, 576, 28).counts == (576, 576, 576)
-    assert VFlowOpt().plan(64, 576, 28).layer_average == pytest.approx(64, abs=1)
+    assert VFlowOpt().plan(Budget(1.0), 576, 28).counts == (576, 576, 576)
+    assert VFlowOpt().plan(Budget(64), 576, 28).layer_average == pytest.approx(64, abs=1)
 
 
 def test_released_configs_reproduce_their_schedules():
     """vflowopt.md §3.4 on LLaVA-OV-7B (N = 729, 28 layers, k = 9, 18)."""
-    plan = VFlowOpt(r_v=0.1166, r_1=1.0).plan(0.10, 729, 28)
+    plan = VFlowOpt(r_v=0.1166, r_1=1.0).plan(Budget(0.10), 729, 28)
     assert plan.layers == (9, 18)
     assert plan.counts[0] == round(0.1166 * 729)
     assert plan.counts[2] / plan.counts[1] == pytest.approx(0.6011, abs=0.02)
@@ -154,7 +155,7 @@ def test_released_configs_reproduce_their_schedules():
 
 def test_infeasible_ratios_are_refused():
     with pytest.raises(ValueError, match="cannot meet"):
-        VFlowOpt(r_v=0.9, r_1=0.9).plan(0.1, 576, 28)
+        VFlowOpt(r_v=0.9, r_1=0.9).plan(Budget(0.1), 576, 28)
 
 
 def test_default_layers_scale_the_official_ones():
@@ -251,7 +252,7 @@ def test_config_round_trip_and_validation(tmp_path):
     save_config(str(path), "vflowopt", 0.25, {"r_v": 0.3, "r_1": 0.9, "t": 20.0, "m": 12.0, "alpha": 0.1}, objective=27.1)
     model = tiny.llava(layers=4)
     with prunevlm.prune(model, "vflowopt", config=str(path)) as handle:
-        assert handle.method.r_v == 0.3 and handle.budget == 0.25
+        assert handle.method.r_v == 0.3 and handle.budget == Budget(0.25)
     with pytest.raises(ValueError, match="calibrated for budget 0.25"):
         prunevlm.prune(model, "vflowopt", 0.1, config=str(path))
     with pytest.raises(ValueError, match="is for 'vflowopt'"):

@@ -29,6 +29,7 @@ import time
 import torch
 
 from .. import prune
+from ..budget import Budget
 from ..methods.diversity import bipartite_dedup
 from ..runtime.contract import output_cache
 from .models import SHAPES, build_model, prompt_inputs
@@ -259,7 +260,7 @@ def run(args) -> dict:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # a repeated method or budget is measured once (dict keys keep the given order)
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
-    budgets = list(dict.fromkeys(int(b) for b in args.budgets.split(",") if b.strip()))
+    budgets = list(dict.fromkeys(Budget.parse(b).value for b in args.budgets.split(",") if b.strip()))
     print(f"building a random {args.shape}-shaped LLaVA ({dtype}, {device}, attn={args.attn})...", file=sys.stderr)
     model = build_model(args.shape, dtype, device, args.attn)
     inputs = prompt_inputs(model, args.text_tokens, device)

@@ -13,6 +13,7 @@ import time
 import torch
 
 from .. import prune
+from ..budget import Budget
 from ..calibrate.flow import flow_similarity
 from ..config import load_config
 from ..demo import accuracy, dataset
@@ -41,7 +42,7 @@ def add_arguments(parser) -> None:
 def configurations(args) -> list[dict]:
     """Every (method, budget, options) to evaluate, the unpruned model first."""
     configs = [{"name": "unpruned", "method": None, "budget": None, "options": {}}]
-    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    budgets = [Budget.parse(b).value for b in args.budgets.split(",") if b.strip()]  # plain numbers for the JSON rows
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         configs += [{"name": method, "method": method, "budget": b, "options": {}} for b in budgets]
     for path in [p for p in args.vflowopt.split(",") if p.strip()]:
@@ -49,14 +50,14 @@ def configurations(args) -> list[dict]:
             print(f"skipping {path}: not found (run prunevlm calibrate first)", file=sys.stderr)
             continue
         config = load_config(path)
-        configs.append({"name": "vflowopt (calibrated)", "method": "vflowopt", "budget": config["budget"],
+        configs.append({"name": "vflowopt (calibrated)", "method": "vflowopt", "budget": config["budget"].value,
                         "options": config["options"], "config": path})
         layers = config["options"].get("layers")
         default = {"layers": layers} if layers else {}
         for key in ("pixel_mean", "pixel_std"):
             if key in config["options"]:
                 default[key] = config["options"][key]
-        configs.append({"name": "vflowopt (default)", "method": "vflowopt", "budget": config["budget"], "options": default})
+        configs.append({"name": "vflowopt (default)", "method": "vflowopt", "budget": config["budget"].value, "options": default})
     return configs
 
 

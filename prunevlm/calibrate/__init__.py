@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..cli import parse_budget
 from ..config import save_config
 from ..methods.vflowopt import default_layers
 from .search import FlowObjective, open_study, run_search
@@ -23,7 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=int, default=30, help="calibration samples (the paper uses 30)")
     parser.add_argument("--holdout", type=int, default=100,
                         help="held-out samples to compare the result with the default config (0 skips)")
-    parser.add_argument("--budget", type=float, required=True, help="T, the layer-averaged fraction of visual tokens")
+    parser.add_argument("--budget", type=parse_budget, required=True, help="T, the layer-averaged fraction of visual tokens")
     parser.add_argument("--trials", type=int, default=300, help="completed trials to reach in the study (paper: 300)")
     parser.add_argument("--initial", type=int, default=27, help="random trials before the GP (paper: 27)")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,8 +70,9 @@ def jsonl_samples(path: str) -> list[tuple[Image.Image, str]]:
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not 0 < args.budget < 1:
-        raise ValueError(f"calibrate a budget T in (0, 1): the layer-averaged fraction of visual tokens, got {args.budget}")
+    if args.budget.is_count or args.budget.value == 1:
+        raise ValueError(f"calibrate a budget T in (0, 1): the layer-averaged fraction of visual tokens (a float "
+                         f"such as 0.25, not a token count), got {args.budget}")
     if args.model is None:
         from ..demo.accuracy import MODEL_DIR, load
 
@@ -88,12 +90,12 @@ def run(args) -> dict:
     else:
         samples = demo_samples(args.samples, args.seed)
         holdout = demo_samples(args.holdout, args.seed, first_image=10_000) if args.holdout else []
-    tag = f"T{args.budget:g}"
+    tag = f"T{args.budget.value:g}"
     out = args.out or f"vflowopt-{tag}.json"
     storage = args.storage or str(Path(out).with_suffix(".db"))
     study_name = args.study or f"vflowopt-{tag}"
     beside = out if "://" in storage else storage  # the unpruned states, reused when resuming
-    cache = str(Path(beside).with_suffix(f".{study_name}.refs.pt"))
+    cache = str(Path(beside).with_suffix(f".{study_name}.refs.safetensors"))
     depth = len(model.model.language_model.layers)
     layers = default_layers(depth)
     # the entropy term undoes the processor's normalisation to get raw grey levels

@@ -11,8 +11,8 @@ that keeps r_2 in [0.01, 1] for the sampled r_v, so every trial meets the budget
 
 The study lives in an Optuna storage (a SQLite file by default, or any storage URL) so that a killed run
 resumes and several workers, on several machines, fill one study; each worker stops when the study holds
-`trials` completed trials. Unpruned reference states are computed once and cached next to the storage (or
-next to the output for a storage URL), keyed on the weights, prompts and images.
+`trials` completed trials. Unpruned reference states are computed once and cached as safetensors (never
+unpickled) next to the storage (or next to the output for a storage URL), keyed on the weights, prompts and images.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ import sys
 import time
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ..api import prune
+from ..budget import Budget
 from ..methods.vflowopt import VFlowOpt, default_layers
 from .flow import flow_similarity, last_token_states
 
@@ -59,7 +62,7 @@ def config_from_params(params: dict, budget: float, layers: tuple[int, int], dep
 class FlowObjective:
     """Σ_s cos(h_full(s), h_pruned(s)) for a VFlowOpt configuration at budget T."""
 
-    def __init__(self, model, processor, samples: list, budget: float, batch_size: int = 16, cache: str | None = None):
+    def __init__(self, model, processor, samples: list, budget: Budget, batch_size: int = 16, cache: str | None = None):
         self.model, self.processor, self.samples, self.budget, self.batch_size = model, processor, samples, budget, batch_size
         self.reference = self._references(cache)
 
@@ -67,13 +70,13 @@ class FlowObjective:
         # keyed on the weights too: a model retrained into the same folder must not reuse old states
         samples = [(self.model.name_or_path, p, _image_digest(i)) for i, p in self.samples]
         key = hashlib.sha256(repr([weights_fingerprint(self.model), samples]).encode()).hexdigest()
-        if cache and os.path.exists(cache):
-            stored = torch.load(cache)
-            if stored.get("key") == key:
-                return stored["states"]
+        shape = (len(self.samples), self.model.get_input_embeddings().embedding_dim)
+        stored = cached_states(cache, key, shape) if cache else None
+        if stored is not None:
+            return stored
         states = last_token_states(self.model, self.processor, self.samples, self.batch_size)
         if cache:
-            torch.save({"key": key, "states": states}, cache)
+            save_file({"states": states}, cache, metadata={"key": key})
         return states
 
     def per_sample(self, options: dict) -> torch.Tensor:
@@ -83,6 +86,19 @@ class FlowObjective:
 
     def __call__(self, options: dict) -> float:
         return float(self.per_sample(options).sum())
+
+
+def cached_states(path: str, key: str, shape: tuple[int, int]) -> torch.Tensor | None:
+    """The float32 states of `shape` cached at `path` for `key`, else None (missing, damaged or foreign: recompute).
+    The file is safetensors, which holds only tensors and metadata: reading it never runs code."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key or "states" not in f.keys():
+                return None
+            states = f.get_tensor("states")
+    except (OSError, SafetensorError):
+        return None
+    return states if states.shape == shape and states.dtype == torch.float32 else None
 
 
 def weights_fingerprint(model) -> list[tuple]:
@@ -135,7 +151,7 @@ def run_search(objective: FlowObjective, study, trials: int, depth: int, layers:
     `fixed` holds options that are not searched (e.g. the processor's pixel normalisation)."""
     import optuna
 
-    budget = objective.budget
+    budget = objective.budget.value  # T, a fraction
     layers = tuple(layers or default_layers(depth))
     study.set_user_attr("budget", budget)
     study.set_user_attr("layers", list(layers))

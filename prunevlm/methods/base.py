@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from ..budget import tokens_to_keep
+from ..budget import Budget
 
 # Every signal a method may ask for, with its shape. B images, N tokens each, L text rows.
 SIGNALS: dict[str, str] = {
@@ -54,10 +54,10 @@ class Method:
     signals: ClassVar[tuple[str, ...]]
     optional_signals: ClassVar[tuple[str, ...]] = ()
 
-    def __call__(self, budget: int | float, **signals) -> Selection:
+    def __call__(self, budget: Budget, **signals) -> Selection:
         """Validate the signals, turn the budget into k tokens per image, and select them."""
         batch, num_tokens = self.check_signals(signals)
-        k = tokens_to_keep(budget, num_tokens)
+        k = budget.tokens_to_keep(num_tokens)
         if k == num_tokens:
             return self.keep_all(batch, num_tokens, **signals)
         return self.select(k, **signals)

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from ..budget import Budget
 from ..signals.entropy import CLIP_MEAN, CLIP_STD, CODE_CASTS, grey_levels, patch_entropy
 from .base import Method, Selection
 
@@ -165,11 +166,11 @@ class VFlowOpt(Method):
             if len(self.layers) != 2 or not 1 <= self.layers[0] <= self.layers[1]:
                 raise ValueError(f"vflowopt: layers must be (k1, k2) with 1 <= k1 <= k2, got {self.layers}")
 
-    def plan(self, budget: int | float, num_tokens: int, num_layers: int) -> Plan:
-        """Stage counts for one image of `num_tokens` tokens: budget is T, the layer-averaged fraction (float)
-        or count (int) of visual tokens. r_2 is derived from T (§3.3); counts are rounded so that the
+    def plan(self, budget: Budget, num_tokens: int, num_layers: int) -> Plan:
+        """Stage counts for one image of `num_tokens` tokens: budget is T, the layer-averaged fraction or
+        count of visual tokens. r_2 is derived from T (§3.3); counts are rounded so that the
         layer average is as close to T as integers allow."""
-        fraction = min(1.0, budget / num_tokens) if isinstance(budget, int) else float(budget)
+        fraction = budget.fraction_of(num_tokens)
         k1, k2 = self.layers or default_layers(num_layers)
         if k2 >= num_layers:
             raise ValueError(f"vflowopt: layers {(k1, k2)} must lie below the LLM depth {num_layers}")

@@ -23,6 +23,7 @@ from functools import cached_property
 
 import torch
 
+from ..budget import Budget
 from ..methods.base import Method, Selection
 from ..models.base import Adapter, Capture, _sync
 from .contract import Call, ContractError, check_dynamic, is_prefill, output_cache
@@ -128,7 +129,7 @@ def locate_images(image_mask: torch.Tensor, counts: list[int]) -> list[tuple[int
 class InputPruning:
     """Attach `method` with a per-image `budget` to a model through `adapter`; see the module docstring."""
 
-    def __init__(self, adapter: Adapter, method: Method, budget, positions: str = "original"):
+    def __init__(self, adapter: Adapter, method: Method, budget: Budget, positions: str = "original"):
         if positions not in ("original", "compact"):
             raise ValueError(f"positions must be 'original' or 'compact', got {positions!r}")
         if positions == "compact" and not adapter.compact_positions:
@@ -310,7 +311,7 @@ class InputPruning:
         inputs = self._signals(image_tokens, embeds, row, columns, text, recorded)
         plan = self.method.plan(self.budget, columns.numel(), self.num_layers) if hasattr(self.method, "plan") else None
         with torch.no_grad():
-            selection = self.method(plan.counts[0] if plan else self.budget, **inputs)
+            selection = self.method(Budget(plan.counts[0]) if plan else self.budget, **inputs)
         return ImageChoice(row, columns, selection, plan)
 
     def _signals(self, image_tokens, embeds, row, columns, text, recorded) -> dict:
