@@ -20,7 +20,7 @@ import json
 import numpy as np
 import torch
 
-from prunevlm.demo import accuracy, dataset, train
+from prunevlm.demo import accuracy, dataset, llava_forward
 
 TRAIN_OFFSET = 500_000  # train-stream images far beyond those the demo training used
 
@@ -32,7 +32,7 @@ def object_features(model, processor, samples, batch: int = 32):
     tower, projected, chars = [], [], []
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
-        feats = train.tower_features(model, train.pixels(processor, chunk))
+        feats = llava_forward.tower_features(model, llava_forward.pixels(processor, chunk))
         proj = model.model.multi_modal_projector(feats)
         for sample, f, p in zip(chunk, feats, proj):
             ink = dataset.patch_cover(dataset.text_mask(sample), patch, len(sample.objects))

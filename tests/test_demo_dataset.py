@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from prunevlm.demo import dataset as ds
-from prunevlm.demo.train import dense_page
+from prunevlm.demo.targets import dense_page
 
 
 def digest(samples) -> str:

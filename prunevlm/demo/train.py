@@ -1,10 +1,12 @@
 """Train the demo VLM from scratch on the synthetic train split, LLaVA-style, in nine stages.
 
     python -m prunevlm.demo.train --out DIR [--seed S] [--threads N] [--scale F] [--log JSON]
+        [--checkpoints DIR]
 
-0a. vision: the CLIP tower is pretrained on scene labels (nothing pretrained exists here): for
-    every patch the shape, colour and character of the object covering it; for the CLS token the
-    number of objects of each shape and colour.
+0a. vision: the CLIP tower is pretrained (nothing pretrained exists here) on scenes and, for half
+    of each batch, dense character pages, to label every patch with the shape, colour and
+    character of the object covering it and whether an object's centre lies in it, and the CLS
+    token with the number of objects of each shape and colour.
 0b. text:   the Llama model is pretrained as a language model on captions and question/answer text.
 1.  align:  only the projector learns, to caption images (vision tower and LLM frozen).
 2.  instruct: projector and LLM learn multi-turn chats, the caption request and the image's six
@@ -12,21 +14,23 @@
 3.  answer: the same chats with the caption request always last. In stage 2 about half the
     answers could be read off a caption earlier in the chat, which no test prompt has; here every
     answer must come from the image.
-4.  drill: only questions, DRILL_ROUNDS sets of them per image (its own and redrawn ones, about 13
-    turns), everything trainable, the vision tower at TOWER_LR_SCALE of the rate (as LLaVA-NeXT and
-    OneVision unfreeze it): more answers per rendered image, where stage 3 spent most of its loss
-    on captions.
+4.  drill: only questions, ``chat.DRILL_ROUNDS`` sets of them per image (its own and redrawn ones,
+    about 13 turns), everything trainable, the vision tower at TOWER_LR_SCALE of the rate (as
+    LLaVA-NeXT and OneVision unfreeze it): more answers per rendered image, where stage 3 spent
+    most of its loss on captions.
 5.  drill2: the drill continued.
 6.  locate: the drill's turns plus 'where is the star?' -> 'top left' for every uniquely named
-    object (a training-only question): relation questions, which need that step for two objects,
-    had stayed at chance through stages 2 to 5.
+    object (a training-only question): the step a relation question needs for both its objects.
 7.  read:   the locate chats plus dense character pages asked the character on every named shape,
-    with a per-patch character loss on the projected image tokens, everything at the full rate:
-    text questions had stayed at the answer prior through stage 6.
+    with a per-patch character loss on the projected image tokens, everything at the full rate.
 
 Then the model is saved as a Hugging Face folder, reloaded, and evaluated on the test split; a
 JSON summary (loss curves, accuracy, time, versions) is written to ``--log``.
 Every stage draws fresh train images from one deterministic stream; test images are never seen.
+docs/demo.md gives each stage's results and the measurements behind stages 3 to 7.
+
+The training targets are in ``targets``, the chat turns and batches in ``chat``, and the parts of
+the LLaVA forward that the stages call one by one in ``llava_forward``.
 """
 
 from __future__ import annotations
@@ -44,19 +48,22 @@ import torch
 from torch import nn
 
 from . import accuracy, build, dataset
+from .chat import (answer_turns, caption_turns, chat_batch, chat_turns, drill_turns, locate_turns,
+                   pad_right, read_turns)
+from .llava_forward import image_embeds, pixels, projected_features
+from .targets import count_targets, dense_page, patch_targets
 
-# (steps, batch) per stage; batch counts texts in the text stage, scene images in the others
-# (the read stage adds PAGES_PER_SCENE dense pages per scene).
+# (steps, batch) per stage; batch counts texts in the text stage, images in the vision stage (half
+# of them dense pages), scene images in the others (the read stage adds PAGES_PER_SCENE dense pages
+# per scene).
 STAGES = {"vision": (3000, 32), "text": (300, 32), "align": (400, 16), "instruct": (1500, 16),
           "answer": (2400, 16), "drill": (4000, 8), "drill2": (3000, 8), "locate": (4000, 8),
           "read": (2000, 4)}
 LR = {"vision": 1e-3, "text": 1e-3, "align": 1e-3, "instruct": 1e-3, "answer": 5e-4,
       "drill": 5e-4, "drill2": 5e-4, "locate": 5e-4, "read": 5e-4}
 TOWER_LR_SCALE = 0.2  # an unfrozen vision tower learns 5x slower (LLaVA-OneVision: 2e-6 vs 1e-5)
-DRILL_ROUNDS = 3  # question sets per image in the drill stage
 MAX_OBJECTS = dataset.GRID * dataset.GRID
 VAL_IMAGES, TEST_IMAGES = 50, 200
-DENSE_STREAM = 7  # seeds dense pretraining pages as (seed, 7, index): no split uses 7
 READ_PAGES = 10 ** 6  # the read stage's dense pages start here, after stage 0a's
 PAGES_PER_SCENE = 2  # dense character pages per scene image in the read stage
 
@@ -71,10 +78,6 @@ class Stream:
         out = [dataset.render("train", self.next + i, self.seed) for i in range(n)]
         self.next += n
         return out
-
-
-def pixels(processor, samples) -> torch.Tensor:
-    return processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
 
 
 def schedule(optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -126,56 +129,6 @@ def run_stage(name, params, steps, loss_fn, probe=None, probe_every=250, log_eve
 
 
 # --------------------------------------------------------------------------- stage 0a: vision
-
-
-def patch_targets(sample: dataset.Sample, patch: int) -> np.ndarray:
-    """[N, 4] per-patch labels (shape, colour, char, centre), 0 = background / none / no.
-
-    A patch takes the shape and colour of the object covering most of it if that covers at
-    least 20 % of it, a character if at least 10 pixels of that character fall inside it, and
-    centre = 1 if an object's box centre lies in it (one patch per object, as in CenterNet)."""
-    g = sample.image.size[0] // patch
-    cover = dataset.patch_cover(dataset.object_mask(sample), patch, len(sample.objects))
-    ink = dataset.patch_cover(dataset.text_mask(sample), patch, len(sample.objects))
-    owner = np.where(cover.max(1) >= 0.2 * patch * patch, cover.argmax(1), -1)
-    writer = np.where(ink.max(1) >= 10, ink.argmax(1), -1)
-    table = np.zeros((len(sample.objects) + 1, 3), dtype=np.int64)  # last row: background
-    centre = np.zeros(g * g, dtype=np.int64)
-    for i, o in enumerate(sample.objects):
-        char = 0 if o.text is None else dataset.CHARS.index(o.text) + 1
-        table[i] = (dataset.SHAPES.index(o.shape) + 1, list(dataset.COLOURS).index(o.colour) + 1,
-                    char)
-        centre[((o.box[1] + o.box[3]) // 2 // patch) * g + (o.box[0] + o.box[2]) // 2 // patch] = 1
-    return np.stack([table[owner, 0], table[owner, 1], table[writer, 2], centre], 1)
-
-
-def dense_page(seed: int, index: int) -> dataset.Sample:
-    """A vision-pretraining image with a character on every shape: a 4x4 grid of 34-46 px shapes.
-
-    Scenes hold about 2.5 characters each, too few to learn reading in a short CPU run; these
-    pages hold 16. They come from their own seeded stream, never from a dataset split."""
-    rng = np.random.default_rng([seed, DENSE_STREAM, index])
-    cell = dataset.IMAGE_SIZE // 4
-    objects = []
-    for row in range(4):
-        for col in range(4):
-            size = int(rng.integers(34, 47))
-            x0, y0 = (col * cell + int(rng.integers(0, cell - size + 1)),
-                      row * cell + int(rng.integers(0, cell - size + 1)))
-            objects.append(dataset.Obj(
-                str(rng.choice(dataset.SHAPES)), str(rng.choice(list(dataset.COLOURS))),
-                (x0, y0, x0 + size, y0 + size), (row, col), str(rng.choice(dataset.CHARS))))
-    image, background = dataset.draw(rng, objects)
-    return dataset.Sample(image, objects, [], background)
-
-
-def count_targets(sample: dataset.Sample) -> np.ndarray:
-    """Number of objects of each shape, then of each colour (-100, ignored, on dense pages)."""
-    if not sample.questions:
-        return np.full(len(dataset.SHAPES) + len(dataset.COLOURS), -100, dtype=np.int64)
-    shapes = [sum(o.shape == s for o in sample.objects) for s in dataset.SHAPES]
-    colours = [sum(o.colour == c for o in sample.objects) for c in dataset.COLOURS]
-    return np.array(shapes + colours, dtype=np.int64)
 
 
 class VisionHeads(nn.Module):
@@ -275,58 +228,6 @@ def pretrain_vision(model, processor, stream: Stream, steps: int, batch: int) ->
 # --------------------------------------------------------------------------- language stages
 
 
-def pad_right(seqs: list[list[int]], labels: list[list[int]], pad_id: int):
-    """Right-padded ids, attention mask and labels (-100 where no loss is taken)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id)
-    lab = torch.full((len(seqs), width), -100)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
-        ids[i, :len(s)], lab[i, :len(l)], mask[i, :len(s)] = torch.tensor(s), torch.tensor(l), 1
-    return ids, mask, lab
-
-
-def supervised(tokenizer, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
-    """Ids and labels of a chat, LLaVA's conversation format: the image in the first user turn,
-    each answer followed by ``</s>``, and loss only on the answers and their ``</s>``."""
-    ids, labels = [], []
-    for i, (question, answer) in enumerate(turns):
-        user = build.prompt(question) if i == 0 else f"USER: {question} ASSISTANT:"
-        p = tokenizer(user.replace(build.IMAGE, build.IMAGE * build.IMAGE_TOKENS),
-                      add_special_tokens=i == 0)["input_ids"]
-        a = tokenizer(f"{answer} {build.EOS}", add_special_tokens=False)["input_ids"]
-        ids += p + a
-        labels += [-100] * len(p) + a
-    return ids, labels
-
-
-def tower_features(model, pix) -> torch.Tensor:
-    """[B, N, Dv] the tower's patch features the projector reads (layer -2, CLS dropped), as in
-    ``LlavaModel.forward``; a frozen tower (or a caller under no_grad) runs without gradients."""
-    tower = model.model.vision_tower
-    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())):
-        hidden = tower(pix, output_hidden_states=True).hidden_states
-        return hidden[model.config.vision_feature_layer][:, 1:]
-
-
-def projected_features(model, pix) -> torch.Tensor:
-    """[B, N, D] the image tokens as the LLM receives them: ``tower_features`` through the projector."""
-    return model.model.multi_modal_projector(tower_features(model, pix))
-
-
-def chat_batch(tokenizer, chats: list[list[tuple[str, str]]]):
-    """Right-padded ids, attention mask and labels of one ``supervised`` chat per image."""
-    rows = [supervised(tokenizer, turns) for turns in chats]
-    return pad_right([r[0] for r in rows], [r[1] for r in rows], tokenizer.pad_token_id)
-
-
-def image_embeds(model, ids, tokens) -> torch.Tensor:
-    """LLM input embeddings with the ``projected_features`` in place of the ``<image>`` tokens."""
-    embeds = model.get_input_embeddings()(ids)
-    mask = (ids == model.config.image_token_id).unsqueeze(-1)
-    return embeds.masked_scatter(mask, tokens.to(embeds.dtype))
-
-
 def pretrain_text(model, tokenizer, stream: Stream, steps: int, batch: int) -> dict:
     """Stage 0b: plain next-token prediction on captions and 'question answer' lines."""
     def loss_fn(step):
@@ -344,7 +245,8 @@ def pretrain_text(model, tokenizer, stream: Stream, steps: int, batch: int) -> d
 
 
 def image_text_stage(name, model, processor, stream, steps, batch, turns_of, probe=None) -> dict:
-    """Stages 1 and 2: one chat per image, ``turns_of(sample, rng)`` its (question, answer) turns."""
+    """Stages 1 to 6 (those in ``TURNS``): one chat per image, ``turns_of(sample, rng)`` its
+    (question, answer) turns."""
     tok = processor.tokenizer
 
     def loss_fn(step):
@@ -364,10 +266,9 @@ def read_stage(model, processor, stream, steps, batch, probe=None) -> dict:
     stage's per-patch character loss on the image tokens the LLM receives; the tower learns at the
     full rate. The auxiliary head is thrown away afterwards.
 
-    Why (benchmarks/reading_probe.py): after stage 6 a linear probe read 39 % of the characters from
-    the tower's layer -2 but 14 % after the projector, which had learnt to pass shapes and colours
-    only. The same loss on the tower's layer -2 instead left validation text at the prior for 750
-    steps (and, with the tower at a fifth of the rate and half the pages, for 1250)."""
+    The character loss is on the projected tokens, not on the tower's layer -2, so that the
+    projector passes the characters on to the LLM; docs/demo.md gives the reading-probe
+    (benchmarks/reading_probe.py) results behind that choice."""
     tok = processor.tokenizer
     width = model.config.text_config.hidden_size
     head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(dataset.CHARS) + 1))
@@ -379,8 +280,7 @@ def read_stage(model, processor, stream, steps, batch, probe=None) -> dict:
                  for i in range(batch) for j in range(PAGES_PER_SCENE)]
         rngs = [np.random.default_rng([stream.seed, step, k]) for k in range(len(scenes + pages))]
         turns = [locate_turns(s, rng) for s, rng in zip(scenes, rngs)]
-        turns += [shuffled([(q.text, q.answer) for q in dataset.read_questions(p, rng)], rng)
-                  for p, rng in zip(pages, rngs[batch:])]
+        turns += [read_turns(p, rng) for p, rng in zip(pages, rngs[batch:])]
         ids, mask, lab = chat_batch(tok, turns)
         tokens = projected_features(model, pixels(processor, scenes + pages))
         chars = torch.from_numpy(np.stack([patch_targets(s, patch)[:, 2] for s in scenes + pages]))
@@ -389,45 +289,6 @@ def read_stage(model, processor, stream, steps, batch, probe=None) -> dict:
         return model(inputs_embeds=embeds, attention_mask=mask, labels=lab).loss + aux
 
     return run_stage("read", list(model.parameters()) + list(head.parameters()), steps, loss_fn, probe)
-
-
-def shuffled(turns: list, rng: np.random.Generator) -> list:
-    return [turns[i] for i in rng.permutation(len(turns))]
-
-
-def caption_turns(sample, rng):
-    return [(build.CAPTION_QUESTION, dataset.caption(sample))]
-
-
-def chat_turns(sample, rng):
-    """The caption request and every question of the image as one multi-turn chat in random
-    order (LLaVA's instruction data mixes descriptions and short answers in conversations)."""
-    turns = caption_turns(sample, rng) + [(q.text, q.answer) for q in sample.questions]
-    return shuffled(turns, rng)
-
-
-def answer_turns(sample, rng):
-    """The image's questions in random order, then the caption request: no answer can be copied
-    from a caption earlier in the chat, as none precedes a test question."""
-    turns = [(q.text, q.answer) for q in sample.questions]
-    return shuffled(turns, rng) + caption_turns(sample, rng)
-
-
-def drill_turns(sample, rng):
-    """``DRILL_ROUNDS`` sets of questions about the image (its own and redrawn ones, each
-    question once) in random order, no caption: more answers per rendered image."""
-    sets = [sample.questions] + [dataset.redraw_questions(sample, rng)
-                                 for _ in range(DRILL_ROUNDS - 1)]
-    turns = list(dict.fromkeys((q.text, q.answer) for qs in sets for q in qs))
-    return shuffled(turns, rng)
-
-
-def locate_turns(sample, rng):
-    """The drill's turns plus 'where is X?' for each named object, shuffled together: relation
-    questions stayed at chance while every type that names one object was learnt."""
-    turns = drill_turns(sample, rng) + [(q.text, q.answer)
-                                        for q in dataset.where_questions(sample, rng)]
-    return shuffled(turns, rng)
 
 
 # Which parts learn in each stage (everything else is frozen).
@@ -453,7 +314,9 @@ def train(out: Path, seed: int = 0, threads: int = 1, scale: float = 1.0,
           log_path: Path | None = None, checkpoints: Path | None = None) -> dict:
     """Run every stage, save the model in ``out``, write the summary to ``log_path``
     (default ``out/demo_train.json``) and return it. With ``checkpoints``, each finished stage
-    is saved there and a rerun resumes after the last saved stage (same results)."""
+    is saved there (the weights, the train-stream position and the stage summary) and a rerun
+    resumes after the last saved stage. Torch's global RNG is not saved, so in a resumed run the
+    read stage's auxiliary head starts from other random weights than in an unbroken one."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     start = time.time()
