@@ -10,7 +10,6 @@ from .methods import METHODS, SIGNALS, Method, Selection, make_method
 from .models import get_adapter
 from .runtime.contract import warn_if_untested
 from .runtime.llm_input import InputPruning, Stats
-from .runtime.llm_layers import LayerPruning
 
 _ATTACHED = "_prunevlm_handle"
 
@@ -23,13 +22,11 @@ class PruneHandle:
         self.adapter = get_adapter(model)
         warn_if_untested()
         self.runtime = InputPruning(self.adapter, method, budget, positions)
-        # methods with in-LLM stages (VFlowOpt) also prune at decoder layers
-        self.layers = LayerPruning(self.runtime) if hasattr(method, "plan") else None
         setattr(model, _ATTACHED, self)
 
     @property
     def stats(self) -> Stats:
-        """The last forward with a prompt: visual tokens before/after per image, prompt lengths, selection time."""
+        """The last prefill: visual tokens before/after per image, prompt lengths, selection time."""
         return self.runtime.stats
 
     @property
@@ -40,8 +37,6 @@ class PruneHandle:
         """Detach every hook; the model is exactly as it was."""
         if self.attached:
             self.runtime.remove()
-            if self.layers is not None:
-                self.layers.remove()
             delattr(self.model, _ATTACHED)
 
     def __enter__(self) -> "PruneHandle":

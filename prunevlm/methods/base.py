@@ -34,15 +34,33 @@ class Selection:
     keep:    LongTensor [B, k], ascending original token indices.
     scores:  optional [B, N] ranking score (for inspection and drawing).
     tokens:  optional [B, k, D] values to place at the kept slots instead of the originals (recycled tokens).
+    recycled: optional [B, k] bool, True where `tokens` holds a recycled (merged) token, not an original.
     importance: optional [B, k] importance of the kept tokens, carried to later in-LLM stages.
-    info:    method-specific extras (e.g. which kept indices are "important" vs "diverse").
+    info:    method-specific extras for inspection (e.g. which kept indices are "important" vs "diverse").
     """
 
     keep: torch.Tensor
     scores: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    recycled: torch.Tensor | None = None
     importance: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """Visual tokens of one image through the LLM: counts[0] from the LLM input, counts[s] from layer
+    layers[s - 1] on (in-LLM stages). A method that prunes only before the LLM has one count, no layers."""
+
+    counts: tuple[int, ...]
+    layers: tuple[int, ...]
+    num_layers: int
+
+    @property
+    def layer_average(self) -> float:
+        """Visual tokens averaged over the LLM's layers: what the layers' KV caches hold, on average."""
+        bounds = (0, *self.layers, self.num_layers)
+        return sum(n * (end - start) for n, start, end in zip(self.counts, bounds, bounds[1:])) / self.num_layers
 
 
 @dataclass
@@ -53,6 +71,16 @@ class Method:
     description: ClassVar[str]
     signals: ClassVar[tuple[str, ...]]
     optional_signals: ClassVar[tuple[str, ...]] = ()
+    prunes_in_llm: ClassVar[bool] = False  # whether its plans hold stages at LLM layers (runtime/llm_layers.py)
+
+    @property
+    def text_before_first_image(self) -> bool:
+        """Whether `text_embeds` holds only the prompt's text before its first image (else all of its text)."""
+        return False
+
+    def plan(self, budget: Budget, num_tokens: int, num_layers: int) -> Plan:
+        """The per-stage counts for one image of `num_tokens` tokens; here a single stage before the LLM."""
+        return Plan((budget.tokens_to_keep(num_tokens),), (), num_layers)
 
     def __call__(self, budget: Budget, **signals) -> Selection:
         """Validate the signals, turn the budget into k tokens per image, and select them."""

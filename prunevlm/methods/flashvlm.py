@@ -120,6 +120,10 @@ class FlashVLM(ImportantDiverse):
         if self.no_text_score not in ("saliency", "fused"):
             raise ValueError(f"{self.name}: no_text_score must be 'saliency' or 'fused', got {self.no_text_score!r}")
 
+    @property
+    def text_before_first_image(self) -> bool:
+        return self.text_scope == "prefix"
+
     @staticmethod
     def has_text(text_embeds, text_mask) -> torch.Tensor | None:
         """[B] bool, True for rows with at least one text row; None when no text is given at all."""

@@ -16,7 +16,7 @@ import torch
 
 from ..budget import Budget
 from ..signals.entropy import CLIP_MEAN, CLIP_STD, CODE_CASTS, grey_levels, patch_entropy
-from .base import Method, Selection
+from .base import Method, Plan, Selection
 
 # Released configurations for LLaVA-OneVision-7B (vflowopt.md §3.4): T -> (r_v, r_1, r_2, t, m, alpha).
 RELEASED = {
@@ -98,21 +98,6 @@ def recycle(scores: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int], c
     return keep[order], values[order], weights_out[order], is_recycled[order]
 
 
-@dataclass
-class Plan:
-    """Visual tokens of one image through the LLM: n0 from layer 0, n1 from layer k1, n2 from layer k2."""
-
-    counts: tuple[int, int, int]
-    layers: tuple[int, int]
-    num_layers: int
-
-    @property
-    def layer_average(self) -> float:
-        """Visual tokens averaged over the LLM's layers (the budget T in tokens, §3.3)."""
-        (n0, n1, n2), (k1, k2), depth = self.counts, self.layers, self.num_layers
-        return (k1 * n0 + (k2 - k1) * n1 + (depth - k2) * n2) / depth
-
-
 def default_layers(num_layers: int) -> tuple[int, int]:
     """The official layers 9 and 18 of 28, scaled to the LLM's depth."""
     k1 = min(num_layers - 1, max(1, round(REFERENCE_LAYERS[0] * num_layers / REFERENCE_LAYERS[2])))
@@ -132,6 +117,7 @@ class VFlowOpt(Method):
         "then progressive pruning at two LLM layers; budget = layer-averaged visual tokens"
     )
     signals: ClassVar[tuple[str, ...]] = ("image_tokens", "attention", "patches", "grid")
+    prunes_in_llm: ClassVar[bool] = True
 
     r_v: float | None = None  # kept fraction at the LLM input; None: the released schedule nearest T, rescaled
     r_1: float | None = None  # kept fraction of the remaining tokens at layer k1; None: as r_v
@@ -214,4 +200,4 @@ class VFlowOpt(Method):
         cell = self.m * math.sqrt(grid[0] * grid[1]) / REFERENCE_GRID
         keeps, values, weights, recycled = zip(*(recycle(s, x, grid, k, cell) for s, x in zip(scores, image_tokens)))
         return Selection(keep=torch.stack(keeps), scores=scores, tokens=torch.stack(values),
-                         importance=torch.stack(weights), info={"recycled": torch.stack(recycled)})
+                         importance=torch.stack(weights), recycled=torch.stack(recycled))

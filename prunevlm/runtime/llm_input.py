@@ -11,7 +11,9 @@ Three hooks cooperate:
 
 Kept tokens keep their original position ids by default (required for M-RoPE, and what `generate()`
 assumes when it extends positions by last + 1); `positions="compact"` renumbers them contiguously.
-Nothing is carried from one prefill to the next: each prefill replaces the decoding state.
+Nothing is carried from one prefill to the next: each prefill replaces the `Prefill` record. Methods with
+in-LLM stages get a `LayerPruning` (`llm_layers.py`), started by the language-model hook after the input
+is pruned, so the layer stages always see the pruned prompt.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from functools import cached_property
 import torch
 
 from ..budget import Budget
-from ..methods.base import Method, Selection
+from ..methods.base import Method, Plan, Selection
 from ..models.base import Adapter, Capture, _sync
 from .contract import Call, ContractError, check_dynamic, is_prefill, output_cache
+from .llm_layers import LayerPruning
 
 
 @dataclass
 class Stats:
-    """What the last forward with images did, per batch row and per image in the row."""
+    """What the last prefill did, per batch row and per image in the row (a text-only prefill has no images)."""
 
     tokens_before: list[list[int]] = field(default_factory=list)  # visual tokens per image, per row
     tokens_after: list[list[int]] = field(default_factory=list)
@@ -39,7 +42,7 @@ class Stats:
     prefill_after: list[int] = field(default_factory=list)
     selection_ms: float = 0.0  # signal hooks + the whole prefill hook (matching, method, gathers), for the batch
     signal_ms: float = 0.0  # of which: computing signals in the vision hooks
-    stages: list[list] = field(default_factory=list)  # in-LLM methods: per row, per image, its Plan
+    stages: list[list[Plan]] = field(default_factory=list)  # in-LLM methods: per row, per image, its Plan
     kept: list[list] = field(default_factory=list)  # per row, per image: kept token indices within the image
     recycled: list[list] = field(default_factory=list)  # per row, per image: which kept indices hold recycled tokens
 
@@ -60,15 +63,25 @@ class Stats:
 
 
 @dataclass
-class DecodeState:
-    """Bookkeeping from a pruned prefill that its decoding steps need."""
+class KeptImage:
+    """One image of a pruned prompt, as its in-LLM stages need it."""
+
+    columns: torch.Tensor  # its kept columns in the pruned sequence, ascending
+    importance: torch.Tensor | None  # per kept column, carried from the method's selection
+    plan: Plan
+
+
+@dataclass
+class Prefill:
+    """What a pruned prefill leaves for its decoding steps and for the in-LLM stages."""
 
     prompt_length: int  # L, the unpruned prompt length (with the caller's padding)
     pruned_length: int  # L', after pruning and re-padding
     prompt_mask: torch.Tensor  # [B, L'] 1 for real tokens
     removed: torch.Tensor  # [B, 1] tokens removed per row (for compact positions)
-    cache: weakref.ref | None = None
-    visual: list = field(default_factory=list)  # per row, per image: (its columns in the new sequence, importance, plan)
+    images: list[list[KeptImage]]  # per row
+    cache: weakref.ref | None = None  # the language model's cache, once the prefill returned it
+    views: dict | None = None  # in-LLM stages: stage-start layer -> the columns kept from there (llm_layers.View)
 
 
 @dataclass
@@ -78,7 +91,7 @@ class ImageChoice:
     row: int
     columns: torch.Tensor  # the image's columns in the unpruned sequence
     selection: Selection
-    plan: object | None  # the per-stage counts of in-LLM methods
+    plan: Plan
 
     @cached_property
     def chosen(self) -> torch.Tensor:
@@ -93,7 +106,7 @@ class ImageChoice:
     def recycled(self) -> torch.Tensor:
         """Kept indices (within the image) whose slot holds a recycled token."""
         keep = self.selection.keep[0]
-        return keep[self.selection.info["recycled"][0]] if "recycled" in self.selection.info else keep[:0]
+        return keep[:0] if self.selection.recycled is None else keep[self.selection.recycled[0]]
 
 
 def locate_images(image_mask: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
@@ -143,9 +156,10 @@ class InputPruning:
         self.num_layers = len(adapter.decoder_layers())
         self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
         self.capture = Capture()
-        self.images: list[tuple[int, torch.Tensor]] | None = None  # set by the base-model hook at prefill
-        self.state: DecodeState | None = None
+        self.images: list[tuple[int, torch.Tensor]] | None = None  # located by the base-model hook, for one forward
+        self.prefill: Prefill | None = None
         self.stats = Stats()
+        self.layers = LayerPruning(adapter) if method.prunes_in_llm else None
         self.handles = adapter.install(self.needed, self.capture)
         self.handles.append(adapter.base.register_forward_pre_hook(self._before_base, with_kwargs=True))
         self.handles.append(adapter.base.register_forward_hook(self._after_base, with_kwargs=True))
@@ -158,9 +172,11 @@ class InputPruning:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        if self.layers is not None:
+            self.layers.remove()
         self.handles = []
         self.capture.clear()
-        self.state = self.images = None
+        self.prefill = self.images = None
 
     # -- hooks ------------------------------------------------------------------------------------------
 
@@ -208,20 +224,28 @@ class InputPruning:
         call = Call(module, args, kwargs)
         cache = call.cache(required=True)
         check_dynamic(cache)
-        if is_prefill(cache):
-            images, self.images = self.images, None
-            self.state = None
-            if not images:
-                self.capture.clear()
-                self._record_unpruned(call)
-                return None
-            return self._prune_prefill(call, images)
+        prefill = is_prefill(cache)
+        result = self._start_prefill(call) if prefill else self._continue_decoding(call, cache)
+        if self.layers is not None:  # after the input pruning: the stages see the pruned prompt and mask
+            self.layers.begin_forward(self.prefill, prefill, call.get("attention_mask"))
+        return result
+
+    def _start_prefill(self, call: Call):
+        images, self.images = self.images, None
+        self.prefill = None
+        if not images:
+            self.capture.clear()
+            self._record_unpruned(call)
+            return None
+        return self._prune_prefill(call, images)
+
+    def _continue_decoding(self, call: Call, cache):
         if self.images:
             raise ContractError("the base model saw a prefill with images, but its language model received a "
                                 "non-empty cache")
-        if self.state is None:
+        if self.prefill is None:
             return None  # this generation's prefill had no image: nothing to narrow
-        if self.state.cache is None or self.state.cache() is not cache:
+        if self.prefill.cache is None or self.prefill.cache() is not cache:
             raise ContractError(
                 "a decoding step continues a KV cache that the last pruned prefill did not produce (two generations "
                 "interleaved on one handle, or a cache transformers copied)"
@@ -229,16 +253,16 @@ class InputPruning:
         return self._fix_decode(call, cache)
 
     def _after_llm(self, module, args, kwargs, output):
-        state = self.state
-        if state is None or state.cache is not None:
+        prefill = self.prefill
+        if prefill is None or prefill.cache is not None:
             return
         cache = output_cache(output)
         if cache is None:
             return
-        if cache.get_seq_length() != state.pruned_length:
-            raise ContractError(f"a prefill pruned to {state.pruned_length} tokens left {cache.get_seq_length()} in "
+        if cache.get_seq_length() != prefill.pruned_length:
+            raise ContractError(f"a prefill pruned to {prefill.pruned_length} tokens left {cache.get_seq_length()} in "
                                 f"the language model's cache")
-        state.cache = weakref.ref(cache)
+        prefill.cache = weakref.ref(cache)
 
     # -- prefill --------------------------------------------------------------------------------------
 
@@ -284,12 +308,12 @@ class InputPruning:
         positions = self._prefill_positions(call.get("position_ids"), source, new_mask, batch, length, embeds.device)
         real_before, real_after = real.sum(dim=1), new_mask.sum(dim=1)
         per_row = [[c for c in choices if c.row == row] for row in range(batch)]
-        self.state = DecodeState(
+        self.prefill = Prefill(
             prompt_length=length,
             pruned_length=source.shape[1],
             prompt_mask=new_mask,
             removed=(real_before - real_after)[:, None],
-            visual=[[(torch.searchsorted(source[row], c.chosen), c.importance, c.plan) for c in row_choices]
+            images=[[KeptImage(torch.searchsorted(source[row], c.chosen), c.importance, c.plan) for c in row_choices]
                     for row, row_choices in enumerate(per_row)],
         )
         self.adapter.after_prefill(length - source.shape[1])
@@ -300,26 +324,26 @@ class InputPruning:
             prefill_after=real_after.tolist(),
             selection_ms=1000 * (signal_seconds + select_seconds),
             signal_ms=1000 * signal_seconds,
-            stages=[[c.plan for c in row] for row in per_row] if hasattr(self.method, "plan") else [],
+            stages=[[c.plan for c in row] for row in per_row] if self.method.prunes_in_llm else [],
             kept=[[c.selection.keep[0] for c in row] for row in per_row],
             recycled=[[c.recycled for c in row] for row in per_row],
         )
         return call.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
 
     def _choose(self, image_tokens, embeds, row, columns, text, recorded) -> ImageChoice:
-        """Run the method on one image (in-LLM methods first plan their per-stage counts)."""
+        """Plan the image's per-stage counts, then run the method for the first stage."""
         inputs = self._signals(image_tokens, embeds, row, columns, text, recorded)
-        plan = self.method.plan(self.budget, columns.numel(), self.num_layers) if hasattr(self.method, "plan") else None
+        plan = self.method.plan(self.budget, columns.numel(), self.num_layers)
         with torch.no_grad():
-            selection = self.method(Budget(plan.counts[0]) if plan else self.budget, **inputs)
+            selection = self.method(Budget(plan.counts[0]), **inputs)
         return ImageChoice(row, columns, selection, plan)
 
     def _signals(self, image_tokens, embeds, row, columns, text, recorded) -> dict:
         """The method's inputs for one image, as a batch of one (`text`: the row's text columns)."""
         signals = {"image_tokens": image_tokens[None]}
         if self.needed & {"text_embeds", "text_mask"}:
-            if getattr(self.method, "text_scope", "prompt") == "prefix":
-                text = text[text < columns[0]]  # official Qwen2.5-VL behaviour (flashvlm.md §1.10.3)
+            if self.method.text_before_first_image:
+                text = text[text < columns[0]]
             signals["text_embeds"] = embeds[row].index_select(0, text)[None]
         for name in self.needed - {"image_tokens", "text_embeds", "text_mask"}:
             value = recorded.get(name)
@@ -360,32 +384,32 @@ class InputPruning:
     # -- decoding ---------------------------------------------------------------------------------------
 
     def _fix_decode(self, call: Call, past) -> tuple[tuple, dict]:
-        state = self.state
+        prefill = self.prefill
         embeds = call["inputs_embeds"]
         steps = embeds.shape[1]
         past_length = past.get_seq_length()
-        generated = past_length - state.pruned_length + steps  # tokens after the prompt, this step included
+        generated = past_length - prefill.pruned_length + steps  # tokens after the prompt, this step included
         if generated < steps:
             raise ContractError(f"a decoding step's cache holds {past_length} tokens, fewer than the "
-                                f"{state.pruned_length} the pruned prefill left")
+                                f"{prefill.pruned_length} the pruned prefill left")
         mask = call.get("attention_mask")
         if mask is not None:
             if isinstance(mask, dict) or mask.dim() != 2:
                 raise NotImplementedError("pruning needs 2D attention masks while decoding (use the dynamic cache)")
-            if mask.shape[1] != state.prompt_length + generated:
+            if mask.shape[1] != prefill.prompt_length + generated:
                 raise ValueError(
-                    f"decoding mask has {mask.shape[1]} columns; expected the unpruned prompt ({state.prompt_length}) "
+                    f"decoding mask has {mask.shape[1]} columns; expected the unpruned prompt ({prefill.prompt_length}) "
                     f"plus {generated} generated tokens"
                 )
-            call.update(attention_mask=torch.cat([state.prompt_mask.to(mask.dtype), mask[:, state.prompt_length:]], dim=1))
-        elif not bool(state.prompt_mask.all()):
-            ones = torch.ones(state.prompt_mask.shape[0], generated, dtype=state.prompt_mask.dtype, device=state.prompt_mask.device)
-            call.update(attention_mask=torch.cat([state.prompt_mask, ones], dim=1))
+            call.update(attention_mask=torch.cat([prefill.prompt_mask.to(mask.dtype), mask[:, prefill.prompt_length:]], dim=1))
+        elif not bool(prefill.prompt_mask.all()):
+            ones = torch.ones(prefill.prompt_mask.shape[0], generated, dtype=prefill.prompt_mask.dtype, device=prefill.prompt_mask.device)
+            call.update(attention_mask=torch.cat([prefill.prompt_mask, ones], dim=1))
         positions = call.get("position_ids")
         if self.positions == "compact":
             if positions is not None:
-                call.update(position_ids=positions - state.removed.to(positions.device))
+                call.update(position_ids=positions - prefill.removed.to(positions.device))
         elif positions is None:
-            start = past_length + state.prompt_length - state.pruned_length
+            start = past_length + prefill.prompt_length - prefill.pruned_length
             call.update(position_ids=torch.arange(start, start + steps, device=embeds.device).expand(embeds.shape[0], -1))
         return call.update()

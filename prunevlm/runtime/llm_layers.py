@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import Call, causal_mask, is_prefill, layer_cache_length
-from .llm_input import InputPruning
+from .contract import Call, causal_mask, layer_cache_length
 
 
 @dataclass
@@ -28,36 +27,44 @@ class View:
     within_previous: torch.Tensor  # [B, L_s] index into the previous stage's view (for the hidden states)
 
 
+@dataclass
+class ForwardStep:
+    """One forward of the language model, as its decoder-layer hooks need it."""
+
+    prefill: bool
+    views: dict[int, View] | None  # from the prefill this forward belongs to
+    mask: torch.Tensor | None  # the language model's 2D mask (the pruned prompt, then the generated tokens)
+    built: dict[int, object]  # stage-start layer -> the causal mask built for its layers in this forward
+
+
 class LayerPruning:
-    def __init__(self, inputs: InputPruning):
-        self.inputs = inputs
-        adapter = inputs.adapter
+    """Decoder-layer hooks that run the in-LLM stages of each image's `Plan`; `InputPruning` starts each
+    forward of the language model with `begin_forward`, after pruning its input."""
+
+    def __init__(self, adapter):
         self.config = adapter.language_model.config
-        self.views: dict[int, View] | None = None  # stage-start layer -> view, for the current prompt
-        self.step: dict = {}  # per forward: the LLM's 2D mask and masks built per stage
-        self.handles = [adapter.language_model.register_forward_pre_hook(self._before_llm, with_kwargs=True)]
-        for index, layer in enumerate(adapter.decoder_layers()):
-            self.handles.append(layer.register_forward_pre_hook(self._hook(index), with_kwargs=True))
+        self.step: ForwardStep | None = None
+        self.handles = [layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
+                        for index, layer in enumerate(adapter.decoder_layers())]
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.handles, self.views, self.step = [], None, {}
+        self.handles, self.step = [], None
 
-    def _before_llm(self, module, args, kwargs):
-        # Runs after the input pruning hook, so it sees the pruned prompt's mask.
-        call = Call(module, args, kwargs)
-        state = self.inputs.state
-        prefill = is_prefill(call.cache(required=True))
-        if prefill:
-            self.views = self._views(state) if state is not None and any(state.visual) else None
-        self.step = {"prefill": prefill, "mask": call.get("attention_mask"), "built": {}}
+    def begin_forward(self, prefill, is_prefill: bool, mask: torch.Tensor | None) -> None:
+        """`prefill`: the last pruned prefill's record (None: nothing pruned in this generation); at a prefill
+        its stage views are computed once and kept on it for the decoding steps."""
+        if prefill is not None and is_prefill:
+            prefill.views = self._views(prefill)
+        self.step = ForwardStep(is_prefill, None if prefill is None else prefill.views, mask, {})
 
     def _hook(self, index: int):
         def before_layer(module, args, kwargs):
-            if not self.views:
+            views = self.step.views if self.step is not None else None
+            if not views:
                 return None
-            starts = [k for k in self.views if k <= index]
+            starts = [k for k in views if k <= index]
             if not starts:
                 return None
             return self._apply(module, index, max(starts), args, kwargs)
@@ -66,31 +73,31 @@ class LayerPruning:
 
     # -- the kept columns of each stage -----------------------------------------------------------------
 
-    def _views(self, state) -> dict[int, View] | None:
-        plans = [plan for row in state.visual for _, _, plan in row]
-        if not plans or plans[0] is None or all(len(set(plan.counts)) == 1 for plan in plans):
+    def _views(self, prefill) -> dict[int, View] | None:
+        plans = [image.plan for row in prefill.images for image in row]
+        if not plans or all(len(set(plan.counts)) == 1 for plan in plans):
             return None  # no in-LLM stage, or none that drops a token
-        k1, k2 = plans[0].layers
         views, previous = {}, None
-        for start, stage in ((k1, 1), (k2, 2)):
-            view = self._stage_view(state, stage, previous)
-            if k1 == k2 and stage == 2:  # both stages at one layer
-                view.within_previous = views[k1].within_previous.gather(1, view.within_previous.clamp_min(0)).masked_fill(view.source < 0, -1)
+        for stage, start in enumerate(plans[0].layers, start=1):  # one method: every image has the same layers
+            view = self._stage_view(prefill, stage, previous)
+            if start in views:  # several stages start at one layer: it gathers once, from the earlier view
+                view.within_previous = views[start].within_previous.gather(1, view.within_previous.clamp_min(0)).masked_fill(view.source < 0, -1)
             views[start] = view
             previous = view
         return views
 
     @staticmethod
-    def _stage_view(state, stage: int, previous: View | None) -> View:
+    def _stage_view(prefill, stage: int, previous: View | None) -> View:
         """Text columns plus, per image, its `counts[stage]` most important surviving visual columns."""
-        batch, length = state.prompt_mask.shape
-        keep = state.prompt_mask.bool().clone()
-        for row, images in enumerate(state.visual):
-            for columns, importance, plan in images:
+        batch, length = prefill.prompt_mask.shape
+        keep = prefill.prompt_mask.bool().clone()
+        for row, images in enumerate(prefill.images):
+            for image in images:
+                columns = image.columns
                 alive = columns if previous is None else columns[torch.isin(columns, previous.source[row])]
-                weights = importance[torch.searchsorted(columns, alive)]
+                weights = image.importance[torch.searchsorted(columns, alive)]
                 keep[row, columns] = False
-                survivors = alive[weights.argsort(descending=True, stable=True)[: plan.counts[stage]]]
+                survivors = alive[weights.argsort(descending=True, stable=True)[: image.plan.counts[stage]]]
                 keep[row, survivors] = True
         width = int(keep.sum(dim=1).max())
         source = torch.full((batch, width), -1, dtype=torch.long, device=keep.device)
@@ -107,12 +114,12 @@ class LayerPruning:
     # -- one decoder layer ------------------------------------------------------------------------------
 
     def _apply(self, layer, index: int, start: int, args, kwargs):
-        view = self.views[start]
+        view = self.step.views[start]
         call = Call(layer, args, kwargs)
         hidden = call["hidden_states"]
         batch = hidden.shape[0]
         past = call.cache(required=True)
-        if self.step["prefill"]:
+        if self.step.prefill:
             if index == start:
                 hidden = _gather(hidden, view.within_previous)
             cos, sin = call["position_embeddings"]
@@ -125,11 +132,11 @@ class LayerPruning:
         else:
             # this layer's cache holds its view of the prompt plus the generated tokens
             generated = hidden.shape[1] + layer_cache_length(past, index) - view.source.shape[1]
-            llm_mask = self.step["mask"]
+            llm_mask = self.step.mask
             tail = (llm_mask[:, -generated:] if llm_mask is not None
                     else torch.ones(batch, generated, dtype=view.mask.dtype, device=hidden.device))
             mask = torch.cat([view.mask, tail.to(view.mask.dtype)], dim=1)
-        built = self.step["built"]  # layers of one stage share their mask
+        built = self.step.built  # layers of one stage share their mask
         if start not in built:
             built[start] = causal_mask(self.config, hidden, mask, past, index)
         return call.update(hidden_states=hidden, attention_mask=built[start])
