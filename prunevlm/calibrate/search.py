@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from ..api import prune
 from ..budget import Budget
-from ..methods.vflowopt import VFlowOpt, default_layers
+from ..methods.vflowopt import VFlowOpt, default_layers, r_1_for_budget
 from .flow import flow_similarity, last_token_states
 
 BOUNDS = {"t": (0.0, 50.0), "m": (3.0, 24.0), "alpha": (-1.0, 1.0)}  # vflowopt.md §4, as in the official code
@@ -45,10 +45,8 @@ MIN_R_2 = 0.01  # r_2 = 0 would drop every visual token after layer k2, so the b
 
 def r_1_bounds(budget: float, r_v: float, layers: tuple[int, int], depth: int) -> tuple[float, float]:
     """r_1 values for which the derived r_2 lies in [MIN_R_2, 1], within the official lower bound 0.8 T / max r_v."""
-    k1, k2 = layers
-    needed = depth * budget / r_v - k1  # = (k2 - k1) r_1 + (depth - k2) r_1 r_2
-    low = max(0.8 * budget / r_v_bounds(budget)[1], needed / (depth - k1))
-    high = min(1.0, needed / (k2 - k1 + (depth - k2) * MIN_R_2))
+    low = max(0.8 * budget / r_v_bounds(budget)[1], r_1_for_budget(budget, r_v, 1, layers, depth))
+    high = min(1.0, r_1_for_budget(budget, r_v, MIN_R_2, layers, depth))
     return min(low, high), high
 
 

@@ -98,6 +98,18 @@ def recycle(scores: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int], c
     return keep[order], values[order], weights_out[order], is_recycled[order]
 
 
+def r_2_for_budget(fraction: float, r_v: float, r_1: float, layers: tuple[int, int], depth: int) -> float:
+    """r_2 that meets T: solves T·L = k1·r_v + (k2 − k1)·r_v·r_1 + (L − k2)·r_v·r_1·r_2 for r_2 (L > k2)."""
+    k1, k2 = layers
+    return (fraction * depth - k1 * r_v - (k2 - k1) * r_v * r_1) / ((depth - k2) * r_v * r_1)
+
+
+def r_1_for_budget(fraction: float, r_v: float, r_2: float, layers: tuple[int, int], depth: int) -> float:
+    """r_1 that meets T for a given r_2: the same equation solved for r_1."""
+    k1, k2 = layers
+    return (depth * fraction / r_v - k1) / (k2 - k1 + (depth - k2) * r_2)
+
+
 def default_layers(num_layers: int) -> tuple[int, int]:
     """The official layers 9 and 18 of 28, scaled to the LLM's depth."""
     k1 = min(num_layers - 1, max(1, round(REFERENCE_LAYERS[0] * num_layers / REFERENCE_LAYERS[2])))
@@ -169,7 +181,7 @@ class VFlowOpt(Method):
             if r_v is None:
                 r_v = min(1.0, fraction * num_layers / (k1 + (k2 - k1) * r_1 + (num_layers - k2) * r_1 * released_r_2))
         if num_layers > k2:  # r_2 from T (§3.3), before rounding to token counts
-            r_2 = (fraction * num_layers - k1 * r_v - (k2 - k1) * r_v * r_1) / ((num_layers - k2) * r_v * r_1)
+            r_2 = r_2_for_budget(fraction, r_v, r_1, (k1, k2), num_layers)
             if not 0 < r_2 <= 1 + 1e-9:
                 raise ValueError(
                     f"vflowopt: r_v={r_v:.4f}, r_1={r_1:.4f} cannot meet T={fraction:.4f} (it would need r_2={r_2:.3f}); "
