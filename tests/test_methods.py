@@ -26,7 +26,7 @@ def signals(batch=2, tokens=64, dim=16, text=7, seed=0, dtype=torch.float32):
 
 
 def naive_dedup(features, order, keep, step=8, schedule="fixed", ratio=0.1):
-    """The released loop: recompute the |A|x|B| similarities every round (flashvlm.md §1.7)."""
+    """The released loop: recompute the |A|x|B| similarities every round (docs/flashvlm.md §7)."""
     unit = F.normalize(features, dim=-1)
     out = []
     for b in range(features.shape[0]):
@@ -107,12 +107,12 @@ def test_dedup_rounds_match_the_released_count():
     tokens, k = 576, 64
     order = torch.randperm(tokens)[None]
     bipartite_dedup(torch.randn(1, tokens, 16), order, k, stats=stats)
-    assert stats["rounds"] == math.ceil((tokens - k) / 8)  # flashvlm.md §4.4 (1)
+    assert stats["rounds"] == math.ceil((tokens - k) / 8)  # docs/flashvlm.md §9 (1)
 
 
 @pytest.mark.parametrize("clusters", [16, 32])
 def test_diversity_keeps_every_cluster_at_twice_the_cluster_count(clusters):
-    """flashvlm.md §4.4 (2): T_div >= 2K keeps a member of every cluster in >= 99 of 100 seeds."""
+    """docs/flashvlm.md §9 (2): T_div >= 2K keeps a member of every cluster in >= 99 of 100 seeds."""
     covered, radii = 0, []
     for seed in range(100):
         g = torch.Generator().manual_seed(seed)
@@ -207,7 +207,7 @@ def test_flashvlm_official_no_text_score_keeps_the_floor_ties():
 
 
 def test_flashvlm_with_text_ranks_by_the_fused_score():
-    """The text path is the formula of flashvlm.md §1.5 on every row, as before the no-text fix."""
+    """The text path is the formula of docs/flashvlm.md §5 on every row."""
     s = signals(batch=2, tokens=144)
     s["saliency"] = saliency_of("pow8", 2, 144)
     method = prunevlm.api.METHODS["flashvlm"]()
@@ -224,7 +224,7 @@ def test_text_changes_the_flashvlm_selection():
 
 
 def test_sharpening_matches_the_closed_form():
-    """flashvlm.md §1.3 (6): t_i ≈ 0.1^[i not in top] · exp(250 (s_i − max s)), |Δ log t| <= 0.05 in fp32."""
+    """docs/flashvlm.md §3 (6): t_i ≈ 0.1^[i not in top] · exp(250 (s_i − max s)), |Δ log t| <= 0.05 in fp32."""
     g = torch.Generator().manual_seed(0)
     for spread in (0.01, 0.02, 0.05):
         relevance = 0.2 + spread * torch.randn(3, 576, generator=g)

@@ -146,7 +146,7 @@ def test_plan_meets_the_layer_averaged_budget():
 
 
 def test_released_configs_reproduce_their_schedules():
-    """vflowopt.md §3.4 on LLaVA-OV-7B (N = 729, 28 layers, k = 9, 18)."""
+    """docs/vflowopt.md §3.4 on LLaVA-OV-7B (N = 729, 28 layers, k = 9, 18)."""
     plan = VFlowOpt(r_v=0.1166, r_1=1.0).plan(Budget(0.10), 729, 28)
     assert plan.layers == (9, 18)
     assert plan.counts[0] == round(0.1166 * 729)

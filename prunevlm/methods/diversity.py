@@ -1,11 +1,11 @@
-"""Diversity-preserving partition: VisPruner's iterative bipartite de-duplication (flashvlm.md §1.7).
+"""Diversity-preserving partition: VisPruner's iterative bipartite de-duplication (docs/flashvlm.md §7).
 
 The residual R (tokens not chosen as important, in descending score order) is shrunk to `keep` tokens:
 split R by position into A (even) and B (odd), score each a in A by m(a) = max_b cos(a, b), drop the r
 most redundant A-tokens, and continue with [kept A sorted by m descending] + [B].
 
-The released loop recomputes an |A|x|B| product every round: Θ(N³d/r) for its fixed r = 8 (flashvlm.md
-§4.3: 11 s at N = 4608). The rounds here are exactly the released ones, with m(a) found more cheaply:
+The released loop recomputes an |A|x|B| product every round: Θ(N³d/r) for its fixed r = 8 (docs/flashvlm.md
+§7: 11 s at N = 4608). The rounds here are exactly the released ones, with m(a) found more cheaply:
 - up to `DENSE_TOKENS` tokens, from the N x N cosine matrix computed once (about 3N²d/4 multiply-adds
   instead of ~6N²d): cosine is symmetric, so m over A is a column-wise max over B's rows;
 - beyond, from per-token nearest-neighbour lists (built from the half of the cosine matrix on and above
@@ -226,7 +226,7 @@ def important_and_diverse(
     schedule: str = "fixed",
     ratio: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep ⌊alpha·k⌋ top-scored tokens and fill the rest by de-duplicating the residual (flashvlm.md §1.6).
+    """Keep ⌊alpha·k⌋ top-scored tokens and fill the rest by de-duplicating the residual (docs/flashvlm.md §6).
 
     Returns (keep [B, k] ascending, important [B, ⌊alpha·k⌋], diverse [B, k - ⌊alpha·k⌋]).
     """
@@ -242,8 +242,8 @@ def important_and_diverse(
 class ImportantDiverse(Method):
     """Shared options and split for methods that keep an important share and fill the rest by diversity."""
 
-    alpha: float = 0.5  # share of the budget taken by the top score (flashvlm.md §1.6)
-    dedup_step: int = 8  # tokens dropped per de-duplication round (§1.7)
+    alpha: float = 0.5  # share of the budget taken by the top score (docs/flashvlm.md §6)
+    dedup_step: int = 8  # tokens dropped per de-duplication round (§7)
     dedup_schedule: str = "fixed"  # "fixed" as released, or "geometric" (module docstring)
     dedup_ratio: float = 0.1  # fraction of the residual dropped per round when geometric
 

@@ -1,5 +1,5 @@
 """FlashVLM: text-guided visual token selection (arXiv 2512.20561; formulas from the official code,
-reference/flashvlm.md §1).
+docs/flashvlm.md).
 
 Relevance of each projected image token to the prompt's LLM input embeddings is pooled over the text,
 sharpened, and fused in the log domain with the vision saliency. Half the budget goes to the top of the
@@ -33,10 +33,10 @@ def text_relevance(
     temperature: float = 0.05,
     norm_gating: bool = False,
 ) -> torch.Tensor:
-    """s_i = Σ_j softmax_j(S_ij / temperature) · S_ij with S_ij = cos(image token i, text row j) (§1.3 steps 1–3).
+    """s_i = Σ_j softmax_j(S_ij / temperature) · S_ij with S_ij = cos(image token i, text row j) (§2 steps 1–3).
 
     `norm_gating` reproduces the official Qwen2.5-VL path, which scales each normalised text row by
-    ‖e_j‖ / max_k ‖e_k‖ (§1.2; a no-op in the official LLaVA path). Rows without text give NaN.
+    ‖e_j‖ / max_k ‖e_k‖ (§1; a no-op in the official LLaVA path). Rows without text give NaN.
     """
     image_tokens = image_tokens.float()
     unit_text = F.normalize(text_embeds.float(), dim=-1)
@@ -62,10 +62,10 @@ def sharpen(
     top_p: float = 0.005,
     damping: float = 0.1,
 ) -> torch.Tensor:
-    """Temperature sharpening and top-p sparsification over image tokens (§1.3 steps 4–5), in [0, 1].
+    """Temperature sharpening and top-p sparsification over image tokens (§3 steps 4–5), in [0, 1].
 
     p = softmax(s / τ_s); q = minmax(p^γ); tokens below the (1 − top_p) quantile are multiplied by
-    `damping`; min-max again. In closed form t_i ≈ damping^[i ∉ top] · exp((γ/τ_s)(s_i − max s)) (§1.3 (6)).
+    `damping`; min-max again. In closed form t_i ≈ damping^[i ∉ top] · exp((γ/τ_s)(s_i − max s)) (§3 (6)).
     """
     p = torch.softmax(relevance / temperature, dim=-1)
     q = minmax(p.pow(gamma))
@@ -75,7 +75,7 @@ def sharpen(
 
 
 def fuse(saliency: torch.Tensor, text_score: torch.Tensor | None, eta: float = 0.5, floor: float = 1e-6) -> torch.Tensor:
-    """f = minmax(A^(1−η) · T^η) with A = max(minmax(saliency), floor), T = max(t, floor) (§1.4–1.5).
+    """f = minmax(A^(1−η) · T^η) with A = max(minmax(saliency), floor), T = max(t, floor) (§4–§5).
 
     Without text, T ≡ floor: the order of f is the saliency's except that every saliency whose min-max value
     is below the floor ties with the others there. `FlashVLM.scores` therefore ranks such rows by the
@@ -96,15 +96,15 @@ class FlashVLM(ImportantDiverse):
     signals: ClassVar[tuple[str, ...]] = ("image_tokens", "saliency")
     optional_signals: ClassVar[tuple[str, ...]] = ("text_embeds", "text_mask", "features")
 
-    eta: float = 0.5  # text weight in the log-domain fusion (§1.5)
-    text_temperature: float = 0.05  # softmax pooling over text tokens (§1.3 step 3)
-    sharpen_temperature: float = 0.01  # τ_s (§1.3 step 4)
-    gamma: float = 2.5  # power after sharpening (§1.3 step 4)
-    top_p: float = 0.005  # top fraction left undamped (§1.3 step 5)
-    damping: float = 0.1  # factor for the rest (§1.3 step 5)
-    floor: float = 1e-6  # ε before the logarithms (§1.5)
-    text_norm_gating: bool = False  # official Qwen2.5-VL path: weight text rows by their norm (§1.2)
-    text_scope: str = "prompt"  # "prompt": every non-image token; "prefix": only text before the first image (§1.10.3)
+    eta: float = 0.5  # text weight in the log-domain fusion (§5)
+    text_temperature: float = 0.05  # softmax pooling over text tokens (§2 step 3)
+    sharpen_temperature: float = 0.01  # τ_s (§3 step 4)
+    gamma: float = 2.5  # power after sharpening (§3 step 4)
+    top_p: float = 0.005  # top fraction left undamped (§3 step 5)
+    damping: float = 0.1  # factor for the rest (§3 step 5)
+    floor: float = 1e-6  # ε before the logarithms (§5)
+    text_norm_gating: bool = False  # official Qwen2.5-VL path: weight text rows by their norm (§1)
+    text_scope: str = "prompt"  # "prompt": every non-image token; "prefix": only text before the first image (§8)
     no_text_score: str = "saliency"  # rows without text: "saliency" (= VisPruner) or "fused" (official code; docs/methods.md)
 
     def __post_init__(self):

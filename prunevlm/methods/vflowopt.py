@@ -1,5 +1,5 @@
 """VFlowOpt (ICCV'25, arXiv 2508.05211): importance from attention-derived context relevance and patch
-entropy, stage-0 pruning with recycling, then progressive pruning at two LLM layers (vflowopt.md §2–§3).
+entropy, stage-0 pruning with recycling, then progressive pruning at two LLM layers (docs/vflowopt.md §2–§3).
 
 This module holds the pure parts: the importance map, the stage-0 selection with recycling, and the
 per-stage token counts under the layer-averaged budget T. The in-LLM stages run in
@@ -18,7 +18,7 @@ from ..budget import Budget
 from ..signals.entropy import CLIP_MEAN, CLIP_STD, CODE_CASTS, grey_levels, patch_entropy
 from .base import Method, Plan, Selection
 
-# Released configurations for LLaVA-OneVision-7B (vflowopt.md §3.4): T -> (r_v, r_1, r_2, t, m, alpha).
+# Released configurations for LLaVA-OneVision-7B (docs/vflowopt.md §3.4): T -> (r_v, r_1, r_2, t, m, alpha).
 RELEASED = {
     0.10: (0.1166, 1.0, 0.6011, 39.26, 17.39, 0.0),
     0.25: (0.2651, 0.9833, 0.8773, 34.76, 15.58, 0.0),
@@ -51,7 +51,9 @@ def recycle(scores: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int], c
     The lowest-importance tokens are pruned and binned on a spatial grid of square cells of side `cell`
     tokens; each occupied cell becomes one token: the importance-weighted mean of its members, at the slot
     of its most important member, carrying that member's importance. The number of kept originals is the
-    largest one for which kept + occupied cells = count (kept + cells grows by 0 or 1 per token kept).
+    smallest one for which kept + occupied cells reaches count (kept + cells grows by 0 or 1 per token
+    kept, so it reaches count exactly). A larger one can give the same total only by emptying one-member
+    cells, whose recycled token is that member itself: the tokens are the same, only `is_recycled` differs.
     Returns (keep [count] ascending, values [count, D], importance [count], is_recycled [count] bool).
     """
     num_tokens = scores.numel()

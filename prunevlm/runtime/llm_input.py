@@ -1,4 +1,4 @@
-"""Shorten the sequence at the LLM input, through hooks only (style A2 of transformers-integration.md §3.4).
+"""Shorten the sequence at the LLM input, through hooks only (docs/transformers.md §1, pruning before the LLM).
 
 Three hooks cooperate:
 - a pre-hook on the base model (e.g. `LlavaModel`) finds each image's placeholder columns in `input_ids`

@@ -1,5 +1,5 @@
-"""Progressive pruning inside the LLM (VFlowOpt stages 1 and 2, vflowopt.md §3.2), through decoder-layer
-pre-hooks only (style B of transformers-integration.md §3.4), so SDPA/FlashAttention stay on.
+"""Progressive pruning inside the LLM (VFlowOpt stages 1 and 2, docs/vflowopt.md §3.2), through decoder-layer
+pre-hooks only (docs/transformers.md §1, pruning inside the LLM), so SDPA/FlashAttention stay on.
 
 At prefill, layer k1 receives the stage-0 sequence and keeps the text plus each image's n1 most important
 visual tokens (the importance carried from stage 0); layer k2 keeps n2 of those. The text model hands the

@@ -34,7 +34,7 @@ def attention_map(queries: torch.Tensor, keys: torch.Tensor, scale: float, chunk
 
 
 def received_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
-    """Attention each token receives, Σ_queries of the head-averaged map (flashvlm.md §1.4, Qwen path).
+    """Attention each token receives, Σ_queries of the head-averaged map (docs/flashvlm.md §4, Qwen path).
 
     queries, keys [H, S, d] -> [S]. Queries are processed in chunks to bound memory at O(H·chunk·S).
     """

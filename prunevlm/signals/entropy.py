@@ -1,4 +1,4 @@
-"""Patch-level information entropy (VFlowOpt, vflowopt.md §2.2)."""
+"""Patch-level information entropy (VFlowOpt, docs/vflowopt.md §2.2)."""
 
 from __future__ import annotations
 
