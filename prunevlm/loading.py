@@ -27,6 +27,13 @@ def load(model_id: str, dtype: str = "auto", device: str = "auto", attn: str = "
     return model.to(device).eval(), processor
 
 
+def pixel_normalisation(processor) -> dict:
+    """The image processor's normalisation, as VFlowOpt's `pixel_mean`/`pixel_std` options (its entropy
+    undoes it to get raw grey levels; docs/vflowopt.md §2.2)."""
+    image_processor = processor.image_processor
+    return {"pixel_mean": list(image_processor.image_mean), "pixel_std": list(image_processor.image_std)}
+
+
 def prompt_inputs(processor, images: list[Image.Image], questions: list[str], device) -> dict:
     """A left-padded batch: one question per row, each row with its image (None for a text-only row)."""
     texts = []

@@ -31,6 +31,8 @@ import torch
 from .. import prune
 from ..budget import Budget
 from ..methods.diversity import bipartite_dedup
+from ..models import get_adapter
+from ..models.base import synchronize
 from ..runtime.contract import output_cache
 from .models import SHAPES, build_model, prompt_inputs
 
@@ -63,7 +65,8 @@ class Stopwatch:
 
     def __init__(self, model):
         self.model, self.prefill, self.steps = model, [], []
-        lm = model.model.language_model
+        adapter = get_adapter(model)
+        lm = adapter.language_model
         self.handles = [
             lm.register_forward_pre_hook(lambda m, a, kw: self._start("lm"), with_kwargs=True),
             lm.register_forward_hook(lambda m, a, kw, out: self._stop("lm", kw), with_kwargs=True),
@@ -73,11 +76,11 @@ class Stopwatch:
         self.started = {}
 
     def _start(self, name):
-        _sync(self.model)
+        synchronize(self.model.device)
         self.started[name] = time.perf_counter()
 
     def _stop(self, name, kwargs):
-        _sync(self.model)
+        synchronize(self.model.device)
         seconds = time.perf_counter() - self.started[name]
         embeds = kwargs.get("inputs_embeds")
         length = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
@@ -140,11 +143,6 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _sync(model):
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-
-
 def kv_bytes(cache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                for layer in cache.layers)
@@ -157,15 +155,15 @@ def measure_once(model, inputs, method: str, budget: int, decode_tokens: int) ->
     handle = None if method == "none" else prune(model, method, budget)
     watch = Stopwatch(model)
     try:
-        _sync(model)
+        synchronize(model.device)
         start = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
-        _sync(model)
+        synchronize(model.device)
         ttft = time.perf_counter() - start
         run = {"ttft_ms": 1000 * ttft, "prefill_ms": 1000 * watch.prefill[-1],
                "selection_ms": handle.stats.selection_ms if handle else 0.0,
                "kv_mb": kv_bytes(output_cache(out)) / 2**20,
-               "kept": handle.stats.tokens_after[0][0] if handle else None}
+               "kept": handle.stats.tokens_after[0][0] if handle else get_adapter(model).image_token_counts(inputs)[0]}
         del out
         watch.steps.clear()
         model.generate(**inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
@@ -248,7 +246,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         speedup = f"{base['prefill_ms'] / r['prefill_ms']:.2f}x" if base else "-"
         share = f"{100 * r['selection_ms'] / r['prefill_ms']:.1f} %" if r["method"] != "none" else "-"
-        lines.append(f"| {r['method']} | {r['budget'] or 'all'} | {r['kept'] or 576} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} | {speedup} "
+        lines.append(f"| {r['method']} | {r['budget'] or 'all'} | {r['kept']} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} | {speedup} "
                      f"| {r['selection_ms']:.2f} | {share} | {r['decode_ms']:.1f} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
     return "\n".join(lines)
 

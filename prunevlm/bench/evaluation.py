@@ -18,6 +18,7 @@ from ..calibrate.flow import flow_similarity
 from ..config import load_config
 from ..demo import accuracy, dataset
 from ..loading import prompt_inputs
+from ..models import get_adapter
 from ..runtime.contract import output_cache
 from .efficiency import kv_bytes
 
@@ -61,6 +62,12 @@ def configurations(args) -> list[dict]:
     return configs
 
 
+def visual_tokens(model, processor, item) -> int:
+    """Visual tokens of the item's image in the unpruned prompt (every demo image has the same size)."""
+    inputs = prompt_inputs(processor, [item.image], [item.question], model.device)
+    return get_adapter(model).image_token_counts(inputs)[0]
+
+
 @torch.inference_mode()
 def measure(model, processor, items, config: dict, reference: torch.Tensor | None, args) -> dict:
     """Accuracy, fidelity, kept tokens and KV cache of one configuration."""
@@ -80,7 +87,7 @@ def measure(model, processor, items, config: dict, reference: torch.Tensor | Non
     finally:
         if handle:
             handle.remove()
-    tokens = model.config.image_seq_length
+    tokens = visual_tokens(model, processor, items[0])
     fidelity = None if reference is None else float(flow_similarity(reference, states).mean())
     return {
         **{k: config[k] for k in ("name", "method", "budget")},
@@ -156,7 +163,7 @@ def run(args) -> list[dict]:
               f"fidelity {row['fidelity'] or 1:.4f}, {row['seconds']:.0f} s", file=sys.stderr)
     for row in rows:
         del row["states"]
-    title = (f"demo test split, {len(items)} questions, {model.config.image_seq_length} visual tokens per image "
+    title = (f"demo test split, {len(items)} questions, {visual_tokens(model, processor, items[0])} visual tokens per image "
              f"(unpruned {100 * rows[0]['accuracy']['overall']:.1f} %)")
     markdown = table(rows, qtypes)
     print(f"\n{title}\n\n{markdown}")

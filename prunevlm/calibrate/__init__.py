@@ -13,7 +13,9 @@ from PIL import Image
 
 from ..cli import parse_budget
 from ..config import save_config
+from ..loading import pixel_normalisation
 from ..methods.vflowopt import default_layers
+from ..models import get_adapter
 from .search import FlowObjective, open_study, run_search
 
 
@@ -96,11 +98,9 @@ def run(args) -> dict:
     study_name = args.study or f"vflowopt-{tag}"
     beside = out if "://" in storage else storage  # the unpruned states, reused when resuming
     cache = str(Path(beside).with_suffix(f".{study_name}.refs.safetensors"))
-    depth = len(model.model.language_model.layers)
+    depth = get_adapter(model).num_layers
     layers = default_layers(depth)
-    # the entropy term undoes the processor's normalisation to get raw grey levels
-    image_processor = processor.image_processor
-    fixed = {"pixel_mean": list(image_processor.image_mean), "pixel_std": list(image_processor.image_std)}
+    fixed = pixel_normalisation(processor)
 
     print(f"calibrating vflowopt at T={args.budget} on {len(samples)} samples, {args.trials} trials "
           f"(study {study_name!r} in {storage})", file=sys.stderr)

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from ..loading import prompt_inputs
+from ..models import get_adapter
 
 
 @torch.inference_mode()
 def last_token_states(model, processor, samples: list, batch_size: int = 16) -> torch.Tensor:
     """[S, D] final-norm hidden state of each sample's last prompt token (left-padded batches)."""
     states = []
-    base = model.model  # the base model returns the hidden states after the final norm
+    base = get_adapter(model).base  # the base model returns the hidden states after the final norm
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         inputs = prompt_inputs(processor, [image for image, _ in chunk], [prompt for _, prompt in chunk], model.device)

@@ -9,6 +9,8 @@ import time
 import torch
 
 from .. import prune
+from ..loading import pixel_normalisation, prompt_inputs
+from ..models import get_adapter
 from ..viz import draw_tokens, model_view, panel
 from . import accuracy, dataset
 
@@ -46,7 +48,9 @@ def run(args) -> None:
             with prune(model, method, budget) as handle:
                 answers = accuracy.predict(model, processor, items, batch_size=len(items))
             columns[f"{method} {budget}"] = (answers, handle.stats)
-    tokens = model.config.image_seq_length
+    inputs = prompt_inputs(processor, [items[0].image], [items[0].question], model.device)
+    grid = get_adapter(model).image_grids(inputs)[0]  # every demo image has the same size
+    tokens = grid[0] * grid[1]
 
     width = max(len(item.question) for item in items)
     names = list(columns)
@@ -62,16 +66,15 @@ def run(args) -> None:
                                            f"selection {stats.selection_ms / len(items):.1f} ms per image")
         print(f"  {name:14s} {right}/{len(items)} right{detail}")
 
-    image_processor = processor.image_processor
-    pixels = image_processor([item.image for item in items], return_tensors="pt")["pixel_values"]
-    views = [model_view(p, image_processor.image_mean, image_processor.image_std) for p in pixels]
-    side = int(tokens ** 0.5)
+    pixels = processor.image_processor([item.image for item in items], return_tensors="pt")["pixel_values"]
+    normalisation = pixel_normalisation(processor)
+    views = [model_view(p, normalisation["pixel_mean"], normalisation["pixel_std"]) for p in pixels]
     rows = []
     for row, item in enumerate(items):
         cells = [(views[row], f"{item.question}\ntruth: {truth[row]}")]
         for name, (answers, stats) in list(columns.items())[1:]:
             mark = "right" if answers[row] == truth[row] else "wrong"
-            cells.append((draw_tokens(views[row], (side, side), stats.kept[row][0]), f"{answers[row]} ({mark})"))
+            cells.append((draw_tokens(views[row], grid, stats.kept[row][0]), f"{answers[row]} ({mark})"))
         rows.append(cells)
     titles = ["image, question"] + [f"{name} tokens\n(kept of {tokens})" for name in names[1:]]
     panel(rows, titles).save(args.out)

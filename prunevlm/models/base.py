@@ -88,15 +88,16 @@ class Timer:
         self.capture, self.device = capture, device
 
     def __enter__(self):
-        _sync(self.device)
+        synchronize(self.device)
         self.start = time.perf_counter()
 
     def __exit__(self, *exc):
-        _sync(self.device)
+        synchronize(self.device)
         self.capture.seconds += time.perf_counter() - self.start
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock time covers it (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -133,8 +134,16 @@ class Adapter:
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model.layers
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
     def image_token_counts(self, kwargs: dict) -> list[int]:
         """Tokens per image for the images in a base-model call (from encoder outputs or pixel inputs)."""
+        raise NotImplementedError
+
+    def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
+        """The token grid (rows, columns) of each image in a processor's inputs, row-major as the LLM gets them."""
         raise NotImplementedError
 
     def check_inputs(self, kwargs: dict) -> None:

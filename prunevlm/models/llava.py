@@ -51,6 +51,10 @@ class LlavaAdapter(Adapter):
             return []
         return [self.grid[0] * self.grid[1]] * int(pixels.shape[0])
 
+    def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
+        pixels = inputs.get("pixel_values")
+        return [] if pixels is None else [self.grid] * int(pixels.shape[0])
+
     def install(self, needed: set[str], capture: Capture) -> list:
         tower = self.base.vision_tower
 

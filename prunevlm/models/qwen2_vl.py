@@ -44,6 +44,10 @@ class QwenVLAdapter(Adapter):
             return []
         return [int(n) for n in (grid_thw.prod(dim=-1) // self.merge**2).tolist()]
 
+    def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
+        grid_thw = inputs.get("image_grid_thw")
+        return [] if grid_thw is None else [(int(h) // self.merge, int(w) // self.merge) for _, h, w in grid_thw.tolist()]
+
     def check_inputs(self, kwargs: dict) -> None:
         if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
             raise NotImplementedError(
@@ -58,7 +62,7 @@ class QwenVLAdapter(Adapter):
             grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
             state["grid_thw"] = grid_thw
             capture.start_call()
-            capture.record("grid", [(int(h) // self.merge, int(w) // self.merge) for _, h, w in grid_thw.tolist()])
+            capture.record("grid", self.image_grids({"image_grid_thw": grid_thw}))
 
         def record_tokens(module, args, kwargs, output):
             counts = (state["grid_thw"].prod(dim=-1) // self.merge**2).tolist()

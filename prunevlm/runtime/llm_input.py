@@ -27,7 +27,7 @@ import torch
 
 from ..budget import Budget
 from ..methods.base import Method, Plan, Selection
-from ..models.base import Adapter, Capture, _sync
+from ..models.base import Adapter, Capture, synchronize
 from .contract import Call, ContractError, check_dynamic, is_prefill, output_cache
 from .llm_layers import LayerPruning
 
@@ -268,7 +268,7 @@ class InputPruning:
 
     def _prune_prefill(self, call: Call, images: list[tuple[int, torch.Tensor]]) -> tuple[tuple, dict]:
         embeds = call["inputs_embeds"]
-        _sync(embeds.device)
+        synchronize(embeds.device)
         start = time.perf_counter()
         batch, length, _ = embeds.shape
         mask = call.get("attention_mask")
@@ -302,7 +302,7 @@ class InputPruning:
                 new_embeds[choice.row, slots] = choice.selection.tokens[0].to(new_embeds.dtype)
         new_mask = (source >= 0).long()
         new_embeds.masked_fill_(~new_mask.bool()[..., None], 0)
-        _sync(embeds.device)
+        synchronize(embeds.device)
         select_seconds = time.perf_counter() - start
 
         positions = self._prefill_positions(call.get("position_ids"), source, new_mask, batch, length, embeds.device)
