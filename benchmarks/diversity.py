@@ -1,6 +1,6 @@
 """Diversity partition: coverage and speed of the fixed (released, r = 8) and geometric schedules.
 
-Coverage (flashvlm.md §4.3): K tight clusters on the unit sphere, N tokens in random order; the partition
+Coverage (docs/flashvlm.md §9 (2); docs/diversity.md): K tight clusters on the unit sphere, N tokens in random order; the partition
 keeps T_div = c·K tokens; we count trials in which some cluster lost every member, and the cover radius
 max_v min_s (1 - cos). Speed: one partition of N random 1024-d tokens down to N/9, median of repeats after
 a warm-up (the bench's `diversity_timing`).

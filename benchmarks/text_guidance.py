@@ -4,7 +4,7 @@ For every test question that names objects (the `refs` of the dataset), the obje
 patches it covers by at least 20 %. Each method keeps k tokens per image; we report, per question type, the
 share of kept tokens on the named objects and the share of questions with at least one kept token on
 every named object, beside what uniform chance gives (the objects' share of the image). Second, the raw
-text relevance alone (flashvlm.md §1.3 steps 1-3, on the question's words only): of its top 8 tokens that
+text relevance alone (docs/flashvlm.md §2 steps 1-3, on the question's words only): of its top 8 tokens that
 lie on any object, the share on the named objects, beside the named objects' share of all object patches;
 equal shares mean the words find objects but not the one they name.
 

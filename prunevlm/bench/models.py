@@ -14,7 +14,7 @@ TEXT = {
     # for tests of the benchmark code only: the 576-token geometry with tiny widths
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4),
-    # scaled for a 2-core CPU (transformers-integration.md §5)
+    # scaled for a 2-core CPU (docs/transformers.md §6)
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                 num_key_value_heads=16),
     # Vicuna-7B, the LLM of LLaVA-1.5-7B

@@ -23,12 +23,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the bundled demo model)")
     parser.add_argument("--data", default=None,
                         help='JSONL, one {"image": path, "prompt": text} per line (default: the demo dataset)')
-    parser.add_argument("--samples", type=int, default=30, help="calibration samples (the paper uses 30)")
+    parser.add_argument("--samples", type=int, default=30, help="calibration samples (the official code uses 30)")
     parser.add_argument("--holdout", type=int, default=100,
                         help="held-out samples to compare the result with the default config (0 skips)")
     parser.add_argument("--budget", type=parse_budget, required=True, help="T, the layer-averaged fraction of visual tokens")
-    parser.add_argument("--trials", type=int, default=300, help="completed trials to reach in the study (paper: 300)")
-    parser.add_argument("--initial", type=int, default=27, help="random trials before the GP (paper: 27)")
+    parser.add_argument("--trials", type=int, default=300, help="completed trials to reach in the study (official code: 300)")
+    parser.add_argument("--initial", type=int, default=27, help="random trials before the GP (official code: 27)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--storage", default=None,
                         help="Optuna storage URL or SQLite file (default: next to --out, .db); share it across workers")

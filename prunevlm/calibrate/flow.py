@@ -1,4 +1,4 @@
-"""The visual-information-flow objective (vflowopt.md §4): how close the pruned model's last-token
+"""The visual-information-flow objective (docs/vflowopt.md §4): how close the pruned model's last-token
 representation stays to the unpruned model's.
 
 h is the final-layer hidden state after the final norm (the lm_head input) of the last prompt token at

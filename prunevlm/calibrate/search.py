@@ -1,4 +1,4 @@
-"""Flow-guided Bayesian search of VFlowOpt's hyper-parameters (vflowopt.md §4), with Optuna.
+"""Flow-guided Bayesian search of VFlowOpt's hyper-parameters (docs/vflowopt.md §4), with Optuna.
 
 Searched: θ = (r_v, r_1, t, m, α) under a fixed layer-averaged budget T; r_2 is derived from T. The official
 code uses scikit-optimize (archived) with a Gaussian-process surrogate, 27 random initial points and 300
@@ -32,7 +32,7 @@ from ..budget import Budget
 from ..methods.vflowopt import VFlowOpt, default_layers, r_1_for_budget
 from .flow import flow_similarity, last_token_states
 
-BOUNDS = {"t": (0.0, 50.0), "m": (3.0, 24.0), "alpha": (-1.0, 1.0)}  # vflowopt.md §4, as in the official code
+BOUNDS = {"t": (0.0, 50.0), "m": (3.0, 24.0), "alpha": (-1.0, 1.0)}  # docs/vflowopt.md §4, as in the official code
 
 
 def r_v_bounds(budget: float) -> tuple[float, float]:

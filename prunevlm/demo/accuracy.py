@@ -47,7 +47,7 @@ def predict(model, processor, items: list[dataset.Item], batch_size: int = 32,
     """Normalised greedy answers, one per item, from left-padded batched ``generate``.
 
     With ``return_states`` also the [N, D] final-norm hidden state of each prompt's last token at
-    prefill (VFlowOpt's flow measure, vflowopt.md §4), read from the same ``generate`` call."""
+    prefill (VFlowOpt's flow measure, docs/vflowopt.md §4), read from the same ``generate`` call."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     answers, states = [], []

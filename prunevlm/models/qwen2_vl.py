@@ -31,7 +31,7 @@ class QwenVLAdapter(Adapter):
 
     @property
     def saliency_block(self) -> int:
-        """The last full-attention vision block (Qwen2.5-VL windows the others; flashvlm.md §1.4)."""
+        """The last full-attention vision block (Qwen2.5-VL windows the others; docs/flashvlm.md §4)."""
         full = getattr(self.visual, "fullatt_block_indexes", None)
         return max(full) if full else len(self.visual.blocks) - 1
 
@@ -103,9 +103,9 @@ class QwenVLAdapter(Adapter):
 
     def _attention_signals(self, attn, qkv, state: dict, needed: set[str]) -> dict[str, list]:
         """Per image, in original token order: the attention each merged token receives (Σ over queries,
-        head mean, averaged over its 2x2 patches; flashvlm.md §1.4) and, if needed, the merged-token map
+        head mean, averaged over its 2x2 patches; docs/flashvlm.md §4) and, if needed, the merged-token map
         (rows: mean over a token's patches as queries, columns: sum over its patches as keys). Computed image
-        by image; the official code mixes images (flashvlm.md §1.10.3)."""
+        by image; the official code mixes images (docs/flashvlm.md §8)."""
         length = qkv.shape[0]
         qkv = qkv.reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
         rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
@@ -147,6 +147,6 @@ class QwenVLAdapter(Adapter):
 
     def after_prefill(self, removed_tokens: int) -> None:
         # A caller that decodes without position ids gets them from the cache length + rope_deltas; the cache
-        # is shorter by the pruned count, so the delta grows by it (transformers-integration.md §3.4 A2).
+        # is shorter by the pruned count, so the delta grows by it (docs/transformers.md §1, M-RoPE bookkeeping).
         if self.base.rope_deltas is not None:
             self.base.rope_deltas = self.base.rope_deltas + removed_tokens
