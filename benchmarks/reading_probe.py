@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 
 from prunevlm.demo import accuracy, dataset, llava_forward

@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 import prunevlm
-from prunevlm.bench.efficiency import Stopwatch
+from prunevlm.bench.timing import Stopwatch
 from prunevlm.bench.models import build_model, prompt_inputs
 from prunevlm.methods import base, diversity, flashvlm
 from prunevlm.models.base import Capture

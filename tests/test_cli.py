@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import tiny
-from prunevlm.bench import efficiency
+from prunevlm.bench import timing
 from prunevlm.cli import main
 
 
@@ -51,8 +51,8 @@ def test_generate_explains_bad_input(folder):
 def test_bench_writes_a_table_and_json(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     runs = []
-    measure_once = efficiency.measure_once
-    monkeypatch.setattr(efficiency, "measure_once", lambda *args: runs.append(args[2:4]) or measure_once(*args))
+    measure_once = timing.measure_once
+    monkeypatch.setattr(timing, "measure_once", lambda *args: runs.append(args[2:4]) or measure_once(*args))
     main(["bench", "--shape", "tiny", "--methods", "none,flashvlm,flashvlm", "--budgets", "576,64,64",
           "--repeats", "1", "--decode-tokens", "2", "--diversity-tokens", "300", "--out", str(out)])
     # repeated methods and budgets are measured once per round (a warm-up round and one measured round)

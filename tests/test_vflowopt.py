@@ -1,7 +1,5 @@
 """VFlowOpt: importance map, stage 0 with recycling, the layer-averaged budget, and the in-LLM stages."""
 
-import math
-
 import pytest
 import torch
 

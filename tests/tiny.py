@@ -106,7 +106,7 @@ def llava_inputs(images_per_row: list[int], text: int = 6, seed: int = 0) -> dic
 def qwen_inputs(grids_per_row: list[list[tuple[int, int]]], text: int = 6, seed: int = 0) -> dict:
     """Left-padded batch for Qwen; each image is a (h, w) patch grid (even sizes), t = 1."""
     g = torch.Generator().manual_seed(seed)
-    rows, types, grids = [], [], []
+    rows, grids = [], []
     for row_grids in grids_per_row:
         row = [BOS] + text_ids(text, g)
         for h, w in row_grids:

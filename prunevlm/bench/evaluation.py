@@ -20,7 +20,7 @@ from ..demo import accuracy, dataset
 from ..loading import prompt_inputs
 from ..models import get_adapter
 from ..runtime.contract import output_cache
-from .efficiency import kv_bytes
+from .memory import kv_bytes
 
 METHODS = ("flashvlm", "vispruner", "random", "uniform")
 BUDGETS = (192, 128, 64, 32, 16)

@@ -1,0 +1,53 @@
+"""The benchmark's report: the device's name, the markdown summary and table, and the files written."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model_name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model_name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["method"] == "none"), None)
+    lines = ["| method | budget | tokens at LLM input | TTFT ms | LLM prefill ms | prefill speed-up | selection ms "
+             "| selection / prefill | decode ms/tok | KV cache MB | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speedup = f"{base['prefill_ms'] / r['prefill_ms']:.2f}x" if base else "-"
+        share = f"{100 * r['selection_ms'] / r['prefill_ms']:.1f} %" if r["method"] != "none" else "-"
+        lines.append(f"| {r['method']} | {r['budget'] or 'all'} | {r['kept']} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} | {speedup} "
+                     f"| {r['selection_ms']:.2f} | {share} | {r['decode_ms']:.1f} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def summary(report: dict) -> str:
+    """The markdown of a report: what ran where, the table, and the diversity partition's times if measured."""
+    text = (f"`{report['command']}` on {report['device']}, {report['shape']} shape, {report['dtype']}, "
+            f"median of {report['repeats']} runs, torch {report['torch']}\n\n{table(report['rows'])}\n")
+    diversity = report["diversity_partition"]
+    if diversity:
+        text += (f"\nDiversity partition alone, N = {diversity['tokens']} -> {diversity['keep']} ("
+                 + ", ".join(f"{k} schedule {v:.0f} ms" for k, v in diversity["median_ms"].items()) + ")\n")
+    return text
+
+
+def write(path: str, report: dict, markdown: str) -> None:
+    """The report as JSON at `path` and its markdown beside it (same name, .md)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(markdown)

@@ -1,0 +1,96 @@
+"""Timings of one configuration: the language model's prefill and each decoding step, timed by hooks;
+TTFT, selection and KV cache from one-token generates; medians over rounds."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .. import prune
+from ..models import get_adapter
+from ..models.base import synchronize
+from ..runtime.contract import output_cache
+from .memory import kv_bytes
+
+
+class Stopwatch:
+    """Times the language model's prefill and the whole model's decoding steps through hooks."""
+
+    def __init__(self, model):
+        self.model, self.prefill, self.steps = model, [], []
+        adapter = get_adapter(model)
+        lm = adapter.language_model
+        self.handles = [
+            lm.register_forward_pre_hook(lambda m, a, kw: self._start("lm"), with_kwargs=True),
+            lm.register_forward_hook(lambda m, a, kw, out: self._stop("lm", kw), with_kwargs=True),
+            model.register_forward_pre_hook(lambda m, a, kw: self._start("step"), with_kwargs=True),
+            model.register_forward_hook(lambda m, a, kw, out: self._stop("step", kw), with_kwargs=True),
+        ]
+        self.started = {}
+
+    def _start(self, name):
+        synchronize(self.model.device)
+        self.started[name] = time.perf_counter()
+
+    def _stop(self, name, kwargs):
+        synchronize(self.model.device)
+        seconds = time.perf_counter() - self.started[name]
+        embeds = kwargs.get("inputs_embeds")
+        length = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
+        if name == "lm" and length > 1:
+            self.prefill.append(seconds)
+        elif name == "step" and length == 1:
+            self.steps.append(seconds)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def measure_once(model, inputs, method: str, budget: int, decode_tokens: int) -> dict:
+    """One run of one (method, budget) with its pruning attached: a one-token generate (TTFT, prefill,
+    selection, KV cache), then a `decode_tokens` generate (decode ms per token)."""
+    handle = None if method == "none" else prune(model, method, budget)
+    watch = Stopwatch(model)
+    try:
+        synchronize(model.device)
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+        synchronize(model.device)
+        ttft = time.perf_counter() - start
+        run = {"ttft_ms": 1000 * ttft, "prefill_ms": 1000 * watch.prefill[-1],
+               "selection_ms": handle.stats.selection_ms if handle else 0.0,
+               "kv_mb": kv_bytes(output_cache(out)) / 2**20,
+               "kept": handle.stats.tokens_after[0][0] if handle else get_adapter(model).image_token_counts(inputs)[0]}
+        del out
+        watch.steps.clear()
+        model.generate(**inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
+        run["decode_ms"] = 1000 * statistics.median(watch.steps)
+    finally:
+        watch.remove()
+        if handle:
+            handle.remove()
+    return run
+
+
+def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, decode_tokens: int) -> list[dict]:
+    """Median figures per (method, budget) over `repeats` rounds after a warm-up round.
+
+    Each round runs every configuration once, so a slow spell of a shared machine spreads over all of
+    them instead of landing on the few measured back to back while it lasts."""
+    runs = {config: [] for config in configs}
+    for round_ in range(repeats + 1):
+        for method, budget in configs:
+            run = measure_once(model, inputs, method, budget, decode_tokens)
+            if round_:  # round 0 warms every configuration up
+                runs[(method, budget)].append(run)
+    rows = []
+    for (method, budget), measured in runs.items():
+        row = {"method": method, "budget": budget}
+        for key in measured[0]:
+            row[key] = measured[0][key] if key == "kept" else statistics.median(r[key] for r in measured)
+        rows.append(row)
+    return rows
