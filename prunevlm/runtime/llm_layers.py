@@ -1,8 +1,9 @@
-"""Progressive pruning inside the LLM (VFlowOpt stages 1 and 2, docs/vflowopt.md §3.2), through decoder-layer
-pre-hooks only (docs/transformers.md §1, pruning inside the LLM), so SDPA/FlashAttention stay on.
+"""Progressive pruning inside the LLM (the in-LLM stages of each image's `Plan`, e.g. VFlowOpt's at k1 and
+k2, docs/vflowopt.md §3.2), through decoder-layer pre-hooks only (docs/transformers.md §1, pruning inside
+the LLM), so SDPA/FlashAttention stay on.
 
-At prefill, layer k1 receives the stage-0 sequence and keeps the text plus each image's n1 most important
-visual tokens (the importance carried from stage 0); layer k2 keeps n2 of those. The text model hands the
+At prefill, the layer where stage s starts receives the previous stage's sequence and keeps the text plus
+each image's counts[s] most important visual tokens (the importance carried from the selection). The text model hands the
 full-length position embeddings, position ids and mask to every layer, so each layer from k1 on gets them
 gathered to its view; its KV cache then holds only the survivors. While decoding, each such layer gets a
 mask sized to its own, shorter cache. Rows are re-padded on the left; masks are rebuilt from the 2D padding
