@@ -17,7 +17,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from prunevlm.bench.efficiency import diversity_timing
+from prunevlm.bench.diversity_partition import diversity_timing
 from prunevlm.methods.diversity import bipartite_dedup
 
 

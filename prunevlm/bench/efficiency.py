@@ -1,18 +1,21 @@
 """`prunevlm bench`: time to first token, LLM prefill, selection, decode, KV cache and peak memory, per method
 and budget, on a randomly initialised LLaVA-1.5-shaped model (speed does not depend on the weights).
 
-Every figure is the median of `--repeats` rounds after a warm-up round, in one process; a round runs every
-(method, budget) once, so a slow spell of a shared machine spreads over all rows:
+Every figure but peak_mb is the median of `--repeats` rounds after a warm-up round, in one process; a round
+runs every (method, budget) once, so a slow spell of a shared machine spreads over all rows:
+- kept ("tokens at LLM input"): visual tokens per image at the LLM input; for vflowopt its stage-0 count
+  (its budget is the layer-averaged count), for none the image's unpruned count;
 - ttft_ms: generate(max_new_tokens=1) wall time: vision tower, selection, LLM prefill and the first token;
 - prefill_ms: the language model's forward at prefill only (timed by hooks that run after the pruning hook);
 - selection_ms: signal hooks + the LLM-input hook that matches, selects and gathers (`handle.stats.selection_ms`);
-- for vflowopt the budget is the layer-averaged count; "tokens at LLM input" is its stage-0 count;
 - decode_ms: one decoding step of the whole model (median over steps);
 - kv_mb: keys and values held for the prompt after prefill;
 - peak_mb: peak memory above the pre-call level during a separate generate(max_new_tokens=1): the CUDA
   allocator's peak, or on CPU the peak resident set size sampled every millisecond (glibc is told to map
   large blocks directly, so freed activations leave the resident set and a new peak is visible; that slows
   everything after it, so the memory runs come after all timings).
+
+This module is the command; `timing`, `memory` and `diversity_partition` measure, `report` writes.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ class InputPruning:
                 f"{method.name} needs signal(s) {sorted(missing)} that the {adapter.family} adapter cannot provide"
             )
         self.adapter, self.method, self.budget, self.positions = adapter, method, budget, positions
-        self.num_layers = len(adapter.decoder_layers())
+        self.num_layers = adapter.num_layers
         self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
         self.capture = Capture()
         self.images: list[tuple[int, torch.Tensor]] | None = None  # located by the base-model hook, for one forward
