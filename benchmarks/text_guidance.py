@@ -22,6 +22,7 @@ import torch
 import prunevlm
 from prunevlm.demo import accuracy, dataset
 from prunevlm.methods.flashvlm import text_relevance
+from prunevlm.models import get_adapter
 
 METHODS = ("flashvlm", "vispruner", "uniform")
 
@@ -56,8 +57,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/text_guidance.json")
     args = parser.parse_args()
     model, processor = accuracy.load()
-    patch, tokens = model.config.vision_config.patch_size, model.config.image_seq_length
     samples = dataset.generate("test", args.images)
+    grid = get_adapter(model).image_grids(processor.image_processor([samples[0].image], return_tensors="pt"))[0]
+    # every demo image has this grid; a token covers patch x patch pixels
+    patch, tokens = dataset.IMAGE_SIZE // grid[1], grid[0] * grid[1]
     cases = []
     for sample in samples:
         objects = object_patches(sample, patch)

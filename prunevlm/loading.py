@@ -1,4 +1,5 @@
-"""Load a VLM and its processor with from_pretrained, and turn images + a question into model inputs."""
+"""Load a VLM and its processor with from_pretrained, turn images + a question into model inputs, and read
+the processor's pixel normalisation."""
 
 from __future__ import annotations
 

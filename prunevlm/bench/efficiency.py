@@ -1,8 +1,8 @@
 """`prunevlm bench`: time to first token, LLM prefill, selection, decode, KV cache and peak memory, per method
 and budget, on a randomly initialised LLaVA-1.5-shaped model (speed does not depend on the weights).
 
-Every figure but peak_mb is the median of `--repeats` rounds after a warm-up round, in one process; a round
-runs every (method, budget) once, so a slow spell of a shared machine spreads over all rows:
+Every time and kv_mb is the median of `--repeats` rounds after a warm-up round, in one process; a round runs
+every (method, budget) once, so a slow spell of a shared machine spreads over all rows:
 - kept ("tokens at LLM input"): visual tokens per image at the LLM input; for vflowopt its stage-0 count
   (its budget is the layer-averaged count), for none the image's unpruned count;
 - ttft_ms: generate(max_new_tokens=1) wall time: vision tower, selection, LLM prefill and the first token;

@@ -17,7 +17,7 @@ from ..budget import Budget
 from ..calibrate.flow import flow_similarity
 from ..config import load_config
 from ..demo import accuracy, dataset
-from ..loading import prompt_inputs
+from ..loading import pixel_normalisation, prompt_inputs
 from ..models import get_adapter
 from ..runtime.contract import output_cache
 from .memory import kv_bytes
@@ -40,8 +40,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None)
 
 
-def configurations(args) -> list[dict]:
-    """Every (method, budget, options) to evaluate, the unpruned model first."""
+def configurations(args, normalisation: dict | None = None) -> list[dict]:
+    """Every (method, budget, options) to evaluate, the unpruned model first. Each calibrated VFlowOpt config
+    is followed by VFlowOpt's defaults at its budget and layers, with the processor's `normalisation` options
+    (`loading.pixel_normalisation`)."""
     configs = [{"name": "unpruned", "method": None, "budget": None, "options": {}}]
     budgets = [Budget.parse(b).value for b in args.budgets.split(",") if b.strip()]  # plain numbers for the JSON rows
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
@@ -54,18 +56,9 @@ def configurations(args) -> list[dict]:
         configs.append({"name": "vflowopt (calibrated)", "method": "vflowopt", "budget": config["budget"].value,
                         "options": config["options"], "config": path})
         layers = config["options"].get("layers")
-        default = {"layers": layers} if layers else {}
-        for key in ("pixel_mean", "pixel_std"):
-            if key in config["options"]:
-                default[key] = config["options"][key]
+        default = ({"layers": layers} if layers else {}) | (normalisation or {})
         configs.append({"name": "vflowopt (default)", "method": "vflowopt", "budget": config["budget"].value, "options": default})
     return configs
-
-
-def visual_tokens(model, processor, item) -> int:
-    """Visual tokens of the item's image in the unpruned prompt (every demo image has the same size)."""
-    inputs = prompt_inputs(processor, [item.image], [item.question], model.device)
-    return get_adapter(model).image_token_counts(inputs)[0]
 
 
 @torch.inference_mode()
@@ -84,15 +77,17 @@ def measure(model, processor, items, config: dict, reference: torch.Tensor | Non
             if handle:
                 kept.append(handle.stats.tokens_after[0][0])
                 layer_average.append(handle.stats.layer_average[0][0])
+            else:
+                kept += get_adapter(model).image_token_counts(inputs)
+                layer_average.append(kept[-1])
     finally:
         if handle:
             handle.remove()
-    tokens = visual_tokens(model, processor, items[0])
     fidelity = None if reference is None else float(flow_similarity(reference, states).mean())
     return {
         **{k: config[k] for k in ("name", "method", "budget")},
-        "kept_tokens": statistics.mean(kept) if kept else tokens,
-        "layer_average_tokens": statistics.mean(layer_average) if layer_average else tokens,
+        "kept_tokens": statistics.mean(kept),
+        "layer_average_tokens": statistics.mean(layer_average),
         "accuracy": {k: v for k, v in result.items() if k != "n"},
         "questions": result["n"],
         "fidelity": fidelity,
@@ -154,7 +149,7 @@ def run(args) -> list[dict]:
     items = dataset.flatten(dataset.generate("test", args.images))
     qtypes = list(dataset.QTYPES)
     rows, reference = [], None
-    for config in configurations(args):
+    for config in configurations(args, pixel_normalisation(processor)):
         row = measure(model, processor, items, config, reference, args)
         if reference is None:
             reference = row["states"]
@@ -163,7 +158,7 @@ def run(args) -> list[dict]:
               f"fidelity {row['fidelity'] or 1:.4f}, {row['seconds']:.0f} s", file=sys.stderr)
     for row in rows:
         del row["states"]
-    title = (f"demo test split, {len(items)} questions, {visual_tokens(model, processor, items[0])} visual tokens per image "
+    title = (f"demo test split, {len(items)} questions, {rows[0]['kept_tokens']} visual tokens per image "
              f"(unpruned {100 * rows[0]['accuracy']['overall']:.1f} %)")
     markdown = table(rows, qtypes)
     print(f"\n{title}\n\n{markdown}")

@@ -48,9 +48,9 @@ def run(args) -> None:
             with prune(model, method, budget) as handle:
                 answers = accuracy.predict(model, processor, items, batch_size=len(items))
             columns[f"{method} {budget}"] = (answers, handle.stats)
-    inputs = prompt_inputs(processor, [items[0].image], [items[0].question], model.device)
-    grid = get_adapter(model).image_grids(inputs)[0]  # every demo image has the same size
-    tokens = grid[0] * grid[1]
+    inputs = prompt_inputs(processor, [item.image for item in items], [item.question for item in items], model.device)
+    grids = get_adapter(model).image_grids(inputs)
+    tokens = grids[0][0] * grids[0][1]  # every demo image has the same size
 
     width = max(len(item.question) for item in items)
     names = list(columns)
@@ -66,15 +66,14 @@ def run(args) -> None:
                                            f"selection {stats.selection_ms / len(items):.1f} ms per image")
         print(f"  {name:14s} {right}/{len(items)} right{detail}")
 
-    pixels = processor.image_processor([item.image for item in items], return_tensors="pt")["pixel_values"]
     normalisation = pixel_normalisation(processor)
-    views = [model_view(p, normalisation["pixel_mean"], normalisation["pixel_std"]) for p in pixels]
+    views = [model_view(p, normalisation["pixel_mean"], normalisation["pixel_std"]) for p in inputs["pixel_values"]]
     rows = []
     for row, item in enumerate(items):
         cells = [(views[row], f"{item.question}\ntruth: {truth[row]}")]
         for name, (answers, stats) in list(columns.items())[1:]:
             mark = "right" if answers[row] == truth[row] else "wrong"
-            cells.append((draw_tokens(views[row], grid, stats.kept[row][0]), f"{answers[row]} ({mark})"))
+            cells.append((draw_tokens(views[row], grids[row], stats.kept[row][0]), f"{answers[row]} ({mark})"))
         rows.append(cells)
     titles = ["image, question"] + [f"{name} tokens\n(kept of {tokens})" for name in names[1:]]
     panel(rows, titles).save(args.out)

@@ -139,7 +139,8 @@ class Adapter:
         return len(self.decoder_layers())
 
     def image_token_counts(self, kwargs: dict) -> list[int]:
-        """Tokens per image for the images in a base-model call (from encoder outputs or pixel inputs)."""
+        """Tokens per image for the images in a base-model call or a processor's inputs (from encoder outputs
+        or pixel inputs)."""
         raise NotImplementedError
 
     def image_grids(self, inputs: dict) -> list[tuple[int, int]]:

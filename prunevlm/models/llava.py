@@ -32,6 +32,7 @@ class LlavaAdapter(Adapter):
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The token grid (rows, columns) of every image: the tower's fixed input size over its patch size."""
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         return side, side
 
