@@ -84,7 +84,7 @@ def test_unknown_option_and_missing_signal():
         prunevlm.select("flashvlm", 4, temperature=3, **signals())
     with pytest.raises(TypeError, match="needs signal"):
         prunevlm.select("flashvlm", 4, image_tokens=torch.randn(1, 16, 8))
-    with pytest.raises(ValueError, match="eta must lie in"):
+    with pytest.raises(ValueError, match="option eta must be in"):
         prunevlm.select("flashvlm", 4, eta=2.0, **signals())
 
 

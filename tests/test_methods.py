@@ -202,7 +202,7 @@ def test_flashvlm_official_no_text_score_keeps_the_floor_ties():
     assert torch.equal(official.scores, fuse(saliency, None))
     vis = prunevlm.select("vispruner", 64, image_tokens=s["image_tokens"], saliency=saliency)
     assert not torch.equal(official.keep, vis.keep)
-    with pytest.raises(ValueError, match="no_text_score must be 'saliency' or 'fused', got 'cls'"):
+    with pytest.raises(ValueError, match="option no_text_score must be one of 'saliency', 'fused', got 'cls'"):
         prunevlm.select("flashvlm", 64, image_tokens=s["image_tokens"], saliency=saliency, no_text_score="cls")
 
 

@@ -97,7 +97,7 @@ def test_vflowopt_code_cast_option_reaches_the_entropy():
     paper = importance(attention, patch_entropy(grey_levels(patches)), 2.0, 0.5)
     for cast in ("wrap", "saturate"):  # the paper mode ignores the cast
         assert torch.equal(VFlowOpt(t=2.0, alpha=0.5, code_cast=cast).scores(attention, patches), paper)
-    with pytest.raises(ValueError, match="vflowopt: code_cast must be 'wrap' or 'saturate', got 'clamp'"):
+    with pytest.raises(ValueError, match="vflowopt: option code_cast must be one of 'wrap', 'saturate', got 'clamp'"):
         VFlowOpt(entropy="code", code_cast="clamp")
     with pytest.raises(ValueError, match="code_cast must be 'wrap' or 'saturate', got 'clamp'"):
         grey_levels(patches, mode="code", code_cast="clamp")
@@ -257,5 +257,5 @@ def test_config_round_trip_and_validation(tmp_path):
         prunevlm.prune(model, "flashvlm", config=str(path))
     bad = tmp_path / "bad.json"
     bad.write_text('{"method": "vflowopt", "budget": 0.25, "options": {"r_v": 3}}')
-    with pytest.raises(ValueError, match="r_v must lie in"):
+    with pytest.raises(ValueError, match="option r_v must be in"):
         prunevlm.prune(model, "vflowopt", config=str(bad))

@@ -7,6 +7,9 @@ batch of images that share one token count N, and a per-image count k, and retur
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -99,10 +102,26 @@ class Method:
         """Choose k < N tokens per image from validated signals."""
         raise NotImplementedError
 
+    def __post_init__(self):
+        """Check every option against its declared type and range (`option`), before any method's own checks."""
+        hints = typing.get_type_hints(type(self))
+        for spec in dataclasses.fields(self):
+            if spec.init:
+                setattr(self, spec.name, check_option(self.name, spec, hints[spec.name], getattr(self, spec.name)))
+
     @classmethod
     def options(cls) -> dict:
         """Option names and defaults."""
         return {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+
+    @classmethod
+    def option_help(cls) -> list[dict]:
+        """Every option: name, type, default, allowed values, meaning (for `prunevlm methods --verbose`)."""
+        hints = typing.get_type_hints(cls)
+        return [{"name": f.name, "type": type_name(hints[f.name]), "default": f.default,
+                 "allowed": allowed(f), "help": f.metadata.get("help", ""),
+                 "calibrated": f.metadata.get("calibrated", False)}
+                for f in dataclasses.fields(cls) if f.init]
 
     def check_signals(self, signals: dict) -> tuple[int, int]:
         """Check names, presence, shapes and finiteness; return (B, N)."""
@@ -156,8 +175,91 @@ def minmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return (x - low) / span.clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def check_unit(name: str, value: float, closed_low: bool = False) -> None:
-    """Raise unless value lies in (0, 1] (or [0, 1] with closed_low)."""
-    ok = 0.0 <= value <= 1.0 if closed_low else 0.0 < value <= 1.0
-    if not ok:
-        raise ValueError(f"{name} must lie in {'[0, 1]' if closed_low else '(0, 1]'}, got {value}")
+
+
+def option(default, help: str, *, choices: tuple | None = None, at_least=None, above=None, at_most=None,
+           calibrated: bool = False):
+    """A method option: a dataclass field with its meaning and allowed values, checked by `Method.__post_init__`.
+
+    `calibrated` marks the options a calibration search sets; a saved config must give them (config.py).
+    """
+    metadata = {"help": help, "choices": choices, "at_least": at_least, "above": above, "at_most": at_most,
+                "calibrated": calibrated}
+    return field(default=default, metadata=metadata)
+
+
+def type_name(annotation) -> str:
+    """'float', 'float | None', 'tuple[int, int]': the type as written in the dataclass."""
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def allowed(spec: dataclasses.Field) -> str:
+    """The allowed values of an option in words: "one of 'a', 'b'", 'in [0, 1]', 'in (0, 1]', '> 0', or ''."""
+    meta = spec.metadata
+    if meta.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    low = f"[{meta['at_least']}" if meta.get("at_least") is not None else (
+        f"({meta['above']}" if meta.get("above") is not None else None)
+    high = meta.get("at_most")
+    if low is not None and high is not None:
+        return f"in {low}, {high}]"
+    if low is not None:
+        return (">= " if low[0] == "[" else "> ") + low[1:]
+    return f"<= {high}" if high is not None else ""
+
+
+def check_option(method: str, spec: dataclasses.Field, annotation, value):
+    """The value (a JSON list becomes a tuple), or a ValueError that names the option, what was given and what
+    is allowed."""
+    converted = _as_type(annotation, value)
+    if converted is _WRONG:
+        limits = allowed(spec)
+        raise ValueError(f"{method}: option {spec.name} must be {type_name(annotation)}"
+                         f"{' ' + limits if limits else ''}, got {value!r} ({type(value).__name__})")
+    if converted is None or isinstance(converted, tuple):
+        return converted
+    meta = spec.metadata
+    outside = (
+        (meta.get("choices") and converted not in meta["choices"])
+        or (meta.get("at_least") is not None and not converted >= meta["at_least"])
+        or (meta.get("above") is not None and not converted > meta["above"])
+        or (meta.get("at_most") is not None and not converted <= meta["at_most"])
+    )
+    if outside:
+        raise ValueError(f"{method}: option {spec.name} must be {allowed(spec)}, got {value!r}")
+    return converted
+
+
+_WRONG = object()
+
+
+def _as_type(annotation, value):
+    """`value` as the annotated type (bool, int, float, str, X | None, tuple[...]), or _WRONG."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None if type(None) in args else _WRONG
+        for arm in args:
+            converted = _WRONG if arm is type(None) else _as_type(arm, value)
+            if converted is not _WRONG:
+                return converted
+        return _WRONG
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return _WRONG
+        arms = (args[0],) * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(arms) != len(value):
+            return _WRONG
+        items = tuple(_as_type(arm, item) for arm, item in zip(arms, value))
+        return _WRONG if any(item is _WRONG for item in items) else items
+    if annotation is bool:
+        return value if isinstance(value, bool) else _WRONG
+    if annotation is int:
+        return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else _WRONG
+    if annotation is float:
+        return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else _WRONG
+    if annotation is str:
+        return value if isinstance(value, str) else _WRONG
+    raise TypeError(f"option type {annotation!r} is not one check_option knows; add it to methods/base.py::_as_type")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Method, Selection, check_unit
+from .base import Method, Selection, option
 
 DENSE_TOKENS = 2048  # up to this many tokens the whole cosine matrix is kept (16 MB in fp32)
 NEIGHBOURS = 64  # length of the nearest-neighbour lists; a speed knob only, results do not depend on it
@@ -242,21 +242,14 @@ def important_and_diverse(
 class ImportantDiverse(Method):
     """Shared options and split for methods that keep an important share and fill the rest by diversity."""
 
-    alpha: float = 0.5  # share of the budget taken by the top score (docs/flashvlm.md §6)
-    dedup_step: int = 8  # tokens dropped per de-duplication round (§7)
-    dedup_schedule: str = "fixed"  # "fixed" as released, or "geometric" (module docstring)
-    dedup_ratio: float = 0.1  # fraction of the residual dropped per round when geometric
-
-    def __post_init__(self):
-        check_unit(f"{self.name}: alpha", self.alpha, closed_low=True)
-        check_unit(f"{self.name}: dedup_ratio", self.dedup_ratio)
-        if int(self.dedup_step) != self.dedup_step or self.dedup_step < 1:
-            raise ValueError(f"{self.name}: dedup_step must be an int >= 1, got {self.dedup_step}")
-        if self.dedup_schedule not in ("fixed", "geometric"):
-            raise ValueError(f"{self.name}: dedup_schedule must be 'fixed' or 'geometric', got {self.dedup_schedule!r}")
+    alpha: float = option(0.5, "share of the budget taken by the top score (docs/flashvlm.md §6)", at_least=0, at_most=1)
+    dedup_step: int = option(8, "tokens dropped per de-duplication round (§7)", at_least=1)
+    dedup_schedule: str = option("fixed", "'fixed' rounds as released, or 'geometric' (docs/diversity.md)",
+                                 choices=("fixed", "geometric"))
+    dedup_ratio: float = option(0.1, "fraction of the residual dropped per round when geometric", above=0, at_most=1)
 
     def split(self, scores: torch.Tensor, features: torch.Tensor, k: int) -> Selection:
         keep, important, diverse = important_and_diverse(
-            scores, features, k, self.alpha, int(self.dedup_step), self.dedup_schedule, self.dedup_ratio
+            scores, features, k, self.alpha, self.dedup_step, self.dedup_schedule, self.dedup_ratio
         )
         return Selection(keep=keep, scores=scores, info={"important": important, "diverse": diverse})

@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .base import Selection, check_unit, minmax
+from .base import Selection, minmax, option
 from .diversity import ImportantDiverse
 
 
@@ -96,29 +96,19 @@ class FlashVLM(ImportantDiverse):
     signals: ClassVar[tuple[str, ...]] = ("image_tokens", "saliency")
     optional_signals: ClassVar[tuple[str, ...]] = ("text_embeds", "text_mask", "features")
 
-    eta: float = 0.5  # text weight in the log-domain fusion (§5)
-    text_temperature: float = 0.05  # softmax pooling over text tokens (§2 step 3)
-    sharpen_temperature: float = 0.01  # τ_s (§3 step 4)
-    gamma: float = 2.5  # power after sharpening (§3 step 4)
-    top_p: float = 0.005  # top fraction left undamped (§3 step 5)
-    damping: float = 0.1  # factor for the rest (§3 step 5)
-    floor: float = 1e-6  # ε before the logarithms (§5)
-    text_norm_gating: bool = False  # official Qwen2.5-VL path: weight text rows by their norm (§1)
-    text_scope: str = "prompt"  # "prompt": every non-image token; "prefix": only text before the first image (§8)
-    no_text_score: str = "saliency"  # rows without text: "saliency" (= VisPruner) or "fused" (official code; docs/methods.md)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_unit("eta", self.eta, closed_low=True)
-        for name in ("text_temperature", "sharpen_temperature", "gamma", "floor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{self.name}: {name} must be > 0, got {getattr(self, name)}")
-        check_unit("top_p", self.top_p)
-        check_unit("damping", self.damping)
-        if self.text_scope not in ("prompt", "prefix"):
-            raise ValueError(f"{self.name}: text_scope must be 'prompt' or 'prefix', got {self.text_scope!r}")
-        if self.no_text_score not in ("saliency", "fused"):
-            raise ValueError(f"{self.name}: no_text_score must be 'saliency' or 'fused', got {self.no_text_score!r}")
+    eta: float = option(0.5, "text weight in the log-domain fusion (docs/flashvlm.md §5)", at_least=0, at_most=1)
+    text_temperature: float = option(0.05, "softmax pooling over the text tokens (§2 step 3)", above=0)
+    sharpen_temperature: float = option(0.01, "τ_s of the sharpening softmax over image tokens (§3 step 4)", above=0)
+    gamma: float = option(2.5, "power after sharpening (§3 step 4)", above=0)
+    top_p: float = option(0.005, "top fraction of image tokens left undamped (§3 step 5)", above=0, at_most=1)
+    damping: float = option(0.1, "factor for the tokens below the top fraction (§3 step 5)", above=0, at_most=1)
+    floor: float = option(1e-6, "ε before the logarithms (§5)", above=0)
+    text_norm_gating: bool = option(False, "official Qwen2.5-VL path: weight text rows by their norm (§1)")
+    text_scope: str = option("prompt", "'prompt': every non-image token; 'prefix': only the text before the "
+                                       "first image (§8)", choices=("prompt", "prefix"))
+    no_text_score: str = option("saliency", "rows without text rank by 'saliency' (= VisPruner) or by the "
+                                            "'fused' floor-tied score of the official code (docs/methods.md)",
+                                choices=("saliency", "fused"))
 
     @property
     def text_before_first_image(self) -> bool:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Selection
+from .base import Method, Selection, option
 
 
 @dataclass
@@ -16,10 +16,11 @@ class Random(Method):
     description: ClassVar[str] = "baseline: k tokens uniformly at random (seeded; the generator advances per image)"
     signals: ClassVar[tuple[str, ...]] = ("image_tokens",)
 
-    seed: int = 0
+    seed: int = option(0, "seed of the generator")
     generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        super().__post_init__()
         self.generator = torch.Generator().manual_seed(int(self.seed))
 
     def select(self, k, image_tokens) -> Selection:

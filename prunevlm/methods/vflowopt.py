@@ -16,7 +16,7 @@ import torch
 
 from ..budget import Budget
 from ..signals.entropy import CLIP_MEAN, CLIP_STD, CODE_CASTS, grey_levels, patch_entropy
-from .base import Method, Plan, Selection
+from .base import Method, Plan, Selection, option
 
 # Released configurations for LLaVA-OneVision-7B (docs/vflowopt.md §3.4): T -> (r_v, r_1, r_2, t, m, alpha).
 RELEASED = {
@@ -133,38 +133,33 @@ class VFlowOpt(Method):
     signals: ClassVar[tuple[str, ...]] = ("image_tokens", "attention", "patches", "grid")
     prunes_in_llm: ClassVar[bool] = True
 
-    r_v: float | None = None  # kept fraction at the LLM input; None: the released schedule nearest T, rescaled
-    r_1: float | None = None  # kept fraction of the remaining tokens at layer k1; None: as r_v
-    t: float = 39.26  # global-token threshold, in units of the mean received attention (released 10 % config)
-    m: float = 17.39  # recycling cell side, on the 27-token reference grid (released 10 % config)
-    alpha: float = 0.0  # entropy weight; 0 in every released config (§2.3)
-    layers: tuple[int, int] | None = None  # (k1, k2); None: 9/28 and 18/28 of the LLM depth
-    recycle: bool = True  # aggregate pruned tokens per cell at stage 0 (§3.1)
-    entropy: str = "paper"  # "paper": raw 0-255 grey levels; "code": the official uint8 cast (docs/methods.md)
-    code_cast: str = "wrap"  # how "code" reads that cast: "wrap" (mod 256, PyTorch CPU) or "saturate" (docs/methods.md)
-    pixel_mean: tuple[float, float, float] = CLIP_MEAN  # the processor's normalisation, to undo for "paper"
-    pixel_std: tuple[float, float, float] = CLIP_STD
+    r_v: float | None = option(None, "kept fraction at the LLM input; None: the released schedule nearest T, "
+                                     "rescaled (docs/vflowopt.md §3.3)", above=0, at_most=1, calibrated=True)
+    r_1: float | None = option(None, "kept fraction of the remaining tokens at layer k1; None: the released "
+                                     "schedule's", above=0, at_most=1, calibrated=True)
+    t: float = option(39.26, "global-token threshold, in units of the mean received attention (released 10 % "
+                             "config, §2.1)", at_least=0, calibrated=True)
+    m: float = option(17.39, "recycling cell side, on the 27-token reference grid (released 10 % config, §3.1)",
+                      above=0, calibrated=True)
+    alpha: float = option(0.0, "entropy weight (the search spans [-1, 1], §4); 0 in every released config (§2.3)",
+                          calibrated=True)
+    layers: tuple[int, int] | None = option(None, "(k1, k2), the LLM layers of stages 1 and 2; None: 9/28 and "
+                                                  "18/28 of the LLM depth (§3.2)")
+    recycle: bool = option(True, "aggregate the pruned tokens per cell at stage 0 (§3.1)")
+    entropy: str = option("paper", "'paper': raw 0-255 grey levels; 'code': the official uint8 cast "
+                                   "(docs/methods.md)", choices=("paper", "code"))
+    code_cast: str = option("wrap", "how 'code' reads that cast: 'wrap' (mod 256, PyTorch CPU) or 'saturate' "
+                                    "(docs/methods.md)", choices=CODE_CASTS)
+    pixel_mean: tuple[float, float, float] = option(CLIP_MEAN, "the processor's normalisation mean, undone for "
+                                                               "the entropy's grey levels")
+    pixel_std: tuple[float, float, float] = option(CLIP_STD, "the processor's normalisation std (each > 0)")
 
     def __post_init__(self):
-        for name in ("r_v", "r_1"):
-            value = getattr(self, name)
-            if value is not None and not 0 < value <= 1:
-                raise ValueError(f"vflowopt: {name} must lie in (0, 1], got {value}")
-        if self.t < 0:
-            raise ValueError(f"vflowopt: t must be >= 0, got {self.t}")
-        if self.m <= 0:
-            raise ValueError(f"vflowopt: m must be > 0, got {self.m}")
-        self.pixel_mean, self.pixel_std = tuple(self.pixel_mean), tuple(self.pixel_std)
-        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
-            raise ValueError(f"vflowopt: pixel_mean/pixel_std need 3 channels (std > 0), got {self.pixel_mean}, {self.pixel_std}")
-        if self.entropy not in ("paper", "code"):
-            raise ValueError(f"vflowopt: entropy must be 'paper' or 'code', got {self.entropy!r}")
-        if self.code_cast not in CODE_CASTS:
-            raise ValueError(f"vflowopt: code_cast must be 'wrap' or 'saturate', got {self.code_cast!r}")
-        if self.layers is not None:
-            self.layers = tuple(int(k) for k in self.layers)
-            if len(self.layers) != 2 or not 1 <= self.layers[0] <= self.layers[1]:
-                raise ValueError(f"vflowopt: layers must be (k1, k2) with 1 <= k1 <= k2, got {self.layers}")
+        super().__post_init__()
+        if min(self.pixel_std) <= 0:
+            raise ValueError(f"vflowopt: option pixel_std must be > 0 per channel, got {self.pixel_std}")
+        if self.layers is not None and not 1 <= self.layers[0] <= self.layers[1]:
+            raise ValueError(f"vflowopt: option layers must be (k1, k2) with 1 <= k1 <= k2, got {self.layers}")
 
     def plan(self, budget: Budget, num_tokens: int, num_layers: int) -> Plan:
         """Stage counts for one image of `num_tokens` tokens: budget is T, the layer-averaged fraction or
