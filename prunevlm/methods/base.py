@@ -26,6 +26,7 @@ SIGNALS: dict[str, str] = {
     "text_mask": "[B, L] bool, False for padded text rows",
     "grid": "(h, w) spatial layout of the N tokens, row-major",
     "attention": "[B, N, N] head-averaged vision attention among the N tokens (rows: queries)",
+    "keys": "[B, N, d_h] the saliency layer's attention keys, averaged over heads, per token (a merge metric)",
     "patches": "[B, N, C, p, p] the (normalised) pixels under each token",
 }
 

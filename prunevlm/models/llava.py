@@ -11,7 +11,8 @@ from .base import Adapter, Capture, Timer
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
-    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "attention", "patches", "grid"})
+    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "attention", "keys",
+                          "patches", "grid"})
 
     def check_supported(self) -> None:
         config = self.config
@@ -56,6 +57,9 @@ class LlavaAdapter(Adapter):
         pixels = inputs.get("pixel_values")
         return [] if pixels is None else [self.grid] * int(pixels.shape[0])
 
+    def pixel_views(self, inputs: dict) -> list[torch.Tensor]:
+        return list(inputs["pixel_values"])
+
     def install(self, needed: set[str], capture: Capture) -> list:
         tower = self.base.vision_tower
 
@@ -71,7 +75,7 @@ class LlavaAdapter(Adapter):
         projector = self.base.multi_modal_projector
         handles = [tower.register_forward_pre_hook(start, with_kwargs=True),
                    projector.register_forward_hook(lambda module, args, output: capture.record("tokens", list(output)))]
-        if needed & {"saliency", "attention"}:
+        if needed & {"saliency", "attention", "keys"}:
             # Read the layer's own query and key projections as they are computed: no recomputation.
             attention = tower.encoder.layers[self.feature_layer].self_attn
             queries = {}
@@ -94,10 +98,16 @@ class LlavaAdapter(Adapter):
         return handles
 
     def _record_attention(self, attn, queries: torch.Tensor, keys: torch.Tensor, needed: set[str], capture: Capture) -> None:
-        """CLS->patch attention (the VisPruner/FasterVLM saliency) and, if needed, the patch-to-patch map."""
+        """CLS->patch attention (the VisPruner/FasterVLM saliency), the patch-to-patch map and the patches'
+        head-averaged keys (VisionZip's merge metric), each if needed."""
         batch, length, _ = keys.shape
         heads, head_dim = attn.num_heads, attn.head_dim
-        keys = keys.view(batch, length, heads, head_dim).transpose(1, 2)
+        keys = keys.view(batch, length, heads, head_dim)
+        if "keys" in needed:
+            capture.record("keys", list(keys[:, 1:].float().mean(dim=2)))
+        if not needed & {"saliency", "attention"}:
+            return
+        keys = keys.transpose(1, 2)
         rows = queries if "attention" in needed else queries[:, :1]
         rows = rows.reshape(batch, rows.shape[1], heads, head_dim).transpose(1, 2)
         probs = attention_probs(rows, keys, attn.scale)  # [B, Q, 1 + N]

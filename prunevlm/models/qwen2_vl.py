@@ -18,7 +18,7 @@ class QwenVLAdapter(Adapter):
         "Qwen2_5_VLForConditionalGeneration",
         "Qwen2_5_VLModel",
     )
-    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "saliency", "attention", "patches", "grid"})
+    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "saliency", "attention", "keys", "patches", "grid"})
     compact_positions = False  # M-RoPE positions encode the image grid; they must stay original
 
     @property
@@ -48,6 +48,14 @@ class QwenVLAdapter(Adapter):
         grid_thw = inputs.get("image_grid_thw")
         return [] if grid_thw is None else [(int(h) // self.merge, int(w) // self.merge) for _, h, w in grid_thw.tolist()]
 
+    def pixel_views(self, inputs: dict) -> list[torch.Tensor]:
+        """The processor's flattened patches laid back on each image's grid (first temporal frame)."""
+        views = []
+        for blocks, (rows, cols) in zip(self._patches(inputs["pixel_values"], inputs["image_grid_thw"]), self.image_grids(inputs)):
+            channels, side = blocks.shape[1], blocks.shape[-1]
+            views.append(blocks.reshape(rows, cols, channels, side, side).permute(2, 0, 3, 1, 4).reshape(channels, rows * side, cols * side))
+        return views
+
     def check_inputs(self, kwargs: dict) -> None:
         if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
             raise NotImplementedError(
@@ -74,7 +82,7 @@ class QwenVLAdapter(Adapter):
             handles.append(self.visual.register_forward_pre_hook(
                 lambda module, args, kwargs: capture.record("patches", self._patches(args[0], state["grid_thw"])),
                 with_kwargs=True))
-        if needed & {"saliency", "attention"}:
+        if needed & {"saliency", "attention", "keys"}:
             attention = self.visual.blocks[self.saliency_block].attn
 
             def keep_layout(module, args, kwargs):
@@ -104,16 +112,18 @@ class QwenVLAdapter(Adapter):
     def _attention_signals(self, attn, qkv, state: dict, needed: set[str]) -> dict[str, list]:
         """Per image, in original token order: the attention each merged token receives (Σ over queries,
         head mean, averaged over its 2x2 patches; docs/flashvlm.md §4) and, if needed, the merged-token map
-        (rows: mean over a token's patches as queries, columns: sum over its patches as keys). Computed image
-        by image; the official code mixes images (docs/flashvlm.md §8)."""
+        (rows: mean over a token's patches as queries, columns: sum over its patches as keys), and the keys
+        before the rotary embedding, averaged over heads and over each token's patches (VisionZip's merge
+        metric). Computed image by image; the official code mixes images (docs/flashvlm.md §8)."""
         length = qkv.shape[0]
         qkv = qkv.reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+        content_keys = qkv[1].float().mean(dim=1)  # [S, d]
         rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         queries, keys = rotate(qkv[0], qkv[1], *state["rotary"])
         queries, keys = queries.transpose(0, 1), keys.transpose(0, 1)  # [H, S, d]
         group = self.merge**2
         order = self._window_position(state["grid_thw"])
-        signals = {name: [] for name in ("saliency", "attention") if name in needed}
+        signals = {name: [] for name in ("saliency", "attention", "keys") if name in needed}
         bounds = state["cu_seqlens"].tolist()
         offset = 0
         for start, end in zip(bounds[:-1], bounds[1:]):
@@ -125,10 +135,12 @@ class QwenVLAdapter(Adapter):
                 received = full.sum(dim=0)
                 merged = pool_groups(pool_groups(full, group, dims=(-1,)) * group, group, dims=(-2,))
                 signals["attention"].append(merged[local][:, local])
-            else:
+            elif "saliency" in needed:
                 received = received_attention(q, k, attn.scaling)
             if "saliency" in needed:
                 signals["saliency"].append(pool_groups(received, group)[local])
+            if "keys" in needed:
+                signals["keys"].append(pool_groups(content_keys[start:end], group, dims=(0,))[local])
             offset += count
         return signals
 
