@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from .base import SIGNALS, Method, Selection
+from .cdpruner import CDPruner
+from .divprune import DivPrune
 from .flashvlm import FlashVLM
 from .random import Random
 from .uniform import Uniform
 from .vflowopt import VFlowOpt
 from .vispruner import VisPruner
+from .visionzip import VisionZip
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FlashVLM, VisPruner, VFlowOpt, Random, Uniform)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (FlashVLM, VisPruner, VFlowOpt, Random, Uniform, VisionZip, DivPrune, CDPruner)
+}
 
 
 def get_method(name: str) -> type[Method]:

@@ -1,0 +1,114 @@
+"""CDPruner (arXiv 2506.10967): a conditional determinantal point process over the projected tokens, its
+MAP set found by the fast greedy of Chen et al. (arXiv 1709.05135) (docs/baselines.md, CDPruner).
+
+The kernel is L = diag(r)·S·diag(r): S the cosine similarities of the projected tokens, r each token's
+relevance to the instruction. Stock Hugging Face models carry no CLIP text tower, so the relevance is
+measured in the LLM's input space instead: ρ_i = sign · mean over the prompt's text rows of
+cos(image token i, text row), min-max normalised per image as the official code does (r ∝ ρ − min ρ + 10⁻⁶).
+`relevance_sign=+1` (the default) is the paper's reading, more relevant = more similar; −1 is the official
+code's, chosen there for CLIP (docs/baselines.md gives the reasoning). Rows without text get a constant
+relevance: a pure cosine DPP.
+
+The greedy runs exactly k steps. A token whose residual d_i² has fallen to `RESIDUAL_FLOOR` of its own L_ii
+lies (numerically) in the span of the chosen tokens and brings no gain; once every candidate is such a
+token (the kernel's rank is used up), the remaining picks go by L_ii, highest first, instead of dividing by
+√d² ≤ 0 as the official code does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .base import Method, Selection, option
+
+OFFSET = 1e-6  # added before the min-max division in the official normalisation
+RESIDUAL_FLOOR = 1e-4  # d_i² / L_ii at or below this: no gain left (fp32 rounding stays well below it)
+
+
+def _working(tensor: torch.Tensor) -> torch.Tensor:
+    """fp32, or the tensor's own dtype if wider."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def relevance(image_tokens, text_embeds=None, text_mask=None, sign: float = 1.0) -> torch.Tensor:
+    """r [B, N] in (0, 1]: the official (ρ − min ρ + 10⁻⁶) / (max ρ − min ρ), divided by its maximum
+    1 + 10⁻⁶ / (max ρ − min ρ), which leaves every pick unchanged (L only scales) and stays finite when ρ is
+    constant (then r ≡ 1). Rows without text rows also get r ≡ 1."""
+    unit_image = F.normalize(_working(image_tokens), dim=-1)
+    if text_embeds is None:
+        return unit_image.new_ones(image_tokens.shape[:2])
+    unit_text = F.normalize(_working(text_embeds).to(unit_image.dtype), dim=-1)
+    weights = unit_image.new_ones(text_embeds.shape[:2]) if text_mask is None else text_mask.to(unit_image.dtype)
+    counts = weights.sum(dim=1, keepdim=True)
+    rho = sign * (unit_image @ unit_text.transpose(1, 2) * weights[:, None, :]).sum(dim=-1) / counts.clamp_min(1)
+    low = rho.amin(dim=1, keepdim=True)
+    return (rho - low + OFFSET) / (rho.amax(dim=1, keepdim=True) - low + OFFSET)  # no text: ρ ≡ 0, r ≡ 1
+
+
+def conditional_kernel(image_tokens: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """L = diag(q)·S·diag(q), S_ij = cos(v_i, v_j); [B, N, N]."""
+    unit = F.normalize(_working(image_tokens), dim=-1)
+    quality = quality.to(unit.dtype)
+    return quality[:, :, None] * (unit @ unit.transpose(1, 2)) * quality[:, None, :]
+
+
+def greedy_map(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast greedy MAP of a DPP with kernel [B, N, N]: (picks [B, k] in pick order, gains [B, k]).
+
+    Each step picks j = argmax d², stores c_t = (L_j − Σ_τ c_τ,j c_τ) / d_j and lowers d² by c_t². The gain
+    of a pick is its d² then, so log det L_S = Σ log gains while every gain is positive. Picks made after the
+    kernel's rank is used up (module docstring) have gain 0. Ties go to the lowest index."""
+    batch, num_tokens, _ = kernel.shape
+    rows = torch.arange(batch, device=kernel.device)
+    quality = kernel.diagonal(dim1=1, dim2=2)
+    residual = quality.clone()  # d²
+    vectors = kernel.new_zeros(k, batch, num_tokens)
+    chosen = torch.zeros(batch, num_tokens, dtype=torch.bool, device=kernel.device)
+    picks, gains = [], []
+    for step in range(k):
+        useful = residual > RESIDUAL_FLOOR * quality
+        gain = torch.where(useful, residual, 0.0).masked_fill(chosen, -math.inf)
+        pick = gain.argmax(dim=1)
+        exhausted = gain[rows, pick] <= 0
+        if exhausted.any():
+            fallback = quality.masked_fill(chosen, -math.inf).argmax(dim=1)
+            pick = torch.where(exhausted, fallback, pick)
+        gains.append(torch.where(exhausted, 0.0, residual[rows, pick]))
+        past = vectors[:step, rows, pick]  # [step, B]
+        numerator = kernel[rows, pick] - torch.einsum("tb,tbn->bn", past, vectors[:step])
+        vector = numerator / residual[rows, pick].clamp_min(torch.finfo(kernel.dtype).tiny).sqrt()[:, None]
+        vector = torch.where(exhausted[:, None], 0.0, vector)
+        vectors[step] = vector
+        residual -= vector.square()
+        chosen[rows, pick] = True
+        picks.append(pick)
+    return torch.stack(picks, dim=1), torch.stack(gains, dim=1)
+
+
+@dataclass
+class CDPruner(Method):
+    name: ClassVar[str] = "cdpruner"
+    description: ClassVar[str] = (
+        "text-conditioned diversity: a DPP over the projected tokens, weighted by their relevance to the "
+        "prompt's input embeddings, fast greedy MAP"
+    )
+    signals: ClassVar[tuple[str, ...]] = ("image_tokens",)
+    optional_signals: ClassVar[tuple[str, ...]] = ("text_embeds", "text_mask")
+
+    relevance_sign: int = option(1, "+1: more similar to the prompt = more relevant (paper); -1: the official "
+                                    "code's inverted relevance, chosen there for CLIP (docs/baselines.md)",
+                                 choices=(1, -1))
+    theta: float | None = option(None, "None: the kernel weights tokens by r (official default); a value θ in "
+                                       "[0, 1) weights them by exp(α·r), α = θ / (2(1 − θ)), the code's "
+                                       "disabled alternative (docs/baselines.md)", at_least=0, at_most=0.999)
+
+    def select(self, k, image_tokens, text_embeds=None, text_mask=None) -> Selection:
+        r = relevance(image_tokens, text_embeds, text_mask, float(self.relevance_sign))
+        quality = r if self.theta is None else torch.exp(self.theta / (2 * (1 - self.theta)) * r)
+        order, gains = greedy_map(conditional_kernel(image_tokens, quality), k)
+        return Selection(keep=order.sort(dim=1).values, scores=r, info={"order": order, "gains": gains})
