@@ -17,7 +17,7 @@ define fresh_venv
 	$(1)/bin/python -m pip install -q -e "$(EXTRAS)" $(2)
 endef
 
-.PHONY: setup demo bench test test-newest test-oldest lock clean
+.PHONY: setup demo bench test fuzz test-newest test-oldest lock clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The property tests at 10,000 examples each (CI runs them at 50; profiles in tests/conftest.py).
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -m property
 
 # The suite where pip resolves every dependency to its newest allowed release (torch pinned as above).
 test-newest:
