@@ -1,8 +1,27 @@
-"""prunevlm: visual token pruning for stock Hugging Face vision-language models."""
+"""prunevlm: visual token pruning for stock Hugging Face vision-language models.
 
-from .api import PruneHandle, list_methods, prune, select
-from .budget import Budget
-from .methods import Selection
+The public names are imported on first use, so that `prunevlm --help` and `import prunevlm.cli` do not pay
+for torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["Budget", "PruneHandle", "Selection", "list_methods", "prune", "select"]
 __version__ = "0.1.0"
+
+_WHERE = {"Budget": ".budget", "PruneHandle": ".api", "Selection": ".methods", "list_methods": ".api",
+          "prune": ".api", "select": ".api"}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'prunevlm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

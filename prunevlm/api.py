@@ -33,6 +33,14 @@ class PruneHandle:
     def attached(self) -> bool:
         return getattr(self.model, _ATTACHED, None) is self
 
+    def draw(self, inputs: dict, processor, path: str | None = None):
+        """A picture of the last prefill's kept tokens: one panel per image of `inputs` (the processor's output
+        that was generated from), kept tokens bright, pruned dark, recycled ones outlined. Saved to `path` if
+        given (its folder is created); returns the PIL image."""
+        from .viz import kept_tokens_picture
+
+        return kept_tokens_picture(self.adapter, inputs, processor, self.stats, path)
+
     def remove(self) -> None:
         """Detach every hook; the model is exactly as it was."""
         if self.attached:
@@ -97,7 +105,8 @@ def select(method: str | Method, budget: int | float | Budget, **kwargs) -> Sele
 
 
 def list_methods() -> list[dict]:
-    """Every method: name, description, required and optional signals, options with their defaults."""
+    """Every method: name, description, required and optional signals, options with their defaults, and per
+    option its type, allowed values and meaning (`option_help`)."""
     return [
         {
             "name": name,
@@ -105,6 +114,7 @@ def list_methods() -> list[dict]:
             "signals": list(cls.signals),
             "optional_signals": list(cls.optional_signals),
             "options": cls.options(),
+            "option_help": cls.option_help(),
         }
         for name, cls in METHODS.items()
     ]

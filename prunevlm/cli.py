@@ -1,13 +1,25 @@
-"""Command line: prunevlm demo | methods | generate | bench | eval | calibrate."""
+"""Command line: prunevlm demo | methods | generate | bench | eval | calibrate.
+
+Every flag is declared here and every input that can be checked without a model (budgets, methods, options,
+configs, files, folders) is checked while parsing, before torch or transformers are imported: `prunevlm
+--help` and a mistyped flag answer at once. The commands' work lives in their modules, imported on use.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
+import os
+from pathlib import Path
 
 from .budget import Budget
+
+PACKAGE = Path(__file__).parent
+DEMO_MODEL = PACKAGE / "demo" / "model"
+# VFlowOpt configs calibrated for the demo model (`prunevlm calibrate`), shipped with the package
+DEMO_CONFIGS = tuple(PACKAGE / "demo" / "configs" / f"vflowopt-T{t}.json" for t in ("0.1", "0.25"))
+RESULTS = "prunevlm-results"  # commands write under this folder of the working directory by default
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_budget(text: str) -> Budget:
@@ -18,15 +30,107 @@ def parse_budget(text: str) -> Budget:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def parse_budgets(text: str) -> list[Budget]:
+    """'192,128,0.25' -> the budgets, each checked; a repeated one is kept once."""
+    budgets = [parse_budget(part.strip()) for part in text.split(",") if part.strip()]
+    if not budgets:
+        raise argparse.ArgumentTypeError(f"give at least one budget, comma-separated (e.g. 64,32), got {text!r}")
+    return list(dict.fromkeys(budgets))
+
+
 def parse_option(text: str) -> tuple[str, object]:
-    """KEY=VALUE with VALUE read as JSON where possible (numbers, true/false), else as a string."""
+    """KEY=VALUE with VALUE read as JSON where possible (numbers, true/false, lists), else as a string."""
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"options are KEY=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"options are KEY=VALUE (e.g. eta=0.3), got {text!r}")
     key, value = text.split("=", 1)
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def method_names(allow_none: bool):
+    """A parser of comma-separated method names, checked against the registry (plus 'none', the unpruned
+    model, where the command measures it)."""
+
+    def parse(text: str) -> list[str]:
+        from .methods import METHODS
+
+        known = [*METHODS, *(["none"] if allow_none else [])]
+        names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; available: {', '.join(known)}")
+        return names
+
+    return parse
+
+
+def existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no file {text!r}" + (" (it is a folder)" if os.path.isdir(text) else ""))
+    return text
+
+
+def config_file(text: str) -> dict:
+    """A saved pruning config, read and validated field by field (config.load_config)."""
+    from .config import load_config
+
+    try:
+        return {**load_config(existing_file(text)), "path": text}
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def config_files(text: str) -> list[dict]:
+    return [config_file(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def model_source(text: str) -> str:
+    """A hub id (owner/name) or a local folder written by save_pretrained; a path that does not exist is
+    refused here rather than by the hub client."""
+    # a hub id is "name" or "owner/name"; anything else names a folder
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text or os.path.exists(text)
+    if looks_local and not os.path.isdir(os.path.expanduser(text)):
+        raise argparse.ArgumentTypeError(
+            f"no folder {text!r}: give a local folder written by save_pretrained, or a hub id such as "
+            f"llava-hf/llava-1.5-7b-hf"
+        )
+    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(text), "config.json")):
+        raise argparse.ArgumentTypeError(f"{text!r} holds no config.json: it is not a model folder written by save_pretrained")
+    return os.path.expanduser(text) if looks_local else text
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def not_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
+    return value
+
+
+def add_machine_flags(parser, dtype_default: str = "auto") -> None:
+    parser.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=DTYPES, default=dtype_default,
+                        help="weights' dtype; auto: the checkpoint's (float32 for the demo model)")
+    parser.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def demo_model_folder(parser) -> None:
+    parser.add_argument("--model", type=model_source, default=str(DEMO_MODEL),
+                        help="a demo-format model folder (default: the bundled demo model)")
 
 
 def cmd_methods(args) -> None:
@@ -37,39 +141,19 @@ def cmd_methods(args) -> None:
         print(f"{info['name']:10s} {info['description']}")
         print(f"{'':10s} signals: {', '.join(info['signals'])}"
               + (f" (optional: {', '.join(info['optional_signals'])})" if info["optional_signals"] else ""))
-        if info["options"]:
+        if args.verbose:
+            for option in info["option_help"]:
+                allowed = f", {option['allowed']}" if option["allowed"] else ""
+                print(f"{'':12s}{option['name']} ({option['type']}{allowed}; default {option['default']!r}): {option['help']}")
+        elif info["options"]:
             print(f"{'':10s} options: " + ", ".join(f"{k}={v}" for k, v in info["options"].items()))
     print("\nsupported models: " + ", ".join(supported_models()))
 
 
 def cmd_generate(args) -> None:
-    import torch
-    from PIL import Image
+    from .generate import run
 
-    from . import prune
-    from .loading import load, prompt_inputs
-
-    model, processor = load(args.model, args.dtype, args.device, args.attn)
-    try:
-        image = Image.open(args.image).convert("RGB")
-    except OSError as error:
-        raise SystemExit(f"prunevlm generate: cannot read image {args.image!r}: {error}")
-    inputs = prompt_inputs(processor, [image], [args.prompt], model.device)
-    handle = None if args.method == "none" else prune(model, args.method, args.budget, positions=args.positions, **dict(args.option))
-    start = time.perf_counter()
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    seconds = time.perf_counter() - start
-    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    print(answer.strip())
-    if handle is not None:
-        stats = handle.stats
-        print(f"[{args.method}, budget {args.budget}] visual tokens per image {stats.tokens_before[0]} -> "
-              f"{stats.tokens_after[0]}; prompt {stats.prefill_before[0]} -> {stats.prefill_after[0]} tokens; "
-              f"selection {stats.selection_ms:.1f} ms; generate {seconds:.2f} s", file=sys.stderr)
-        handle.remove()
-    else:
-        print(f"[unpruned] prompt {int(inputs['attention_mask'].sum())} tokens; generate {seconds:.2f} s", file=sys.stderr)
+    run(args)
 
 
 def cmd_bench(args) -> None:
@@ -96,57 +180,130 @@ def cmd_calibrate(args) -> None:
     run(args)
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("prunevlm")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunevlm", description="Visual token pruning for Hugging Face VLMs")
-    commands = parser.add_subparsers(dest="command", required=True)
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="prunevlm", description="Visual token pruning for Hugging Face VLMs",
+                                     formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"prunevlm {version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from .demo.show import add_arguments as demo_arguments
+    def command(name: str, help: str, run) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, formatter_class=formatter)
+        sub.set_defaults(run=run)
+        return sub
 
-    demo = commands.add_parser("demo", help="the bundled demo model answers questions, unpruned and pruned")
-    demo_arguments(demo)
-    demo.set_defaults(run=cmd_demo)
+    demo = command("demo", "the bundled demo model answers questions, unpruned and pruned, and draws the kept tokens", cmd_demo)
+    demo_model_folder(demo)
+    demo.add_argument("--questions", type=positive, default=6, help="test questions to show (one per image)")
+    demo.add_argument("--out", default="prunevlm-demo.png", help="PNG of the kept tokens (its folder is created)")
+    add_machine_flags(demo)
 
-    commands.add_parser("methods", help="list the methods, their signals and options").set_defaults(run=cmd_methods)
+    methods = command("methods", "list the methods, their signals and options", cmd_methods)
+    methods.add_argument("--verbose", "-v", action="store_true", help="each option's type, allowed values, default and meaning")
 
-    gen = commands.add_parser("generate", help="answer a question about an image, pruned")
-    gen.add_argument("--model", required=True, help="hub id or local folder (from_pretrained)")
-    gen.add_argument("--image", required=True)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--method", default="flashvlm", help="a method name (prunevlm methods), or 'none'")
-    gen.add_argument("--budget", type=parse_budget, default=Budget(64), help="tokens per image (int) or fraction (float)")
-    gen.add_argument("--option", type=parse_option, action="append", default=[], help="method option KEY=VALUE")
-    gen.add_argument("--positions", choices=["original", "compact"], default="original")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    gen.add_argument("--device", default="auto")
+    gen = command("generate", "answer questions about images, pruned (one prompt per image, or a JSONL of rows, in batches)", cmd_generate)
+    gen.add_argument("--model", type=model_source, required=True, help="hub id or local folder (from_pretrained)")
+    gen.add_argument("--image", action="append", default=[], type=existing_file,
+                     help="an image file; repeat for a batch (each image gets --prompt)")
+    gen.add_argument("--prompt", default=None, help="the question, plain text: the chat template adds the image placeholder")
+    gen.add_argument("--jsonl", type=existing_file, default=None,
+                     help='rows {"image": path or [paths] or null, "prompt": text}; relative paths from the file\'s folder')
+    gen.add_argument("--method", type=method_names(allow_none=True), default=None,
+                     help="a method (prunevlm methods), or none for the unpruned model (default: flashvlm, or the config's)")
+    gen.add_argument("--budget", type=parse_budget, default=None,
+                     help="tokens per image (int) or fraction of each image (float in (0, 1]) (default: 64, or the config's)")
+    gen.add_argument("--config", type=config_file, default=None, help="a saved config (e.g. from prunevlm calibrate)")
+    gen.add_argument("--option", type=parse_option, action="append", default=[], help="method option KEY=VALUE (repeatable)")
+    gen.add_argument("--positions", choices=["original", "compact"], default="original",
+                     help="RoPE positions of kept tokens: original (required for Qwen's M-RoPE) or renumbered")
+    gen.add_argument("--batch-size", type=positive, default=8, help="rows per generate() call")
+    gen.add_argument("--max-new-tokens", type=positive, default=64)
+    gen.add_argument("--save-picture", default=None, metavar="PATH",
+                     help="PNG of the kept tokens of the first batch (its folder is created)")
     gen.add_argument("--attn", default="sdpa", help="attn_implementation of the model")
-    gen.set_defaults(run=cmd_generate)
+    add_machine_flags(gen)
 
-    from .bench.efficiency import add_arguments
+    bench = command("bench", "speed and memory of each method on a random-weight model", cmd_bench)
+    bench.add_argument("--shape", default="small",
+                       help="small: CLIP ViT-L/14-336 + Llama h1024 x 8 layers, for a CPU; 7b: LLaVA-1.5-7B, for a "
+                            "GPU; tiny: for tests (the shapes of prunevlm/bench/models.py)")
+    bench.add_argument("--methods", type=method_names(allow_none=True), default="none,flashvlm,vispruner,vflowopt,random,uniform",
+                       help="comma-separated; none is the unpruned model")
+    bench.add_argument("--budgets", type=parse_budgets, default="576,192,128,64,32", help="comma-separated tokens per image")
+    bench.add_argument("--repeats", type=positive, default=3, help="timed rounds after one warm-up round (medians)")
+    bench.add_argument("--decode-tokens", type=positive, default=16)
+    bench.add_argument("--text-tokens", type=positive, default=40, help="prompt tokens around the image")
+    bench.add_argument("--attn", default="sdpa", help="attn_implementation of the model")
+    bench.add_argument("--diversity-tokens", type=not_negative, default=4608,
+                       help="also time the diversity partition alone at this many tokens (8 frames x 576); 0 skips")
+    bench.add_argument("--out", default=None,
+                       help=f"JSON file, a .md table beside it (default {RESULTS}/bench-<shape>-<device>.json)")
+    add_machine_flags(bench, dtype_default="auto")
 
-    bench = commands.add_parser("bench", help="speed and memory of each method on a random-weight model")
-    add_arguments(bench)
-    bench.set_defaults(run=cmd_bench)
+    evaluation = command("eval", "accuracy and fidelity against budget on the demo test split", cmd_eval)
+    demo_model_folder(evaluation)
+    evaluation.add_argument("--images", type=positive, default=200, help="test images; 6 questions each")
+    evaluation.add_argument("--methods", type=method_names(allow_none=False), default="flashvlm,vispruner,random,uniform",
+                            help="comma-separated (prunevlm methods)")
+    evaluation.add_argument("--budgets", type=parse_budgets, default="192,128,64,32,16",
+                            help="comma-separated: tokens per image (int) or fractions (float)")
+    evaluation.add_argument("--vflowopt", type=config_files, default=",".join(map(str, DEMO_CONFIGS)),
+                            help="calibrated VFlowOpt configs, comma-separated (default: the two shipped for the demo "
+                                 "model); each also runs with the default options at its budget; '' skips")
+    evaluation.add_argument("--batch-size", type=positive, default=48)
+    evaluation.add_argument("--kv-samples", type=positive, default=16, help="single-sample runs for the KV-cache size")
+    evaluation.add_argument("--out", default=f"{RESULTS}/eval", help="prefix of the .json, .md and .png files")
+    add_machine_flags(evaluation)
 
-    from .bench.evaluation import add_arguments as eval_arguments
-
-    evaluation = commands.add_parser("eval", help="accuracy and fidelity against budget on the demo test split")
-    eval_arguments(evaluation)
-    evaluation.set_defaults(run=cmd_eval)
-
-    from .calibrate import add_arguments as calibrate_arguments
-
-    calibrate = commands.add_parser("calibrate", help="search VFlowOpt's hyper-parameters for a budget (resumable)")
-    calibrate_arguments(calibrate)
-    calibrate.set_defaults(run=cmd_calibrate)
+    calibrate = command("calibrate", "search VFlowOpt's hyper-parameters for a budget (resumable)", cmd_calibrate)
+    calibrate.add_argument("--model", type=model_source, default=None, help="hub id or local folder (default: the bundled demo model)")
+    calibrate.add_argument("--data", type=existing_file, default=None,
+                           help='JSONL, one {"image": path, "prompt": text} per line (default: the demo dataset)')
+    calibrate.add_argument("--samples", type=positive, default=30, help="calibration samples (the official code uses 30)")
+    calibrate.add_argument("--holdout", type=not_negative, default=100,
+                           help="held-out samples to compare the result with the default config (0 skips)")
+    calibrate.add_argument("--budget", type=parse_budget, required=True,
+                           help="T, the layer-averaged fraction of visual tokens, in (0, 1)")
+    calibrate.add_argument("--trials", type=positive, default=300, help="completed trials to reach in the study (official code: 300)")
+    calibrate.add_argument("--initial", type=positive, default=27, help="random trials before the GP (official code: 27)")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--storage", default=None,
+                           help="Optuna storage URL or SQLite file (default: next to --out, .db); share it across workers")
+    calibrate.add_argument("--study", default=None, help="study name (default: vflowopt-T<budget>)")
+    calibrate.add_argument("--out", default=None, help=f"config JSON to write (default: {RESULTS}/vflowopt-T<budget>.json)")
+    calibrate.add_argument("--batch-size", type=positive, default=16)
+    add_machine_flags(calibrate)
     return parser
 
 
+def check(args, parser) -> None:
+    """Checks across flags, before anything is loaded."""
+    if args.command == "generate":
+        if args.jsonl and (args.image or args.prompt):
+            parser.error("generate: give --jsonl, or --image/--prompt, not both")
+        if not args.jsonl and args.prompt is None:
+            parser.error("generate: give --prompt (with --image files, or alone for a text-only answer), or --jsonl")
+    if args.command == "calibrate" and (args.budget.is_count or args.budget.value == 1):
+        parser.error(f"calibrate: --budget is T in (0, 1), the layer-averaged fraction of visual tokens (a float "
+                     f"such as 0.25, not a token count), got {args.budget}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check(args, parser)
     try:
         args.run(args)
-    except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
+    except (ValueError, TypeError, NotImplementedError, RuntimeError, OSError) as error:
         raise SystemExit(f"prunevlm {args.command}: {error}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -12,9 +13,11 @@ FORMAT = "prunevlm-config/1"
 
 
 def save_config(path: str, method: str, budget, options: dict, **provenance) -> dict:
-    """Write a configuration (the budget as a plain number); the options are validated by building the method first."""
-    make_method(method, **options)
-    data = {"format": FORMAT, "method": method, "budget": Budget.of(budget).value, "options": options, **provenance}
+    """Write a configuration with every option of the method (the given ones, defaults for the rest), so the
+    file means the same after a release changes a default. The budget is stored as a plain number."""
+    built = make_method(method, **options)
+    complete = {f.name: getattr(built, f.name) for f in dataclasses.fields(built) if f.init}
+    data = {"format": FORMAT, "method": method, "budget": Budget.of(budget).value, "options": complete, **provenance}
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -24,7 +27,10 @@ def save_config(path: str, method: str, budget, options: dict, **provenance) -> 
 
 
 def load_config(config: str | os.PathLike | dict) -> dict:
-    """Read and validate a configuration (a path or an already loaded dict); its budget comes back as a Budget."""
+    """Read and validate a configuration (a path or an already loaded dict), field by field: the format, the
+    method, the budget, and each option against the method's declared type and range; the options a
+    calibration sets (`option(calibrated=True)`) must be present. Its budget comes back as a Budget."""
+    source = "the pruning config" if isinstance(config, dict) else f"the pruning config {os.fspath(config)!r}"
     if isinstance(config, dict):
         data = config
     else:
@@ -32,11 +38,26 @@ def load_config(config: str | os.PathLike | dict) -> dict:
             with open(config) as f:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read the pruning config {config!r}: {error}") from error
-    missing = {"method", "budget", "options"} - set(data)
-    if missing or data.get("format", FORMAT) != FORMAT:
-        raise ValueError(f"not a prunevlm config (format {FORMAT}, with method, budget and options): missing {sorted(missing)}")
-    get_method(data["method"])
-    budget = Budget.of(data["budget"])
-    make_method(data["method"], **data["options"])
+            raise ValueError(f"cannot read {source}: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: must be a JSON object with format, method, budget and options")
+    if data.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"{source}: has format {data['format']!r}; this prunevlm reads {FORMAT!r} "
+                         f"(re-save it with this version, or install the prunevlm that wrote it)")
+    missing = [key for key in ("method", "budget", "options") if key not in data]
+    if missing:
+        raise ValueError(f"{source}: lacks {', '.join(missing)}: a config holds format, method, budget and options")
+    try:
+        cls = get_method(data["method"])
+        budget = Budget.of(data["budget"])
+        options = data["options"]
+        if not isinstance(options, dict):
+            raise ValueError(f"options must be an object of option names to values, got {options!r}")
+        required = [h["name"] for h in cls.option_help() if h["calibrated"] and h["name"] not in options]
+        if required:
+            raise ValueError(f"{cls.name} options {required} are missing: they are what a calibration sets; "
+                             f"give them (prunevlm methods --verbose lists each) or calibrate again")
+        make_method(cls.name, **options)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{source}: {error}") from None
     return {**data, "budget": budget}

@@ -1,22 +1,60 @@
-"""Load a VLM and its processor with from_pretrained, turn images + a question into model inputs, and read
+"""Load a VLM and its processor with from_pretrained, turn images + questions into model inputs, and read
 the processor's pixel normalisation."""
 
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' is cuda when available, else cpu; anything else is checked by torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...): {error}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: this torch sees no CUDA device; use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str):
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def check_supported(model_id: str) -> str:
+    """The model class `from_pretrained` would build for `model_id`, refused here (before any weights or
+    processor files are read) when prunevlm has no adapter for it."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from .models import adapter_class, supported_models
+
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except Exception as error:  # transformers raises many types here; say what failed and why
+        raise RuntimeError(f"could not read the model config of {model_id!r}: {error}") from error
+    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
+    if model_class is None:
+        raise NotImplementedError(
+            f"{model_id!r} holds a {config.model_type!r} model ({', '.join(config.architectures or ['?'])}), not a "
+            f"vision-language model; prunevlm supports {', '.join(supported_models())}"
+        )
+    adapter_class(model_class)
+    return model_class
 
 
 def load(model_id: str, dtype: str = "auto", device: str = "auto", attn: str = "sdpa"):
     """`from_pretrained` of a hub id or a local folder: (model in eval mode, processor)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype, target = resolve_dtype(dtype), resolve_device(device)
+    check_supported(model_id)
     try:
         processor = AutoProcessor.from_pretrained(model_id)
     except Exception as error:  # transformers raises many types here; say what failed and why
@@ -24,8 +62,8 @@ def load(model_id: str, dtype: str = "auto", device: str = "auto", attn: str = "
             f"could not load the processor of {model_id!r}: {error}. A local folder needs the processor files "
             f"(save them with processor.save_pretrained); Qwen video processors also need torchvision."
         ) from error
-    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=DTYPES[dtype], attn_implementation=attn)
-    return model.to(device).eval(), processor
+    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch_dtype, attn_implementation=attn)
+    return model.to(target).eval(), processor
 
 
 def pixel_normalisation(processor) -> dict:
@@ -35,18 +73,25 @@ def pixel_normalisation(processor) -> dict:
     return {"pixel_mean": list(image_processor.image_mean), "pixel_std": list(image_processor.image_std)}
 
 
-def prompt_inputs(processor, images: list[Image.Image], questions: list[str], device) -> dict:
-    """A left-padded batch: one question per row, each row with its image (None for a text-only row)."""
-    texts = []
-    for image, question in zip(images, questions):
-        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
+def prompt_inputs(processor, images: list, questions: list[str], device) -> dict:
+    """A left-padded batch, one question per row. Each row's entry of `images` is an image, a list of images
+    (all placed before the question) or None for a text-only row. The chat template inserts one image
+    placeholder per image, so a question must not contain the placeholder itself."""
+    image_token = getattr(processor, "image_token", "<image>")
+    texts, given = [], []
+    for row, (entry, question) in enumerate(zip(images, questions)):
+        row_images = [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
+        if image_token in question:
+            raise ValueError(
+                f"row {row}: the question contains the image placeholder {image_token!r}; pass the question as "
+                f"plain text: the chat template adds one placeholder per image ({len(row_images)} here)"
+            )
+        content = [{"type": "image"} for _ in row_images] + [{"type": "text", "text": question}]
         if getattr(processor, "chat_template", None):
-            texts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+            texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
         else:
-            image_token = getattr(processor, "image_token", "<image>")
-            texts.append((f"{image_token}\n" if image is not None else "") + question)
-    given = [image for image in images if image is not None]
+            texts.append("".join(f"{image_token}\n" for _ in row_images) + question)
+        given += row_images
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     inputs = processor(images=given or None, text=texts, return_tensors="pt", padding=True)

@@ -74,3 +74,27 @@ def panel(cells: list[list[tuple[Image.Image, str]]], column_titles: list[str], 
             for line, text in enumerate(wrap(caption, font, size)[:3]):
                 draw.text((left, top + size + 2 + 12 * line), text, fill=(0, 0, 0), font=font)
     return sheet
+
+
+def kept_tokens_picture(adapter, inputs: dict, processor, stats, path: str | None = None) -> Image.Image:
+    """Every image of `inputs` as the model saw it, with the kept tokens of `stats` (the prefill of these
+    inputs) drawn over it, side by side; saved to `path` when given."""
+    import os
+
+    from .loading import pixel_normalisation
+
+    kept = [indices for row in stats.kept for indices in row]
+    recycled = [indices for row in stats.recycled for indices in row] or [None] * len(kept)
+    grids = adapter.image_grids(inputs)
+    if len(kept) != len(grids):
+        raise ValueError(f"the stats hold {len(kept)} image(s) but the inputs {len(grids)}: draw right after the "
+                         f"generate() call on these inputs")
+    normalisation = pixel_normalisation(processor)
+    views = [model_view(v, normalisation["pixel_mean"], normalisation["pixel_std"]) for v in adapter.pixel_views(inputs)]
+    cells = [(draw_tokens(view, grid, k, r), f"kept {k.numel()} of {grid[0] * grid[1]}")
+             for view, grid, k, r in zip(views, grids, kept, recycled)]
+    picture = panel([cells], [f"image {i}" for i in range(len(cells))])
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        picture.save(path)
+    return picture

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import torch
 
 import prunevlm
 import tiny
-from prunevlm.bench.evaluation import CALIBRATED, configurations
+from prunevlm.bench.evaluation import configurations
 from prunevlm.budget import Budget
-from prunevlm.cli import main, parse_budget
+from prunevlm.cli import DEMO_CONFIGS, build_parser, main, parse_budget
 from prunevlm.config import load_config, save_config
 from prunevlm.methods import METHODS
 from prunevlm.methods.vflowopt import VFlowOpt
@@ -101,10 +102,10 @@ def test_configs_store_a_plain_number_and_load_a_budget(tmp_path, budget, stored
     assert load_config(str(path))["budget"] == Budget(stored)
 
 
-@pytest.mark.parametrize("path", CALIBRATED)
+@pytest.mark.parametrize("path", DEMO_CONFIGS, ids=lambda p: p.name)
 def test_calibrated_results_still_load(path):
-    config = load_config(str(ROOT / path))
-    raw = json.loads((ROOT / path).read_text())
+    config = load_config(str(path))
+    raw = json.loads(path.read_text())
     assert config["budget"] == Budget(raw["budget"]) and not config["budget"].is_count
     model = tiny.llava(layers=4)
     with prunevlm.prune(model, "vflowopt", np.float64(raw["budget"]), config=config) as handle:
@@ -141,21 +142,20 @@ def test_command_line_budget_errors(text, message):
         parse_budget(text)
 
 
-def test_bad_budgets_on_each_command(capsys):
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--model", "llava-hf/m", "--prompt", "p", "--budget", "x"], "argument --budget: .*read as tokens kept per image"),
+    (["calibrate", "--budget", "8"], "not a token count"),
+    (["calibrate", "--budget", "1.0"], r"--budget is T in \(0, 1\).*got 1.0"),
+    (["bench", "--budgets", "64,x"], "argument --budgets: budget must be an int.*got 'x'"),
+    (["eval", "--budgets", "0.25,x"], "argument --budgets: budget must be an int.*got 'x'"),
+])
+def test_bad_budgets_on_each_command_before_anything_loads(argv, message, capsys):
     with pytest.raises(SystemExit):
-        main(["generate", "--model", "m", "--image", "i.png", "--prompt", "p", "--budget", "x"])
-    assert "read as tokens kept per image" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="not a token count"):
-        main(["calibrate", "--budget", "8"])
-    with pytest.raises(SystemExit, match=r"calibrate a budget T in \(0, 1\).*got 1.0"):
-        main(["calibrate", "--budget", "1.0"])
-    with pytest.raises(SystemExit, match="prunevlm bench: budget must be an int.*got 'x'"):
-        main(["bench", "--shape", "tiny", "--budgets", "64,x"])
+        main(argv)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_eval_configurations_hold_plain_numbers():
-    args = argparse.Namespace(budgets="16,0.5", methods="flashvlm", vflowopt=",".join(str(ROOT / p) for p in CALIBRATED))
+    args = build_parser().parse_args(["eval", "--budgets", "16,0.5", "--methods", "flashvlm"])
     budgets = [config["budget"] for config in configurations(args)]
     assert budgets == [None, 16, 0.5, 0.1, 0.1, 0.25, 0.25]  # plain numbers for the JSON report (a Budget is not 16)
-    with pytest.raises(ValueError, match="got 'x'"):
-        configurations(argparse.Namespace(budgets="16,x", methods="flashvlm", vflowopt=""))

@@ -1,10 +1,14 @@
 """The command line: methods, generate (real from_pretrained of a local folder), bench (tiny shape)."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
+import prunevlm.config
 import tiny
 from prunevlm.bench import timing
 from prunevlm.cli import main
@@ -29,23 +33,88 @@ def test_generate_loads_a_folder_and_reports_token_counts(folder, capsys):
     main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt", "w3 w4",
           "--method", "flashvlm", "--budget", "4", "--max-new-tokens", "3"])
     err = capsys.readouterr().err
-    assert "visual tokens per image [16] -> [4]" in err
+    assert "visual tokens per image [[16]] -> [[4]]" in err
 
 
 def test_generate_fraction_and_options(folder, capsys):
     main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt", "w3",
           "--method", "vispruner", "--budget", "0.5", "--option", "dedup_schedule=geometric", "--max-new-tokens", "2"])
-    assert "[16] -> [8]" in capsys.readouterr().err
+    assert "[[16]] -> [[8]]" in capsys.readouterr().err
 
 
-def test_generate_explains_bad_input(folder):
-    with pytest.raises(SystemExit, match="cannot read image"):
-        main(["generate", "--model", str(folder), "--image", str(folder / "missing.png"), "--prompt", "w3"])
+def test_generate_batches_images_and_jsonl_rows(folder, tmp_path, capsys):
+    main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--image", str(folder / "red.png"),
+          "--image", str(folder / "red.png"), "--prompt", "w3", "--budget", "4", "--batch-size", "2", "--max-new-tokens", "2"])
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 3  # one answer per image
+    assert "rows 0-1: visual tokens per image [[16], [16]] -> [[4], [4]]" in captured.err
+    assert "rows 2-2:" in captured.err
+    rows = tmp_path / "rows.jsonl"
+    Image.new("RGB", (40, 48), (30, 200, 30)).save(tmp_path / "green.png")
+    rows.write_text(json.dumps({"image": [str(folder / "red.png"), "green.png"], "prompt": "w3"}) + "\n"
+                    + json.dumps({"image": None, "prompt": "w4 w5"}) + "\n")
+    main(["generate", "--model", str(folder), "--jsonl", str(rows), "--budget", "0.25", "--max-new-tokens", "2"])
+    assert "visual tokens per image [[16, 16], []] -> [[4, 4], []]" in capsys.readouterr().err
+
+
+def test_generate_with_a_config_and_a_picture(folder, tmp_path, capsys):
+    config = tmp_path / "configs" / "vispruner-8.json"
+    prunevlm.config.save_config(str(config), "vispruner", 8, {"dedup_schedule": "geometric"})
+    picture = tmp_path / "pictures" / "kept.png"
+    main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt", "w3",
+          "--config", str(config), "--save-picture", str(picture), "--max-new-tokens", "2"])
+    assert "[vispruner, budget 8]" in capsys.readouterr().err
+    assert Image.open(picture).size[0] > 0
+
+
+def test_generate_explains_bad_input(folder, tmp_path):
     with pytest.raises(SystemExit, match="no option"):
         main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt", "w3",
               "--option", "speed=11"])
-    with pytest.raises(SystemExit):
-        main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt", "w3", "--budget", "x"])
+    with pytest.raises(SystemExit, match="option eta must be float in \\[0, 1\\], got 'high' \\(str\\)"):
+        main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt", "w3",
+              "--option", "eta=high"])
+    with pytest.raises(SystemExit, match="contains the image placeholder '<image>'"):
+        main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt", "<image> <image> w3"])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="cannot read image"):
+        main(["generate", "--model", str(folder), "--image", str(tmp_path / "broken.png"), "--prompt", "w3"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--model", "M", "--image", "missing.png", "--prompt", "w"], "argument --image: no file 'missing.png'"),
+    (["generate", "--model", "./no/such/folder", "--prompt", "w"], "argument --model: no folder './no/such/folder'"),
+    (["generate", "--model", "M", "--method", "fastest", "--prompt", "w"], r"unknown method\(s\) \['fastest'\]"),
+    (["generate", "--model", "M"], "give --prompt"),
+    (["eval", "--images", "0"], "argument --images: must be an int >= 1, got '0'"),
+    (["eval", "--methods", "flashvlm,nope"], r"unknown method\(s\) \['nope'\]"),
+    (["demo", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+])
+def test_bad_flags_are_refused_while_parsing(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_a_folder_of_an_unsupported_model_gets_prunevlm_s_message(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="holds a 'gpt2' model .* not a vision-language model; prunevlm supports Llava"):
+        main(["generate", "--model", str(tmp_path), "--prompt", "w"])
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys; from prunevlm.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['eval', '--help']):\n"
+            "    try: main(argv)\n"
+            "    except SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "prunevlm 0.1.0" in result.stdout and "--vflowopt" in result.stdout
+    module = subprocess.run([sys.executable, "-m", "prunevlm", "--version"], capture_output=True, text=True)
+    assert module.stdout.strip() == "prunevlm 0.1.0"
 
 
 def test_bench_writes_a_table_and_json(tmp_path, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """Bad input gets an error that says what is wrong and what to do."""
 
+import json
 import math
 import os
 import re
@@ -11,7 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import prunevlm
 import tiny
-from prunevlm.config import save_config
+import prunevlm.methods
+from prunevlm.config import load_config, save_config
 
 
 def signals(tokens=16):
@@ -155,3 +157,34 @@ def test_labels_are_refused_while_pruning():
     model, inputs = tiny.llava(), tiny.llava_inputs([1])
     with prunevlm.prune(model, "flashvlm", 4), pytest.raises(ValueError, match="labels"):
         model(**inputs, labels=inputs["input_ids"])
+
+
+CALIBRATED = {"r_v": 0.2, "r_1": 0.9, "t": 1.0, "m": 10.0, "alpha": 0.0}
+
+
+@pytest.mark.parametrize("config,error,message", [
+    ({"method": "vflowopt", "budget": 0.1, "options": {**CALIBRATED, "layers": 3}}, ValueError,
+     r"option layers must be tuple\[int, int\] \| None, got 3 \(int\)"),
+    ({"method": "vflowopt", "budget": 0.1, "options": {**CALIBRATED, "m": "seventeen"}}, ValueError,
+     r"option m must be float > 0, got 'seventeen' \(str\)"),
+    ({"method": "vflowopt", "budget": 0.1, "options": {k: v for k, v in CALIBRATED.items() if k != "r_v"}}, ValueError,
+     r"vflowopt options \['r_v'\] are missing: they are what a calibration sets"),
+    ({"format": "prunevlm-config/9", "method": "flashvlm", "budget": 8, "options": {}}, ValueError,
+     r"has format 'prunevlm-config/9'; this prunevlm reads 'prunevlm-config/1'"),
+    ({"method": "flashvlm", "options": {}}, ValueError, "lacks budget"),
+    ({"method": "flashvlm", "budget": 8, "options": {"speed": 1}}, TypeError, r"flashvlm has no option\(s\) \['speed'\]"),
+    ({"method": "flashvlm", "budget": 8, "options": {"eta": True}}, ValueError, r"option eta must be float in \[0, 1\], got True"),
+])
+def test_configs_are_checked_field_by_field(tmp_path, config, error, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(error, match=f"the pruning config '{re.escape(str(path))}': .*{message}"):
+        load_config(str(path))
+
+
+def test_a_saved_config_lists_every_option_and_loads_back(tmp_path):
+    path = tmp_path / "new" / "folder" / "vflowopt.json"
+    save_config(str(path), "vflowopt", 0.1, CALIBRATED)
+    saved = json.loads(path.read_text())["options"]
+    assert set(saved) == set(prunevlm.methods.METHODS["vflowopt"].options())
+    assert load_config(str(path))["options"] == saved

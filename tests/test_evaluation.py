@@ -2,7 +2,6 @@
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +9,10 @@ from PIL import Image
 
 import prunevlm
 from prunevlm.calibrate.flow import last_token_states
-from prunevlm.cli import main
+from prunevlm.cli import DEMO_CONFIGS, main
 from prunevlm.demo import accuracy
 
-CALIBRATED = Path(__file__).parents[1] / "benchmarks" / "results" / "vflowopt-T0.25.json"
+CALIBRATED = DEMO_CONFIGS[1]  # T = 0.25
 
 
 @pytest.fixture(scope="module")

@@ -23,46 +23,23 @@ from __future__ import annotations
 import sys
 
 import torch
+from tqdm import tqdm
 
-from ..budget import Budget
+from ..cli import RESULTS
+from ..loading import resolve_device, resolve_dtype
 from .diversity_partition import diversity_timing
 from .memory import peak_memory
-from .models import SHAPES, build_model, prompt_inputs
+from .models import build_model, prompt_inputs
 from .report import device_name, summary, write
 from .timing import measure
-
-METHODS = ("none", "flashvlm", "vispruner", "vflowopt", "random", "uniform")
-BUDGETS = (576, 192, 128, 64, 32)
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="small",
-                        help="small: CLIP ViT-L/14-336 + Llama h1024 x 8 layers, for a CPU (default); "
-                             "7b: LLaVA-1.5-7B, for a GPU; tiny: for tests")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; 'none' is the unpruned model")
-    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma-separated tokens per image")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--text-tokens", type=int, default=40, help="prompt tokens around the image")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--diversity-tokens", type=int, default=4608,
-                        help="also time the diversity partition alone at this many tokens (8 frames x 576); 0 skips")
-    parser.add_argument("--out", default=None,
-                        help="JSON file, a .md table beside it (default benchmarks/results/bench-<shape>-<device>.json)")
 
 
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    # a repeated method or budget is measured once (dict keys keep the given order)
-    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
-    budgets = list(dict.fromkeys(Budget.parse(b).value for b in args.budgets.split(",") if b.strip()))
+    device = resolve_device(args.device)
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else resolve_dtype(args.dtype)
+    methods, budgets = args.methods, [budget.value for budget in args.budgets]  # the CLI drops repeats
     print(f"building a random {args.shape}-shaped LLaVA ({dtype}, {device}, attn={args.attn})...", file=sys.stderr)
     model = build_model(args.shape, dtype, device, args.attn)
     inputs = prompt_inputs(model, args.text_tokens, device)
@@ -70,7 +47,7 @@ def run(args) -> dict:
     print(f"{len(configs)} configurations x {args.repeats + 1} rounds (the first warms up)...", file=sys.stderr)
     rows = measure(model, inputs, configs, args.repeats, args.decode_tokens)
     diversity = diversity_timing(args.diversity_tokens) if args.diversity_tokens else None
-    for row in rows:
+    for row in tqdm(rows, desc="peak memory", unit="run", file=sys.stderr):
         row["peak_mb"] = peak_memory(model, inputs, row["method"], row["budget"])
     report = {
         "command": "prunevlm bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "prunevlm bench",
@@ -81,7 +58,7 @@ def run(args) -> dict:
     }
     markdown = summary(report)
     print("\n" + markdown)
-    out = args.out or f"benchmarks/results/bench-{args.shape}-{device.type}.json"
+    out = args.out or f"{RESULTS}/bench-{args.shape}-{device.type}.json"
     write(out, report, markdown)
     print(f"\nwrote {out} and its .md table")
     return report

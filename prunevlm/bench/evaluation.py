@@ -13,48 +13,26 @@ import time
 import torch
 
 from .. import prune
-from ..budget import Budget
 from ..calibrate.flow import flow_similarity
-from ..config import load_config
 from ..demo import accuracy, dataset
 from ..loading import pixel_normalisation, prompt_inputs
 from ..models import get_adapter
 from ..runtime.contract import output_cache
 from .memory import kv_bytes
 
-METHODS = ("flashvlm", "vispruner", "random", "uniform")
-BUDGETS = (192, 128, 64, 32, 16)
-CALIBRATED = ("benchmarks/results/vflowopt-T0.1.json", "benchmarks/results/vflowopt-T0.25.json")
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=str(accuracy.MODEL_DIR), help="a demo-format model folder (default: bundled)")
-    parser.add_argument("--images", type=int, default=200, help="test images; 6 questions each")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="tokens per image")
-    parser.add_argument("--vflowopt", default=",".join(CALIBRATED),
-                        help="calibrated VFlowOpt configs; each is also run with the default config at its budget")
-    parser.add_argument("--batch-size", type=int, default=48)
-    parser.add_argument("--kv-samples", type=int, default=16, help="single-sample runs for the KV-cache size")
-    parser.add_argument("--out", default="benchmarks/results/eval", help="prefix of the .json, .md and .png files")
-    parser.add_argument("--threads", type=int, default=None)
-
-
 def configurations(args, normalisation: dict | None = None) -> list[dict]:
     """Every (method, budget, options) to evaluate, the unpruned model first. Each calibrated VFlowOpt config
-    is followed by VFlowOpt's defaults at its budget and layers, with the processor's `normalisation` options
-    (`loading.pixel_normalisation`)."""
+    (`args.vflowopt`: configs loaded by the CLI) is followed by VFlowOpt's defaults at its budget and layers,
+    with the processor's `normalisation` options (`loading.pixel_normalisation`)."""
     configs = [{"name": "unpruned", "method": None, "budget": None, "options": {}}]
-    budgets = [Budget.parse(b).value for b in args.budgets.split(",") if b.strip()]  # plain numbers for the JSON rows
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    budgets = [budget.value for budget in args.budgets]  # plain numbers for the JSON rows
+    for method in args.methods:
         configs += [{"name": method, "method": method, "budget": b, "options": {}} for b in budgets]
-    for path in [p for p in args.vflowopt.split(",") if p.strip()]:
-        if not os.path.exists(path):
-            print(f"skipping {path}: not found (run prunevlm calibrate first)", file=sys.stderr)
-            continue
-        config = load_config(path)
+    for config in args.vflowopt:
+        if config["method"] != "vflowopt":
+            raise ValueError(f"--vflowopt {config['path']} is a {config['method']!r} config, not a vflowopt one")
         configs.append({"name": "vflowopt (calibrated)", "method": "vflowopt", "budget": config["budget"].value,
-                        "options": config["options"], "config": path})
+                        "options": config["options"], "config": os.path.basename(config["path"])})
         layers = config["options"].get("layers")
         default = ({"layers": layers} if layers else {}) | (normalisation or {})
         configs.append({"name": "vflowopt (default)", "method": "vflowopt", "budget": config["budget"].value, "options": default})
@@ -145,7 +123,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 def run(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor = accuracy.load(args.model)
+    model, processor = accuracy.load(args.model, args.dtype, args.device)
     items = dataset.flatten(dataset.generate("test", args.images))
     qtypes = list(dataset.QTYPES)
     rows, reference = [], None

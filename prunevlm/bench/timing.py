@@ -4,9 +4,11 @@ TTFT, selection and KV cache from one-token generates; medians over rounds."""
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from .. import prune
 from ..models import get_adapter
@@ -82,11 +84,14 @@ def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, 
     Each round runs every configuration once, so a slow spell of a shared machine spreads over all of
     them instead of landing on the few measured back to back while it lasts."""
     runs = {config: [] for config in configs}
-    for round_ in range(repeats + 1):
-        for method, budget in configs:
-            run = measure_once(model, inputs, method, budget, decode_tokens)
-            if round_:  # round 0 warms every configuration up
-                runs[(method, budget)].append(run)
+    with tqdm(total=(repeats + 1) * len(configs), desc="timing", unit="run", file=sys.stderr) as progress:
+        for round_ in range(repeats + 1):
+            for method, budget in configs:
+                progress.set_postfix_str(f"round {round_}{' (warm-up)' if not round_ else ''}: {method} {budget or ''}")
+                run = measure_once(model, inputs, method, budget, decode_tokens)
+                if round_:  # round 0 warms every configuration up
+                    runs[(method, budget)].append(run)
+                progress.update()
     rows = []
     for (method, budget), measured in runs.items():
         row = {"method": method, "budget": budget}

@@ -11,31 +11,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..cli import parse_budget
+from ..cli import RESULTS
 from ..config import save_config
 from ..loading import pixel_normalisation
 from ..methods.vflowopt import default_layers
 from ..models import get_adapter
 from .search import FlowObjective, open_study, run_search
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None, help="hub id or local folder (default: the bundled demo model)")
-    parser.add_argument("--data", default=None,
-                        help='JSONL, one {"image": path, "prompt": text} per line (default: the demo dataset)')
-    parser.add_argument("--samples", type=int, default=30, help="calibration samples (the official code uses 30)")
-    parser.add_argument("--holdout", type=int, default=100,
-                        help="held-out samples to compare the result with the default config (0 skips)")
-    parser.add_argument("--budget", type=parse_budget, required=True, help="T, the layer-averaged fraction of visual tokens")
-    parser.add_argument("--trials", type=int, default=300, help="completed trials to reach in the study (official code: 300)")
-    parser.add_argument("--initial", type=int, default=27, help="random trials before the GP (official code: 27)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--storage", default=None,
-                        help="Optuna storage URL or SQLite file (default: next to --out, .db); share it across workers")
-    parser.add_argument("--study", default=None, help="study name (default: vflowopt-T<budget>)")
-    parser.add_argument("--out", default=None, help="config JSON to write (default: vflowopt-T<budget>.json)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None)
 
 
 def demo_samples(count: int, seed: int, first_image: int = 0) -> list[tuple[Image.Image, str]]:
@@ -72,18 +53,15 @@ def jsonl_samples(path: str) -> list[tuple[Image.Image, str]]:
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.budget.is_count or args.budget.value == 1:
-        raise ValueError(f"calibrate a budget T in (0, 1): the layer-averaged fraction of visual tokens (a float "
-                         f"such as 0.25, not a token count), got {args.budget}")
     if args.model is None:
         from ..demo.accuracy import MODEL_DIR, load
 
-        model, processor = load(MODEL_DIR)
+        model, processor = load(MODEL_DIR, args.dtype, args.device)
         model_id = "prunevlm demo model"
     else:
         from ..loading import load
 
-        model, processor = load(args.model)
+        model, processor = load(args.model, args.dtype, args.device)
         model_id = args.model
     if args.data:
         samples = jsonl_samples(args.data)
@@ -93,7 +71,8 @@ def run(args) -> dict:
         samples = demo_samples(args.samples, args.seed)
         holdout = demo_samples(args.holdout, args.seed, first_image=10_000) if args.holdout else []
     tag = f"T{args.budget.value:g}"
-    out = args.out or f"vflowopt-{tag}.json"
+    out = args.out or f"{RESULTS}/vflowopt-{tag}.json"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)  # the study's storage goes beside it
     storage = args.storage or str(Path(out).with_suffix(".db"))
     study_name = args.study or f"vflowopt-{tag}"
     beside = out if "://" in storage else storage  # the unpruned states, reused when resuming

@@ -24,15 +24,20 @@ from . import dataset
 MODEL_DIR = Path(__file__).parent / "model"
 
 
-def load(folder: str | Path = MODEL_DIR, dtype: torch.dtype = torch.float32):
-    """The model (eval mode, ``dtype``) and processor saved in ``folder``, loaded offline."""
+def load(folder: str | Path = MODEL_DIR, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
+    """The model (eval mode, ``dtype``, on ``device``) and processor saved in ``folder``, loaded offline;
+    ``dtype`` and ``device`` may be the CLI's names ('auto', 'bfloat16', 'cuda', ...)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from ..loading import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {folder}; train one with "
                                 "`python -m prunevlm.demo.train --out DIR`")
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(resolve_device(device)).eval()
     return model, AutoProcessor.from_pretrained(folder)
 
 

@@ -3,6 +3,7 @@ shows which visual tokens each method kept."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -16,13 +17,6 @@ from . import accuracy, dataset
 
 METHODS = ("flashvlm", "vispruner")
 BUDGETS = (64, 32, 16)
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=str(accuracy.MODEL_DIR), help="a demo-format model folder (default: bundled)")
-    parser.add_argument("--questions", type=int, default=6, help="test questions to show (one per image)")
-    parser.add_argument("--out", default="prunevlm-demo.png", help="PNG of the kept tokens")
-    parser.add_argument("--threads", type=int, default=None)
 
 
 def pick_items(count: int) -> list[dataset.Item]:
@@ -39,7 +33,7 @@ def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, processor = accuracy.load(args.model)
+    model, processor = accuracy.load(args.model, args.dtype, args.device)
     items = pick_items(args.questions)
     truth = [dataset.normalize(item.answer) for item in items]
     columns = {"unpruned": (accuracy.predict(model, processor, items, batch_size=len(items)), None)}
@@ -76,5 +70,6 @@ def run(args) -> None:
             cells.append((draw_tokens(views[row], grids[row], stats.kept[row][0]), f"{answers[row]} ({mark})"))
         rows.append(cells)
     titles = ["image, question"] + [f"{name} tokens\n(kept of {tokens})" for name in names[1:]]
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     panel(rows, titles).save(args.out)
     print(f"\nwrote {args.out} (kept tokens bright, pruned dark); {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -17,13 +17,17 @@ def supported_models() -> list[str]:
 
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for `model`'s class, or a clear error listing what is supported."""
-    name = type(model).__name__
+    return adapter_class(type(model).__name__)(model)
+
+
+def adapter_class(model_class: str) -> type[Adapter]:
+    """The adapter for a model class name (also before the model is built), or a clear error."""
     for adapter in ADAPTERS:
-        if name in adapter.model_classes:
-            return adapter(model)
+        if model_class in adapter.model_classes:
+            return adapter
     raise NotImplementedError(
-        f"prunevlm does not support {name}; supported model classes: {', '.join(supported_models())}"
+        f"prunevlm does not support {model_class}; supported model classes: {', '.join(supported_models())}"
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "get_adapter", "supported_models"]
+__all__ = ["ADAPTERS", "Adapter", "adapter_class", "get_adapter", "supported_models"]

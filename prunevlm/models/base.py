@@ -147,6 +147,11 @@ class Adapter:
         """The token grid (rows, columns) of each image in a processor's inputs, row-major as the LLM gets them."""
         raise NotImplementedError
 
+    def pixel_views(self, inputs: dict) -> list[torch.Tensor]:
+        """Each image of a processor's inputs as the vision tower saw it: [3, H, W], still normalised, with
+        its token grid (`image_grids`) covering it evenly (for drawing the kept tokens)."""
+        raise NotImplementedError
+
     def check_inputs(self, kwargs: dict) -> None:
         """Refuse inputs the adapter cannot prune (e.g. video) with a clear error."""
 

@@ -1,0 +1,5 @@
+"""`python -m prunevlm`: the same command line as `prunevlm`."""
+
+from .cli import main
+
+main()

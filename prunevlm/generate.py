@@ -1,0 +1,106 @@
+"""`prunevlm generate`: answers for (images, prompt) rows, in batches, pruned or not; optionally a picture of
+the kept tokens of the first batch."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+def read_image(path: str | Path) -> Image.Image:
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as error:
+        raise ValueError(f"cannot read image {str(path)!r}: {error}") from None
+
+
+def jsonl_rows(path: str) -> list[tuple[list[str], str]]:
+    """(image paths, prompt) per line of {"image": path | [paths] | null, "prompt": text}; relative paths are
+    read from the file's folder."""
+    folder, rows = Path(path).parent, []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                images, prompt = record.get("image"), record["prompt"]
+            except (json.JSONDecodeError, KeyError, AttributeError) as error:
+                raise ValueError(f"{path}:{number}: expected {{\"image\": path or [paths] or null, \"prompt\": text}}: "
+                                 f"{error!r}") from None
+            images = [] if images is None else [images] if isinstance(images, str) else list(images)
+            missing = [p for p in images if not (folder / p).is_file()]
+            if missing or not isinstance(prompt, str):
+                raise ValueError(f"{path}:{number}: " + (f"no image file(s) {missing} (relative to {folder})" if missing
+                                                        else f"prompt must be text, got {prompt!r}"))
+            rows.append(([str(folder / p) for p in images], prompt))
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows
+
+
+def pruning_settings(args) -> tuple[str, object, dict, dict | None]:
+    """(method, budget, options, config) from --method/--budget/--option/--config, the config's where not given."""
+    options = dict(args.option)
+    if args.config is not None:
+        method = args.method[0] if args.method else args.config["method"]
+        return method, args.budget, options, {k: v for k, v in args.config.items() if k != "path"}
+    method = args.method[0] if args.method else "flashvlm"
+    return method, 64 if args.budget is None else args.budget, options, None
+
+
+def run(args) -> list[str]:
+    from . import prune
+    from .loading import load, prompt_inputs
+
+    if args.method and len(args.method) > 1:
+        raise ValueError(f"generate takes one --method, got {','.join(args.method)}")
+    rows = jsonl_rows(args.jsonl) if args.jsonl else (
+        [([path], args.prompt) for path in args.image] if args.image else [([], args.prompt)])
+    method, budget, options, config = pruning_settings(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = load(args.model, args.dtype, args.device, args.attn)
+    handle = None if method == "none" else prune(model, method, budget, config=config, positions=args.positions, **options)
+    answers = []
+    try:
+        for start in range(0, len(rows), args.batch_size):
+            batch = rows[start : start + args.batch_size]
+            images = [[read_image(p) for p in paths] or None for paths, _ in batch]
+            inputs = prompt_inputs(processor, images, [prompt for _, prompt in batch], model.device)
+            began = time.perf_counter()
+            with torch.inference_mode():
+                output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            seconds = time.perf_counter() - began
+            decoded = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for answer in decoded:
+                print(answer.strip())
+            answers += [a.strip() for a in decoded]
+            report(handle, method, inputs, seconds, start)
+            if args.save_picture and start == 0:
+                if handle is None:
+                    raise ValueError("--save-picture draws the kept tokens: give a pruning --method, not none")
+                handle.draw(inputs, processor, path=args.save_picture)
+                print(f"wrote {args.save_picture} (kept tokens bright, pruned dark)", file=sys.stderr)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return answers
+
+
+def report(handle, method: str, inputs: dict, seconds: float, first_row: int) -> None:
+    """One stderr line per batch: visual tokens and prompt lengths before -> after, selection and generate time."""
+    rows = f"rows {first_row}-{first_row + inputs['input_ids'].shape[0] - 1}"
+    if handle is None:
+        print(f"[unpruned] {rows}: prompts {inputs['attention_mask'].sum(dim=1).tolist()} tokens; generate "
+              f"{seconds:.2f} s", file=sys.stderr)
+        return
+    stats = handle.stats
+    print(f"[{method}, budget {handle.budget}] {rows}: visual tokens per image {stats.tokens_before} -> "
+          f"{stats.tokens_after}; prompts {stats.prefill_before} -> {stats.prefill_after} tokens; selection "
+          f"{stats.selection_ms:.1f} ms; generate {seconds:.2f} s", file=sys.stderr)
