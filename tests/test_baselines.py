@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import prunevlm
 import tiny
+from prunevlm.methods import METHODS
 from prunevlm.methods.cdpruner import OFFSET, conditional_kernel, greedy_map, relevance
 from prunevlm.methods.divprune import cosine_distances, max_min_order
 from prunevlm.methods.visionzip import contextual_count, target_positions
@@ -30,7 +31,7 @@ def random_signals(batch, tokens, dim=16, text=5, seed=0, dtype=torch.float64):
 
 
 def signals_for(method, s):
-    cls = prunevlm.api.METHODS[method]
+    cls = METHODS[method]
     return {name: value for name, value in s.items() if name in cls.signals + cls.optional_signals}
 
 
