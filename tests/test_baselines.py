@@ -496,3 +496,20 @@ def test_qwen_keys_are_per_merged_token_and_per_image():
         alone = handle.runtime.capture.match(list(tokens))[0][0]["keys"]
     assert together[0].shape == (24, 8) and together[1].shape == (4, 8)
     torch.testing.assert_close(together[0], alone)
+
+
+@torch.no_grad()
+def test_cdpruner_follows_the_prompt_and_divprune_does_not():
+    """The same image under another question: cdpruner's relevance comes from the prompt's embeddings, so
+    its choice moves; divprune is text-agnostic, so its choice stays."""
+    model = tiny.llava()
+    first, second = tiny.llava_inputs([1], seed=0), tiny.llava_inputs([1], seed=1)
+    second["pixel_values"] = first["pixel_values"]
+
+    def kept(method, inputs):
+        with prunevlm.prune(model, method, budget=6) as handle:
+            model(**inputs)
+            return handle.stats.kept[0][0].tolist()
+
+    assert kept("cdpruner", first) != kept("cdpruner", second)
+    assert kept("divprune", first) == kept("divprune", second)
