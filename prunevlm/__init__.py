@@ -7,9 +7,15 @@ for torch and transformers.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
-__all__ = ["Budget", "PruneHandle", "Selection", "list_methods", "prune", "select"]
+__all__ = ["DEMO_CONFIGS", "DEMO_MODEL", "Budget", "PruneHandle", "Selection", "list_methods", "prune", "select"]
 __version__ = "0.1.0"
+
+_DEMO = Path(__file__).parent / "demo"
+DEMO_MODEL = str(_DEMO / "model")  # the bundled demo VLM: a LLaVA-format save_pretrained folder (docs/demo.md)
+# VFlowOpt configs calibrated for it (`prunevlm calibrate`), by budget T
+DEMO_CONFIGS = {t: str(_DEMO / "configs" / f"vflowopt-T{t}.json") for t in (0.1, 0.25)}
 
 _WHERE = {"Budget": ".budget", "PruneHandle": ".api", "Selection": ".methods", "list_methods": ".api",
           "prune": ".api", "select": ".api"}

@@ -10,14 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
-
 from .budget import Budget
 
-PACKAGE = Path(__file__).parent
-DEMO_MODEL = PACKAGE / "demo" / "model"
-# VFlowOpt configs calibrated for the demo model (`prunevlm calibrate`), shipped with the package
-DEMO_CONFIGS = tuple(PACKAGE / "demo" / "configs" / f"vflowopt-T{t}.json" for t in ("0.1", "0.25"))
+from . import DEMO_CONFIGS, DEMO_MODEL
+
 RESULTS = "prunevlm-results"  # commands write under this folder of the working directory by default
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -129,14 +125,34 @@ def add_machine_flags(parser, dtype_default: str = "auto") -> None:
 
 
 def demo_model_folder(parser) -> None:
-    parser.add_argument("--model", type=model_source, default=str(DEMO_MODEL),
+    parser.add_argument("--model", type=model_source, default=DEMO_MODEL,
                         help="a demo-format model folder (default: the bundled demo model)")
+
+
+def options_markdown() -> str:
+    """Every method's options as markdown tables (docs/methods.md holds this text; a test keeps it equal)."""
+    from . import list_methods
+
+    parts = []
+    for info in list_methods():
+        if not info["option_help"]:
+            continue
+        lines = [f"**{info['name']}**", "", "| option | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+        for o in info["option_help"]:
+            cells = [f"`{o['name']}`", o["type"], f"`{o['default']!r}`", o["allowed"] or "any",
+                     o["help"] + (" (set by calibration)" if o["calibrated"] else "")]
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
 
 
 def cmd_methods(args) -> None:
     from . import list_methods
     from .models import supported_models
 
+    if args.markdown:
+        print(options_markdown(), end="")
+        return
     for info in list_methods():
         print(f"{info['name']:10s} {info['description']}")
         print(f"{'':10s} signals: {', '.join(info['signals'])}"
@@ -209,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = command("methods", "list the methods, their signals and options", cmd_methods)
     methods.add_argument("--verbose", "-v", action="store_true", help="each option's type, allowed values, default and meaning")
+    methods.add_argument("--markdown", action="store_true", help="the options as the markdown tables of docs/methods.md")
 
     gen = command("generate", "answer questions about images, pruned (one prompt per image, or a JSONL of rows, in batches)", cmd_generate)
     gen.add_argument("--model", type=model_source, required=True, help="hub id or local folder (from_pretrained)")
@@ -256,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="comma-separated (prunevlm methods)")
     evaluation.add_argument("--budgets", type=parse_budgets, default="192,128,64,32,16",
                             help="comma-separated: tokens per image (int) or fractions (float)")
-    evaluation.add_argument("--vflowopt", type=config_files, default=",".join(map(str, DEMO_CONFIGS)),
+    evaluation.add_argument("--vflowopt", type=config_files, default=",".join(DEMO_CONFIGS.values()),
                             help="calibrated VFlowOpt configs, comma-separated (default: the two shipped for the demo "
                                  "model); each also runs with the default options at its budget; '' skips")
     evaluation.add_argument("--batch-size", type=positive, default=48)

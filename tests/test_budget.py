@@ -13,7 +13,8 @@ import prunevlm
 import tiny
 from prunevlm.bench.evaluation import configurations
 from prunevlm.budget import Budget
-from prunevlm.cli import DEMO_CONFIGS, build_parser, main, parse_budget
+from prunevlm import DEMO_CONFIGS
+from prunevlm.cli import build_parser, main, parse_budget
 from prunevlm.config import load_config, save_config
 from prunevlm.methods import METHODS
 from prunevlm.methods.vflowopt import VFlowOpt
@@ -102,7 +103,7 @@ def test_configs_store_a_plain_number_and_load_a_budget(tmp_path, budget, stored
     assert load_config(str(path))["budget"] == Budget(stored)
 
 
-@pytest.mark.parametrize("path", DEMO_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [Path(p) for p in DEMO_CONFIGS.values()], ids=lambda p: p.name)
 def test_calibrated_results_still_load(path):
     config = load_config(str(path))
     raw = json.loads(path.read_text())

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -132,3 +133,17 @@ def test_bench_writes_a_table_and_json(tmp_path, capsys, monkeypatch):
     assert rows[("flashvlm", 64)]["kv_mb"] < rows[("none", None)]["kv_mb"]
     assert "| flashvlm | 64 |" in capsys.readouterr().out
     assert report["diversity_partition"]["tokens"] == 300
+
+
+def test_docs_list_every_option_as_the_cli_prints_it(capsys):
+    main(["methods", "--markdown"])
+    docs = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    section = docs.split("<!-- options:begin -->\n", 1)[1].split("<!-- options:end -->", 1)[0]
+    assert section == capsys.readouterr().out, "docs/methods.md is stale: paste `prunevlm methods --markdown` there"
+
+
+def test_methods_verbose_explains_each_option(capsys):
+    main(["methods", "--verbose"])
+    out = capsys.readouterr().out
+    assert "eta (float, in [0, 1]; default 0.5): text weight in the log-domain fusion" in out
+    assert "dedup_schedule (str, one of 'fixed', 'geometric'; default 'fixed')" in out

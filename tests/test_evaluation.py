@@ -9,10 +9,11 @@ from PIL import Image
 
 import prunevlm
 from prunevlm.calibrate.flow import last_token_states
-from prunevlm.cli import DEMO_CONFIGS, main
+from prunevlm import DEMO_CONFIGS
+from prunevlm.cli import main
 from prunevlm.demo import accuracy
 
-CALIBRATED = DEMO_CONFIGS[1]  # T = 0.25
+CALIBRATED = DEMO_CONFIGS[0.25]
 
 
 @pytest.fixture(scope="module")

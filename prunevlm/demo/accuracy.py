@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from .. import DEMO_MODEL
 from ..loading import prompt_inputs
 from . import dataset
 
-MODEL_DIR = Path(__file__).parent / "model"
+MODEL_DIR = Path(DEMO_MODEL)
 
 
 def load(folder: str | Path = MODEL_DIR, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
