@@ -20,8 +20,9 @@ from .base import Method, Selection
 
 
 def cosine_distances(tokens: torch.Tensor) -> torch.Tensor:
-    """[B, N, D] -> [B, N, N] with 1 − cos(v_i, v_j), in fp32 (a zero token is at distance 1 from all)."""
-    unit = F.normalize(tokens.float(), dim=-1)
+    """[B, N, D] -> [B, N, N] with 1 − cos(v_i, v_j), in fp32 or fp64 for fp64 tokens (a zero token is at
+    distance 1 from all)."""
+    unit = F.normalize(tokens if tokens.dtype == torch.float64 else tokens.float(), dim=-1)
     return 1.0 - unit @ unit.transpose(1, 2)
 
 
