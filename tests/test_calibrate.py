@@ -61,6 +61,13 @@ def test_every_searched_point_meets_the_budget():
                 assert abs(plan.layer_average / 729 - budget) < 2 / 729
 
 
+def test_calibration_creates_the_output_folder_and_puts_its_study_beside(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    main(["calibrate", "--model", "model", "--data", "data.jsonl", "--samples", "4", "--holdout", "0",
+          "--budget", "0.5", "--trials", "2", "--initial", "2", "--out", "new/folder/t05.json"])
+    assert (workdir / "new" / "folder" / "t05.json").is_file() and (workdir / "new" / "folder" / "t05.db").is_file()
+
+
 def test_calibration_writes_a_config_that_prune_loads(workdir, capsys):
     main(command(workdir, "basic", 5))
     config = json.loads((workdir / "basic.json").read_text())
