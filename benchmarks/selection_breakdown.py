@@ -27,19 +27,19 @@ from prunevlm.models.base import Capture
 from prunevlm.runtime.llm_input import InputPruning
 
 PARTITION, GRAM, ROUND = "diversity partition, whole", "Gram matrix of the residual", \
-    "rounds: column-wise max over B (per round)"
-REMAINDER = "partition remainder (ordering, gathers, loop)"
+    "rounds: column-wise max over B (all rounds, the batch at once)"
+REMAINDER = "partition remainder (ordering, gathers)"
 # (owner, attribute, depth, label): the parts, outermost first
 PARTS = [
     (InputPruning, "_prune_prefill", 0, "LLM-input hook, whole"),
     (Capture, "match", 1, "matching recorded signals to the images"),
-    (InputPruning, "_choose", 1, "method on the image, whole"),
+    (InputPruning, "_choose", 1, "method on the images, whole"),
     (base.Method, "check_signals", 2, "signal checks"),
     (flashvlm.FlashVLM, "text_score", 2, "text relevance + sharpening"),
     (flashvlm, "fuse", 2, "log-domain fusion"),
     (diversity, "bipartite_dedup", 2, PARTITION),
-    (diversity.DenseRedundancy, "__init__", 3, GRAM),
-    (diversity.DenseRedundancy, "redundancy", 3, ROUND),
+    (diversity, "symmetric_gram", 3, GRAM),
+    (diversity, "dense_rounds", 3, ROUND),
 ]
 
 
@@ -83,21 +83,19 @@ def main() -> None:
     watch.remove()
     prefill = 1000 * statistics.median(watch.prefill)
     parts = {label: 1000 * statistics.median(values) for label, values in times.items() if values}
-    rounds = len(times[ROUND]) // args.runs
     if PARTITION in parts:
-        parts[REMAINDER] = parts[PARTITION] - parts[GRAM] - rounds * parts[ROUND]
+        parts[REMAINDER] = parts[PARTITION] - parts[GRAM] - parts[ROUND]
     report = {"command": " ".join(["python benchmarks/selection_breakdown.py", *sys.argv[1:]]),
               "method": args.method, "budget": args.budget, "runs": args.runs, "threads": args.threads,
               "selection_ms": statistics.median(selection), "signal_hooks_ms": statistics.median(signals),
-              "prefill_ms": prefill, "rounds_per_call": rounds, "parts_ms": parts}
+              "prefill_ms": prefill, "parts_ms": parts}
     print(f"{args.method} at {args.budget} tokens, median of {args.runs} calls ({args.threads} threads):")
     rows = [(0, "signal hooks in the vision tower", report["signal_hooks_ms"])]
     rows += [(depth, label, parts[label]) for _, _, depth, label in PARTS if label in parts]
     if REMAINDER in parts:
         rows.append((4, REMAINDER, parts[REMAINDER]))
     for depth, label, ms in rows:
-        note = f"  x {rounds} rounds" if label == ROUND else ""
-        print(f"  {'  ' * depth + label:56s}{ms:7.3f} ms{note}")
+        print(f"  {'  ' * depth + label:56s}{ms:7.3f} ms")
     print(f"selection_ms reported {report['selection_ms']:.2f} ms; LLM prefill {prefill:.1f} ms; "
           f"ratio {100 * report['selection_ms'] / prefill:.1f} %")
     if args.out:

@@ -94,9 +94,8 @@ def test_prefill_and_cache_hold_text_plus_budget_per_image(case):
 @torch.no_grad()
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-# vflowopt: tests/test_vflowopt.py. random is left out by definition: its generator advances per image, so
-# a row's images draw differently in a batch than alone.
-@pytest.mark.parametrize("method", ["flashvlm", "vispruner", "uniform"])
+# vflowopt: tests/test_vflowopt.py. random draws the same for an image alone and in a batch (methods/random.py).
+@pytest.mark.parametrize("method", ["flashvlm", "vispruner", "uniform", "random"])
 def test_left_padded_batch_equals_rows_run_alone(name, attn, method):
     """A batch of 3 (one text-only row) gives the logits and tokens of its rows run one by one."""
     make, make_inputs = FAMILIES[name]

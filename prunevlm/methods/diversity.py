@@ -12,9 +12,12 @@ The released loop recomputes an |A|x|B| product every round: Θ(N³d/r) for its 
   its diagonal): m(a) is the similarity of a's nearest neighbour that sits in B, looked for in the head
   of the list first. Dropped tokens never come back, so a list is rebuilt (against the live tokens) only
   when none of its entries sits in B, together with the lists that are more than half dead.
-The rounds, a handful of small sequential operations each, run on the host in NumPy, where one costs about
-a microsecond of overhead instead of several (CPU torch) or a kernel launch (GPU); the cosine matrix is
-computed with torch on the features' device and copied to the host once.
+Up to `DENSE_TOKENS` tokens, and on any device other than the CPU, the rounds run in torch for the whole
+batch at once: each round is a fixed sequence of batched gathers, a reduction and a sort whose shapes depend
+only on R, `keep` and the schedule (the same for every image), so all images advance together and nothing
+is read back to the host (no synchronisation on CUDA). The nearest-neighbour lists decide on the host which
+lists to rebuild, image by image; they are used only on the CPU beyond `DENSE_TOKENS`, where computing and
+reading the whole matrix every round costs far more (at N = 4608: a 85 MB matrix per image and 576 rounds).
 `schedule="geometric"` drops a fixed fraction of R per round instead, O(log(N/k)) rounds; its coverage
 against the fixed schedule is measured by benchmarks/diversity.py.
 """
@@ -70,36 +73,67 @@ def bipartite_dedup(
         return order
     if keep == 0:
         return order[:, :0]
-    kept = []
-    for image, members in zip(features, order):
-        # Work on the residual alone, in positions 0..R-1 of `members`.
-        chosen = image.index_select(0, members)
-        unit = F.normalize(chosen.float() if chosen.dtype in (torch.float16, torch.bfloat16) else chosen, dim=-1)
-        scorer = DenseRedundancy(unit) if residual <= DENSE_TOKENS else ListRedundancy(unit)
-        current = np.arange(residual)
-        rounds = 0
-        while current.size > keep:
-            r = drops_per_round(current.size, keep, step, schedule, ratio)
-            side_a, side_b = current[0::2], current[1::2]
-            # descending by m, ties in A's order (as a stable descending sort): negation is exact
-            ranked = np.argsort(-scorer.redundancy(side_a, side_b), kind="stable")
-            scorer.drop(side_a[ranked[:r]])
-            current = np.concatenate([side_a[ranked[r:]], side_b])
-            rounds += 1
-        kept.append(members.index_select(0, torch.from_numpy(current).to(members.device)))
+    chosen = features.gather(1, order[..., None].expand(-1, -1, features.shape[-1]))
+    unit = F.normalize(chosen.float() if chosen.dtype in (torch.float16, torch.bfloat16) else chosen, dim=-1).detach()
+    if residual <= DENSE_TOKENS or features.device.type != "cpu":
+        positions = dense_rounds(symmetric_gram(unit), keep, step, schedule, ratio)
+    else:
+        positions = torch.stack([list_rounds(image, keep, step, schedule, ratio) for image in unit])
     if stats is not None:
-        stats["rounds"] = rounds
-    return torch.stack(kept)
+        stats["rounds"] = count_rounds(residual, keep, step, schedule, ratio)
+    return order.gather(1, positions)
+
+
+def count_rounds(residual: int, keep: int, step: int, schedule: str, ratio: float) -> int:
+    """The number of rounds from R down to `keep`: the same for every image."""
+    rounds = 0
+    while residual > keep:
+        residual -= drops_per_round(residual, keep, step, schedule, ratio)
+        rounds += 1
+    return rounds
+
+
+def dense_rounds(similarity: torch.Tensor, keep: int, step: int, schedule: str, ratio: float) -> torch.Tensor:
+    """The rounds for a batch from its cosine matrices [B, R, R]: [B, keep] positions in 0..R-1.
+
+    m over A is a column-wise max over B's rows (cosine is symmetric): B's rows are gathered from the
+    flattened batch (one contiguous copy per row) and reduced over rows, then read at A's columns."""
+    batch, residual = similarity.shape[:2]
+    rows = similarity.reshape(batch * residual, residual)
+    offsets = torch.arange(batch, device=similarity.device)[:, None] * residual
+    current = torch.arange(residual, device=similarity.device).expand(batch, -1)
+    while current.shape[1] > keep:
+        r = drops_per_round(current.shape[1], keep, step, schedule, ratio)
+        side_a, side_b = current[:, 0::2], current[:, 1::2]
+        nearest = rows.index_select(0, (side_b + offsets).flatten()).view(batch, -1, residual).amax(dim=1)
+        # descending by m, ties in A's order: a stable descending sort
+        ranked = nearest.gather(1, side_a).argsort(dim=1, descending=True, stable=True)
+        current = torch.cat([side_a.gather(1, ranked[:, r:]), side_b], dim=1)
+    return current
+
+
+def list_rounds(unit: torch.Tensor, keep: int, step: int, schedule: str, ratio: float) -> torch.Tensor:
+    """The rounds for one image [R, D] from nearest-neighbour lists (CPU, R > DENSE_TOKENS): [keep] positions."""
+    scorer = ListRedundancy(unit)
+    current = np.arange(unit.shape[0])
+    while current.size > keep:
+        r = drops_per_round(current.size, keep, step, schedule, ratio)
+        side_a, side_b = current[0::2], current[1::2]
+        # descending by m, ties in A's order (as a stable descending sort): negation is exact
+        ranked = np.argsort(-scorer.redundancy(side_a, side_b), kind="stable")
+        scorer.drop(side_a[ranked[:r]])
+        current = np.concatenate([side_a[ranked[r:]], side_b])
+    return torch.from_numpy(current).to(unit.device)
 
 
 def symmetric_gram(unit: torch.Tensor) -> torch.Tensor:
-    """unit @ unit.T from three of its four blocks (the lower-left one is the upper-right one transposed):
-    a quarter fewer multiply-adds, and exactly symmetric. The products are written in place."""
-    half = unit.shape[0] // 2
-    gram = torch.empty(unit.shape[0], unit.shape[0], dtype=unit.dtype, device=unit.device)
-    torch.mm(unit[:half], unit.T, out=gram[:half])
-    torch.mm(unit[half:], unit[half:].T, out=gram[half:, half:])
-    gram[half:, :half] = gram[:half, half:].T
+    """unit @ unitᵀ ([R, D] or a batch [B, R, D]) from three of its four blocks (the lower-left one is the
+    upper-right one transposed): a quarter fewer multiply-adds, and exactly symmetric. Written in place."""
+    half = unit.shape[-2] // 2
+    gram = torch.empty(*unit.shape[:-1], unit.shape[-2], dtype=unit.dtype, device=unit.device)
+    torch.matmul(unit[..., :half, :], unit.transpose(-1, -2), out=gram[..., :half, :])
+    torch.matmul(unit[..., half:, :], unit[..., half:, :].transpose(-1, -2), out=gram[..., half:, half:])
+    gram[..., half:, :half] = gram[..., :half, half:].transpose(-1, -2)
     return gram
 
 
@@ -132,23 +166,6 @@ def nearest_neighbours(unit: torch.Tensor, width: int) -> tuple[torch.Tensor, to
         similarity.append(best)
         neighbours.append(index.gather(1, position))
     return torch.cat(similarity), torch.cat(neighbours)
-
-
-class DenseRedundancy:
-    """m(a) = max_b cos(a, b) read from the residual's cosine matrix, computed once.
-
-    As cos(a, b) = cos(b, a), each round takes B's rows (a contiguous gather) and reduces them column-wise:
-    for every token its best similarity to a B-token, of which A's entries are m. No masking is needed and
-    no column is gathered."""
-
-    def __init__(self, unit: torch.Tensor):
-        self.similarity = symmetric_gram(unit.detach()).cpu().numpy()
-
-    def redundancy(self, side_a: np.ndarray, side_b: np.ndarray) -> np.ndarray:
-        return self.similarity[side_b].max(axis=0)[side_a]
-
-    def drop(self, dropped: np.ndarray) -> None:
-        pass
 
 
 class ListRedundancy:

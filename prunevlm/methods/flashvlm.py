@@ -141,7 +141,7 @@ class FlashVLM(ImportantDiverse):
         if self.no_text_score == "fused":
             return fuse(saliency, self.text_score(image_tokens, text_embeds, text_mask), self.eta, self.floor)
         has_text = self.has_text(text_embeds, text_mask)
-        if has_text is None or not has_text.any():
+        if has_text is None:  # no text at all; rows without text are chosen on the device, without a read
             return saliency.float()
         fused = fuse(saliency, self.text_score(image_tokens, text_embeds, text_mask), self.eta, self.floor)
         return torch.where(has_text[:, None], fused, saliency.float())

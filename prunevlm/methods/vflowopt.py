@@ -46,7 +46,8 @@ def importance(attention: torch.Tensor, entropy: torch.Tensor, t: float, alpha: 
 
 
 def recycle(scores: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int], count: int, cell: float):
-    """Stage 0 for one image: keep `count` tokens in all, recycled ones included (§3.1, with exact counts).
+    """Stage 0 for a batch of images: keep `count` tokens in all per image, recycled ones included (§3.1,
+    with exact counts). scores [B, N], tokens [B, N, D].
 
     The lowest-importance tokens are pruned and binned on a spatial grid of square cells of side `cell`
     tokens; each occupied cell becomes one token: the importance-weighted mean of its members, at the slot
@@ -54,50 +55,67 @@ def recycle(scores: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int], c
     smallest one for which kept + occupied cells reaches count (kept + cells grows by 0 or 1 per token
     kept, so it reaches count exactly). A larger one can give the same total only by emptying one-member
     cells, whose recycled token is that member itself: the tokens are the same, only `is_recycled` differs.
-    Returns (keep [count] ascending, values [count, D], importance [count], is_recycled [count] bool).
+    If even no original leaves too many cells, the `count` most important cells are kept.
+
+    Every image is handled at once and on its device, in shapes fixed by N, the grid and count: a cell's
+    members are pruned from rank p on exactly when p <= the rank of its last member, so the occupied count
+    for every number of kept originals is one suffix sum, and the cells' sums run over all N tokens with
+    the kept ones weighted out (adding in ranked order, so the sums equal those over the pruned alone).
+    Returns (keep [B, count] ascending, values [B, count, D], importance [B, count], is_recycled [B, count]).
     """
-    num_tokens = scores.numel()
-    ranked = scores.argsort(descending=True, stable=True)
-    rows = torch.arange(num_tokens, device=scores.device) // grid[1]
-    cols = torch.arange(num_tokens, device=scores.device) % grid[1]
+    batch, num_tokens = scores.shape
+    device = scores.device
+    ranked = scores.argsort(dim=1, descending=True, stable=True)
+    index = torch.arange(num_tokens, device=device)
     cells_per_row = math.ceil(grid[1] / cell)
-    cell_of = (rows / cell).floor().long() * cells_per_row + (cols / cell).floor().long()
+    num_cells = math.ceil(grid[0] / cell) * cells_per_row
+    cell_of = ((index // grid[1]) / cell).floor().long() * cells_per_row + ((index % grid[1]) / cell).floor().long()
+    cell_ranked = cell_of[ranked]  # [B, N]: the cell of each token in ranked order
+    last = torch.full((batch, num_cells), -1, device=device).scatter_reduce_(
+        1, cell_ranked, index.expand(batch, -1), reduce="amax")
+    # occupied(kept) = #cells whose last member's rank is >= kept: a suffix sum of the last ranks' histogram
+    hist = torch.zeros(batch, num_tokens + 1, dtype=torch.long, device=device).scatter_add_(
+        1, last.clamp_min(0), (last >= 0).long())
+    occupied = hist.flip(1).cumsum(1).flip(1)[:, : count + 1]
+    kept = (torch.arange(count + 1, device=device) + occupied >= count).long().argmax(dim=1, keepdim=True)  # [B, 1]
+    pruned = index >= kept  # [B, N] in ranked order
+    ranked_scores = scores.gather(1, ranked)
+    ranked_tokens = tokens.gather(1, ranked[..., None].expand(-1, -1, tokens.shape[-1]))
+    flat_cells = (cell_ranked + num_cells * torch.arange(batch, device=device)[:, None]).flatten()
 
-    def occupied(kept: int) -> int:
-        return int(cell_of[ranked[kept:]].unique().numel())
+    def per_cell(values: torch.Tensor) -> torch.Tensor:  # sums over each cell's pruned members, in ranked order
+        out = torch.zeros(batch * num_cells, *values.shape[2:], dtype=values.dtype, device=device)
+        return out.index_add_(0, flat_cells, values.flatten(0, 1)).view(batch, num_cells, *values.shape[2:])
 
-    low, high = 0, count  # smallest kept with kept + occupied(kept) >= count
-    while low < high:
-        mid = (low + high) // 2
-        if mid + occupied(mid) >= count:
-            high = mid
-        else:
-            low = mid + 1
-    kept = low
-    pruned = ranked[kept:]
-    cells, members = cell_of[pruned].unique(return_inverse=True)
-    weights = scores[pruned].float().clamp_min(0)  # the official weights are I itself; I < 0 only when α < 0
-    total = torch.zeros(cells.numel(), device=scores.device).index_add_(0, members, weights)
-    weights = torch.where(total[members] > 0, weights, 1.0)  # a cell whose weights vanish is averaged uniformly
-    total = torch.zeros(cells.numel(), device=scores.device).index_add_(0, members, weights)
-    summed = torch.zeros(cells.numel(), tokens.shape[-1], device=tokens.device).index_add_(
-        0, members, tokens[pruned].float() * weights[:, None])
-    # pruned is in descending importance, so the first member of each cell is its most important one
-    first = torch.full((cells.numel(),), pruned.numel(), device=scores.device).scatter_reduce_(
-        0, members, torch.arange(pruned.numel(), device=scores.device), reduce="amin")
-    slots = pruned[first]
-    size = torch.zeros(cells.numel(), device=scores.device).index_add_(0, members, torch.ones_like(weights))
-    recycled = torch.where(size[:, None] == 1, tokens[slots], (summed / total[:, None]).to(tokens.dtype))
-    cell_importance = scores[slots]
-    if kept + cells.numel() > count:  # even keeping no original, the cells exceed the budget: best cells only
-        best = cell_importance.argsort(descending=True, stable=True)[:count]
-        slots, recycled, cell_importance = slots[best], recycled[best], cell_importance[best]
-    keep = torch.cat([ranked[:kept], slots])
-    values = torch.cat([tokens[ranked[:kept]], recycled])
-    weights_out = torch.cat([scores[ranked[:kept]], cell_importance])
-    is_recycled = torch.arange(keep.numel(), device=keep.device) >= kept
-    order = keep.argsort()
-    return keep[order], values[order], weights_out[order], is_recycled[order]
+    weights = torch.where(pruned, ranked_scores.float().clamp_min(0), 0.0)  # the official weights are I itself
+    total = per_cell(weights)
+    weights = torch.where(pruned & (total.gather(1, cell_ranked) <= 0), 1.0, weights)  # vanishing: uniform mean
+    total = per_cell(weights)
+    summed = per_cell(ranked_tokens.float() * weights[..., None])
+    size = per_cell(pruned.float())
+    # ranked order is descending importance, so a cell's first pruned member is its most important one
+    first = torch.full((batch, num_cells), num_tokens, device=device).scatter_reduce_(
+        1, cell_ranked, torch.where(pruned, index, num_tokens), reduce="amin")
+    occupied_cell = first < num_tokens
+    first = first.clamp_max(num_tokens - 1)
+    slots = ranked.gather(1, first)
+    slot_tokens = ranked_tokens.gather(1, first[..., None].expand(-1, -1, tokens.shape[-1]))
+    cell_values = torch.where(size[..., None] == 1, slot_tokens, (summed / total[..., None]).to(tokens.dtype))
+    cell_importance = ranked_scores.gather(1, first)
+    # occupied cells by importance (ties by cell), then the empty ones; kept + occupied >= count, so the
+    # first count - kept of them are occupied: all of them, or the best `count` when kept is 0
+    best = torch.where(occupied_cell, cell_importance, -math.inf).argsort(dim=1, descending=True, stable=True)
+    position = torch.arange(count, device=device).expand(batch, -1)
+    is_recycled = position >= kept
+    pick = best.gather(1, (position - kept).clamp(0, num_cells - 1))
+    original = position.clamp_max(num_tokens - 1)
+    keep = torch.where(is_recycled, slots.gather(1, pick), ranked.gather(1, original))
+    values = torch.where(is_recycled[..., None], cell_values.gather(1, pick[..., None].expand(-1, -1, tokens.shape[-1])),
+                         ranked_tokens.gather(1, original[..., None].expand(-1, -1, tokens.shape[-1])))
+    weights_out = torch.where(is_recycled, cell_importance.gather(1, pick), ranked_scores.gather(1, original))
+    order = keep.argsort(dim=1)
+    return (keep.gather(1, order), values.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1])),
+            weights_out.gather(1, order), is_recycled.gather(1, order))
 
 
 def r_2_for_budget(fraction: float, r_v: float, r_1: float, layers: tuple[int, int], depth: int) -> float:
@@ -207,6 +225,5 @@ class VFlowOpt(Method):
             keep = scores.argsort(dim=-1, descending=True, stable=True)[:, :k].sort(dim=-1).values
             return Selection(keep=keep, scores=scores, importance=scores.gather(1, keep))
         cell = self.m * math.sqrt(grid[0] * grid[1]) / REFERENCE_GRID
-        keeps, values, weights, recycled = zip(*(recycle(s, x, grid, k, cell) for s, x in zip(scores, image_tokens)))
-        return Selection(keep=torch.stack(keeps), scores=scores, tokens=torch.stack(values),
-                         importance=torch.stack(weights), recycled=torch.stack(recycled))
+        keep, values, weights, recycled = recycle(scores, image_tokens, grid, k, cell)
+        return Selection(keep=keep, scores=scores, tokens=values, importance=weights, recycled=recycled)

@@ -86,27 +86,37 @@ class Prefill:
 
 @dataclass
 class ImageChoice:
-    """What the method chose for one image of the batch."""
+    """What the method chose for one image of the batch: row `index` of its group's selection."""
 
     row: int
     columns: torch.Tensor  # the image's columns in the unpruned sequence
-    selection: Selection
+    selection: Selection  # the selection of the image's group (images of one token count, selected at once)
+    index: int
     plan: Plan
+
+    @cached_property
+    def keep(self) -> torch.Tensor:
+        """Kept token indices within the image, ascending."""
+        return self.selection.keep[self.index]
 
     @cached_property
     def chosen(self) -> torch.Tensor:
         """The kept columns in the unpruned sequence (read several times per prefill, computed once)."""
-        return self.columns[self.selection.keep[0]]
+        return self.columns[self.keep]
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        """Values for the kept slots instead of the originals (recycled tokens), or None."""
+        return None if self.selection.tokens is None else self.selection.tokens[self.index]
 
     @property
     def importance(self) -> torch.Tensor | None:
-        return None if self.selection.importance is None else self.selection.importance[0]
+        return None if self.selection.importance is None else self.selection.importance[self.index]
 
     @property
     def recycled(self) -> torch.Tensor:
         """Kept indices (within the image) whose slot holds a recycled token."""
-        keep = self.selection.keep[0]
-        return keep[:0] if self.selection.recycled is None else keep[self.selection.recycled[0]]
+        return self.keep[:0] if self.selection.recycled is None else self.keep[self.selection.recycled[self.index]]
 
 
 def locate_images(image_mask: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
@@ -287,8 +297,7 @@ class InputPruning:
         # index_select, not embeds[row, columns]: the same rows, 7x faster on the CPU
         image_tokens = [embeds[row].detach().index_select(0, columns) for row, columns in images]
         signals, signal_seconds = self.capture.match(image_tokens)
-        choices = [self._choose(tokens, embeds.detach(), row, columns, text_per_row[row], recorded)
-                   for (row, columns), tokens, recorded in zip(images, image_tokens, signals)]
+        choices = self._choose(images, image_tokens, embeds.detach(), text_per_row, signals)
         kept = list(text_per_row)
         for choice in choices:
             kept[choice.row] = torch.cat([kept[choice.row], choice.chosen])
@@ -297,9 +306,9 @@ class InputPruning:
         flat_source = (source.clamp_min(0) + length * torch.arange(batch, device=embeds.device)[:, None]).flatten()
         new_embeds = embeds.flatten(0, 1).index_select(0, flat_source).view(batch, -1, embeds.shape[-1])
         for choice in choices:
-            if choice.selection.tokens is not None:  # recycled tokens replace the values at their slots
+            if choice.tokens is not None:  # recycled tokens replace the values at their slots
                 slots = torch.searchsorted(source[choice.row], choice.chosen)
-                new_embeds[choice.row, slots] = choice.selection.tokens[0].to(new_embeds.dtype)
+                new_embeds[choice.row, slots] = choice.tokens.to(new_embeds.dtype)
         new_mask = (source >= 0).long()
         new_embeds.masked_fill_(~new_mask.bool()[..., None], 0)
         synchronize(embeds.device)
@@ -325,31 +334,67 @@ class InputPruning:
             selection_ms=1000 * (signal_seconds + select_seconds),
             signal_ms=1000 * signal_seconds,
             stages=[[c.plan for c in row] for row in per_row] if self.method.prunes_in_llm else [],
-            kept=[[c.selection.keep[0] for c in row] for row in per_row],
+            kept=[[c.keep for c in row] for row in per_row],
             recycled=[[c.recycled for c in row] for row in per_row],
         )
         return call.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
 
-    def _choose(self, image_tokens, embeds, row, columns, text, recorded) -> ImageChoice:
-        """Plan the image's per-stage counts, then run the method for the first stage."""
-        inputs = self._signals(image_tokens, embeds, row, columns, text, recorded)
-        plan = self.method.plan(self.budget, columns.numel(), self.num_layers)
-        with torch.no_grad():
-            selection = self.method(Budget(plan.counts[0]), **inputs)
-        return ImageChoice(row, columns, selection, plan)
+    def _choose(self, images, image_tokens, embeds, text_per_row, recorded) -> list[ImageChoice]:
+        """Run the method once per group of images that can share one call, for the whole batch.
+
+        A call takes [B, N, ...] signals and one count k, and returns [B, k]: images are grouped by token
+        count N (which fixes the plan, so k), grid and text length. Images of different N are not padded into
+        one call, because for every method the selection itself depends on N: k differs under a fractional
+        budget (the output would be ragged), the diversity partition's rounds (their number and the A/B
+        split by position) follow each image's residual size, FlashVLM's top-p quantile and every softmax
+        and min-max run over the N real tokens, VFlowOpt's recycling cells and the uniform sample follow the
+        grid, and the random draw is a permutation of N; a mask would have to enter each of these steps.
+        Text is not padded either: padded text (with `text_mask`) changes FlashVLM's relevance in the last
+        bit on the CPU (the product's kernel for a few text rows, and the softmax and sum over them, depend
+        on the text length), which the sharpening turns into other kept indices. Returns the choices in the
+        images' order.
+        """
+        inputs = [self._signals(tokens, embeds, row, columns, text_per_row[row], signals)
+                  for (row, columns), tokens, signals in zip(images, image_tokens, recorded)]
+        groups: dict[tuple, list[int]] = {}
+        for i, signals in enumerate(inputs):
+            groups.setdefault(self._group_key(signals), []).append(i)
+        choices: list[ImageChoice | None] = [None] * len(images)
+        for members in groups.values():
+            num_tokens = images[members[0]][1].numel()
+            plan = self.method.plan(self.budget, num_tokens, self.num_layers)
+            with torch.no_grad():
+                selection = self.method(Budget(plan.counts[0]), **self._stack([inputs[i] for i in members]))
+            for index, i in enumerate(members):
+                row, columns = images[i]
+                choices[i] = ImageChoice(row, columns, selection, index, plan)
+        return choices
+
+    @staticmethod
+    def _group_key(signals: dict) -> tuple:
+        """Images with equal keys go in one method call: token count, grid and text length."""
+        grid = signals.get("grid")
+        text = signals.get("text_embeds")
+        return signals["image_tokens"].shape[0], None if grid is None else tuple(grid), None if text is None else text.shape[0]
+
+    @staticmethod
+    def _stack(group: list[dict]) -> dict:
+        """One batch of signals from the images of a group (the grid is the group's)."""
+        return {name: value if name == "grid" else torch.stack([signals[name] for signals in group])
+                for name, value in group[0].items()}
 
     def _signals(self, image_tokens, embeds, row, columns, text, recorded) -> dict:
-        """The method's inputs for one image, as a batch of one (`text`: the row's text columns)."""
-        signals = {"image_tokens": image_tokens[None]}
+        """The method's inputs for one image, unbatched (`text`: the row's text columns)."""
+        signals = {"image_tokens": image_tokens}
         if self.needed & {"text_embeds", "text_mask"}:
             if self.method.text_before_first_image:
                 text = text[text < columns[0]]
-            signals["text_embeds"] = embeds[row].index_select(0, text)[None]
+            signals["text_embeds"] = embeds[row].index_select(0, text)
         for name in self.needed - {"image_tokens", "text_embeds", "text_mask"}:
             value = recorded.get(name)
             if value is None:
                 raise RuntimeError(f"the vision hooks did not record {name!r}; was the image encoded while pruning was attached?")
-            signals[name] = value if name == "grid" else value[None].to(embeds.device)
+            signals[name] = value if name == "grid" else value.to(embeds.device)
         return signals
 
     @staticmethod
