@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import SIGNALS, Method, Selection
 from .cdpruner import CDPruner
 from .divprune import DivPrune
+from .fastv import FastV
 from .flashvlm import FlashVLM
 from .random import Random
 from .uniform import Uniform
@@ -13,7 +14,8 @@ from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FlashVLM, VisPruner, VFlowOpt, Random, Uniform, VisionZip, DivPrune, CDPruner)
+    cls.name: cls for cls in (FlashVLM, VisPruner, VFlowOpt, Random, Uniform, VisionZip, DivPrune, CDPruner,
+                                FastV)
 }
 
 

@@ -30,6 +30,16 @@ SIGNALS: dict[str, str] = {
     "patches": "[B, N, C, p, p] the (normalised) pixels under each token",
 }
 
+# Signals an in-LLM stage may choose from, computed by the runtime at the layer where the stage decides (its
+# first layer minus `Method.decision_lead`), once per forward, for one batch row; L is that layer's sequence.
+LLM_SIGNALS: dict[str, str] = {
+    "last_attention": "[H, L] per-head softmax over all keys of the last prompt token's query at the deciding "
+                      "layer, recomputed from that layer's q/k on its input (SDPA stays on)",
+    "prior_keys": "[L, H_kv * d_h] post-RoPE keys of the layer before the deciding layer (its KV cache), heads "
+                  "concatenated",
+    "normed_input": "[L, D] the deciding layer's input (the previous layer's output) through the LLM's final norm",
+}
+
 
 @dataclass
 class Selection:
@@ -76,6 +86,10 @@ class Method:
     signals: ClassVar[tuple[str, ...]]
     optional_signals: ClassVar[tuple[str, ...]] = ()
     prunes_in_llm: ClassVar[bool] = False  # whether its plans hold stages at LLM layers (runtime/llm_layers.py)
+    # names from LLM_SIGNALS its in-LLM stages choose from (`choose`); empty: the stages keep the most
+    # important survivors by the importance its `select` carried (VFlowOpt)
+    llm_signals: ClassVar[tuple[str, ...]] = ()
+    decision_lead: ClassVar[int] = 0  # a stage starting at layer l decides on the input of layer l - lead
 
     @property
     def text_before_first_image(self) -> bool:
@@ -101,6 +115,12 @@ class Method:
 
     def select(self, k: int, **signals) -> Selection:
         """Choose k < N tokens per image from validated signals."""
+        raise NotImplementedError
+
+    def choose(self, stage: int, count: int, columns: torch.Tensor, real: torch.Tensor, **signals) -> torch.Tensor:
+        """An in-LLM stage's choice for one image of one batch row: `count` of its current visual columns
+        `columns` (ascending, into the deciding layer's sequence; `real` [L] is False on padding), from the
+        `llm_signals` of that row. Returns positions into `columns`, ascending."""
         raise NotImplementedError
 
     def __post_init__(self):

@@ -162,3 +162,44 @@ class Adapter:
 
     def after_prefill(self, removed_tokens: int) -> None:
         """Family-specific bookkeeping after the prompt lost `removed_tokens` columns (e.g. M-RoPE deltas)."""
+
+    # -- LLM-side signals of in-LLM stages (methods/base.py::LLM_SIGNALS) ---------------------------------
+
+    def check_llm_signals(self, names: tuple[str, ...]) -> None:
+        """Refuse LLM-side signals this family's decoder cannot give cheaply, with the reason."""
+        if "last_attention" in names:
+            attention = self.decoder_layers()[0].self_attn
+            if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "head_dim", "scaling")) or \
+                    hasattr(attention, "q_norm"):
+                raise NotImplementedError(
+                    f"the {self.family} decoder's attention ({type(attention).__name__}) is not a plain q/k projection "
+                    f"with rotary positions, so the last token's attention row cannot be recomputed from it")
+
+    def last_attention(self, layer: int, hidden: torch.Tensor, position_embeddings, mask: torch.Tensor) -> torch.Tensor:
+        """[B, H, L] the last position's per-head attention over all keys at decoder layer `layer`, recomputed
+        from its input `hidden` [B, L, D] (its input norm, q/k projections, rotary `position_embeddings`
+        (cos, sin) [B, L, d_h]); keys where `mask` [B, L] is 0 get none. One query row: SDPA stays on."""
+        block = self.decoder_layers()[layer]
+        attention = block.self_attn
+        x = block.input_layernorm(hidden)
+        batch, length, _ = x.shape
+        size = attention.head_dim
+        query = attention.q_proj(x[:, -1:]).view(batch, 1, -1, size).transpose(1, 2)  # [B, H, 1, d]
+        keys = attention.k_proj(x).view(batch, length, -1, size).transpose(1, 2)  # [B, H_kv, L, d]
+        cos, sin = (p[:, None] for p in position_embeddings)
+        query = query * cos[:, :, -1:] + _rotate_half(query) * sin[:, :, -1:]
+        keys = keys * cos + _rotate_half(keys) * sin
+        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+        logits = (query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * attention.scaling  # [B, H, L]
+        logits = logits.masked_fill(~mask.bool()[:, None], -torch.inf)
+        return logits.softmax(dim=-1)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language model's last norm (the one before the LM head) applied to `hidden`."""
+        return self.language_model.norm(hidden)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding's pair rotation, as LLaMA-style decoders apply it (first half with second half)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -154,3 +154,8 @@ def cache_keyword(model: torch.nn.Module) -> str:
         if name in parameters:
             return name
     raise ContractError(f"{type(model).__name__}.forward takes no cache keyword ({' or '.join(CACHE_KEYWORDS)})")
+
+
+def layer_keys(cache: Cache, layer: int) -> torch.Tensor:
+    """[B, H_kv, L, d_h] the post-RoPE keys one decoder layer's cache holds."""
+    return cache.layers[layer].keys

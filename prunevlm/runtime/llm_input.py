@@ -57,7 +57,7 @@ class Stats:
         rows = [f"row {b}: images {before} -> {after} tokens, prompt {pb} -> {pa}"
                 for b, (before, after, pb, pa) in enumerate(zip(self.tokens_before, self.tokens_after, self.prefill_before, self.prefill_after))]
         for b, row in enumerate(self.stages):
-            rows += [f"row {b}: image {i}: {plan.counts} visual tokens from layers 0/{plan.layers[0]}/{plan.layers[1]}, "
+            rows += [f"row {b}: image {i}: {plan.counts} visual tokens from layers {'/'.join(map(str, (0, *plan.layers)))}, "
                      f"layer average {plan.layer_average:.1f}" for i, plan in enumerate(row)]
         return "\n".join(rows + [f"selection {self.selection_ms:.2f} ms (signals {self.signal_ms:.2f} ms)"])
 
@@ -169,7 +169,7 @@ class InputPruning:
         self.images: list[tuple[int, torch.Tensor]] | None = None  # located by the base-model hook, for one forward
         self.prefill: Prefill | None = None
         self.stats = Stats()
-        self.layers = LayerPruning(adapter) if method.prunes_in_llm else None
+        self.layers = LayerPruning(adapter, method) if method.prunes_in_llm else None
         self.handles = adapter.install(self.needed, self.capture)
         self.handles.append(adapter.base.register_forward_pre_hook(self._before_base, with_kwargs=True))
         self.handles.append(adapter.base.register_forward_hook(self._after_base, with_kwargs=True))

@@ -8,6 +8,11 @@ full-length position embeddings, position ids and mask to every layer, so each l
 gathered to its view; its KV cache then holds only the survivors. While decoding, each such layer gets a
 mask sized to its own, shorter cache. Rows are re-padded on the left; masks are rebuilt from the 2D padding
 mask with transformers' own `create_causal_mask`, sized against the layer's cache.
+
+Stages rank either by the importance the method's selection carried (VFlowOpt: every view is known when the
+prefill starts) or, for a method that declares `llm_signals`, by its `choose` on signals of the LLM itself
+(FastV, PyramidDrop, DART): such a stage's view is built during the prefill, at its deciding layer (its first
+layer minus `decision_lead`), from signals computed there once for the batch on that layer's input.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import Call, causal_mask, layer_cache_length
+from .contract import Call, causal_mask, layer_cache_length, layer_keys
 
 
 @dataclass
@@ -36,35 +41,44 @@ class ForwardStep:
     views: dict[int, View] | None  # from the prefill this forward belongs to
     mask: torch.Tensor | None  # the language model's 2D mask (the pruned prompt, then the generated tokens)
     built: dict[int, object]  # stage-start layer -> the causal mask built for its layers in this forward
+    decisions: dict[int, tuple[int, int]]  # prefill, LLM-signal stages: deciding layer -> (stage, start layer)
 
 
 class LayerPruning:
     """Decoder-layer hooks that run the in-LLM stages of each image's `Plan`; `InputPruning` starts each
     forward of the language model with `begin_forward`, after pruning its input."""
 
-    def __init__(self, adapter):
+    def __init__(self, adapter, method):
+        adapter.check_llm_signals(method.llm_signals)
+        self.adapter, self.method = adapter, method
         self.config = adapter.language_model.config
         self.step: ForwardStep | None = None
+        self.prefill = None
         self.handles = [layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
                         for index, layer in enumerate(adapter.decoder_layers())]
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.handles, self.step = [], None
+        self.handles, self.step, self.prefill = [], None, None
 
     def begin_forward(self, prefill, is_prefill: bool, mask: torch.Tensor | None) -> None:
         """`prefill`: the last pruned prefill's record (None: nothing pruned in this generation); at a prefill
-        its stage views are computed once and kept on it for the decoding steps."""
+        its stage views are computed once (or, for LLM-signal stages, at their deciding layers) and kept on it
+        for the decoding steps."""
+        decisions = {}
         if prefill is not None and is_prefill:
-            prefill.views = self._views(prefill)
-        self.step = ForwardStep(is_prefill, None if prefill is None else prefill.views, mask, {})
+            prefill.views, decisions = self._views(prefill)
+        self.prefill = prefill
+        self.step = ForwardStep(is_prefill, None if prefill is None else prefill.views, mask, {}, decisions)
 
     def _hook(self, index: int):
         def before_layer(module, args, kwargs):
             views = self.step.views if self.step is not None else None
-            if not views:
+            if views is None:
                 return None
+            if self.step.prefill and index in self.step.decisions:
+                self._decide(module, index, args, kwargs)
             starts = [k for k in views if k <= index]
             if not starts:
                 return None
@@ -74,32 +88,76 @@ class LayerPruning:
 
     # -- the kept columns of each stage -----------------------------------------------------------------
 
-    def _views(self, prefill) -> dict[int, View] | None:
+    def _views(self, prefill) -> tuple[dict[int, View] | None, dict[int, tuple[int, int]]]:
+        """The views known at the start of the prefill, and the stages still to decide (deciding layer ->
+        (stage, start layer))."""
         plans = [image.plan for row in prefill.images for image in row]
         if not plans or all(len(set(plan.counts)) == 1 for plan in plans):
-            return None  # no in-LLM stage, or none that drops a token
+            return None, {}  # no in-LLM stage, or none that drops a token
+        layers = plans[0].layers  # one method: every image has the same layers
+        if self.method.llm_signals:
+            lead = self.method.decision_lead
+            if any(b - lead < a for a, b in zip((0, *layers), layers)) or layers[0] < lead:
+                raise ValueError(f"{self.method.name}: stage layers {layers} leave no deciding layer {lead} layer(s) "
+                                 f"before each stage, after the previous one")
+            return {}, {start - lead: (stage, start) for stage, start in enumerate(layers, start=1)}
         views, previous = {}, None
-        for stage, start in enumerate(plans[0].layers, start=1):  # one method: every image has the same layers
-            view = self._stage_view(prefill, stage, previous)
+        for stage, start in enumerate(layers, start=1):
+            view = self._stage_view(prefill, stage, previous, _by_importance(stage))
             if start in views:  # several stages start at one layer: it gathers once, from the earlier view
                 view.within_previous = views[start].within_previous.gather(1, view.within_previous.clamp_min(0)).masked_fill(view.source < 0, -1)
             views[start] = view
             previous = view
-        return views
+        return views, {}
+
+    def _decide(self, layer, index: int, args, kwargs) -> None:
+        """Build the view of the stage that decides at this layer, from the method's `choose` on the LLM
+        signals of this layer's input (computed once for the batch)."""
+        stage, start = self.step.decisions[index]
+        views = self.step.views
+        current = views[max(k for k in views if k <= index)] if any(k <= index for k in views) else None
+        call = Call(layer, args, kwargs)
+        hidden, embeddings = call["hidden_states"], call["position_embeddings"]
+        batch = hidden.shape[0]
+        if current is None:
+            real = self.prefill.prompt_mask.bool()
+        else:
+            if index in views:  # the stage's first layer gathers its input from the previous view
+                hidden = _gather(hidden, current.within_previous)
+            embeddings = tuple(_gather(e.expand(batch, -1, -1), current.source) for e in embeddings)
+            real = current.mask.bool()
+        names = self.method.llm_signals
+        signals = {}
+        if "last_attention" in names:
+            signals["last_attention"] = self.adapter.last_attention(index, hidden, embeddings, real)
+        if "prior_keys" in names:
+            keys = layer_keys(call.cache(required=True), index - 1)
+            signals["prior_keys"] = keys.transpose(1, 2).flatten(2)
+        if "normed_input" in names:
+            signals["normed_input"] = self.adapter.final_norm(hidden)
+
+        def by_choice(row, image, alive):
+            count = image.plan.counts[stage]
+            if count >= alive.numel():
+                return alive
+            at = alive if current is None else torch.searchsorted(current.source[row], alive)
+            picks = self.method.choose(stage, count, at, real[row], **{name: value[row] for name, value in signals.items()})
+            return alive[picks]
+
+        views[start] = self._stage_view(self.prefill, stage, current, by_choice)
 
     @staticmethod
-    def _stage_view(prefill, stage: int, previous: View | None) -> View:
-        """Text columns plus, per image, its `counts[stage]` most important surviving visual columns."""
+    def _stage_view(prefill, stage: int, previous: View | None, survivors) -> View:
+        """Text columns plus, per image, the visual columns `survivors(row, image, alive)` keeps of those that
+        reached this stage (`alive`, ascending, as columns of the stage-0 sequence)."""
         batch, length = prefill.prompt_mask.shape
         keep = prefill.prompt_mask.bool().clone()
         for row, images in enumerate(prefill.images):
             for image in images:
                 columns = image.columns
                 alive = columns if previous is None else columns[torch.isin(columns, previous.source[row])]
-                weights = image.importance[torch.searchsorted(columns, alive)]
                 keep[row, columns] = False
-                survivors = alive[weights.argsort(descending=True, stable=True)[: image.plan.counts[stage]]]
-                keep[row, survivors] = True
+                keep[row, survivors(row, image, alive)] = True
         width = int(keep.sum(dim=1).max())
         source = torch.full((batch, width), -1, dtype=torch.long, device=keep.device)
         for row in range(batch):
@@ -141,6 +199,16 @@ class LayerPruning:
         if start not in built:
             built[start] = causal_mask(self.config, hidden, mask, past, index)
         return call.update(hidden_states=hidden, attention_mask=built[start])
+
+
+def _by_importance(stage: int):
+    """Survivors of a stage: each image's `counts[stage]` most important surviving columns, by the importance
+    its selection carried."""
+    def survivors(row: int, image, alive: torch.Tensor) -> torch.Tensor:
+        weights = image.importance[torch.searchsorted(image.columns, alive)]
+        return alive[weights.argsort(descending=True, stable=True)[: image.plan.counts[stage]]]
+
+    return survivors
 
 
 def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
