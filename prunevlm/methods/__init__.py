@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .base import SIGNALS, Method, Selection
 from .cdpruner import CDPruner
+from .dart import DART
 from .divprune import DivPrune
 from .fastv import FastV
 from .flashvlm import FlashVLM
+from .pdrop import PyramidDrop
 from .random import Random
 from .uniform import Uniform
 from .vflowopt import VFlowOpt
@@ -15,7 +17,7 @@ from .visionzip import VisionZip
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FlashVLM, VisPruner, VFlowOpt, Random, Uniform, VisionZip, DivPrune, CDPruner,
-                                FastV)
+                                FastV, PyramidDrop, DART)
 }
 
 
