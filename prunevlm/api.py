@@ -17,11 +17,11 @@ _ATTACHED = "_prunevlm_handle"
 class PruneHandle:
     """A pruning method attached to a model through hooks. Use as a context manager or call `.remove()`."""
 
-    def __init__(self, model: nn.Module, method: Method, budget: Budget, positions: str):
+    def __init__(self, model: nn.Module, method: Method, budget: Budget, positions: str, newline: str):
         self.model, self.method, self.budget = model, method, budget
         self.adapter = get_adapter(model)
         warn_if_untested()
-        self.runtime = InputPruning(self.adapter, method, budget, positions)
+        self.runtime = InputPruning(self.adapter, method, budget, positions, newline)
         setattr(model, _ATTACHED, self)
 
     @property
@@ -58,17 +58,12 @@ class PruneHandle:
         return f"PruneHandle({self.method!r}, budget={self.budget!r}, {self.adapter.family}, {state})"
 
 
-def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | float | Budget | None = None, *,
-          config=None, positions: str = "original", **options) -> PruneHandle:
-    """Attach a pruning method to a stock Hugging Face VLM.
-
-    budget: an int (Python or NumPy) is the number of visual tokens kept per image (an image with fewer stays
-    whole); a float in (0, 1] is the fraction of each image's tokens; a `Budget` is either. For methods that
-    prune inside the LLM (vflowopt) it is the layer-averaged count or fraction. config: a saved configuration
-    (path or dict, e.g. from `prunevlm calibrate`) giving the method's options and budget. positions:
-    "original" keeps the kept tokens' RoPE positions (required for M-RoPE), "compact" renumbers them. Other
-    keyword arguments are method options.
-    """
+def resolve(method: str | Method, budget: int | float | Budget | None = None, config=None,
+            options: dict | None = None) -> tuple[Method, Budget]:
+    """The method instance and budget `prune` attaches, from its arguments, checked without a model (so a
+    caller about to load one can refuse bad settings first): a config's method, budget and options must agree
+    with the ones given."""
+    options = dict(options or {})
     budget = None if budget is None else Budget.of(budget)
     if config is not None:
         loaded = load_config(config)
@@ -86,11 +81,27 @@ def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | flo
         budget, options = loaded["budget"], {**loaded["options"], **options}
     if budget is None:
         raise TypeError("prune() needs a budget: tokens per image (int) or a fraction of each image (float in (0, 1])")
-    method = make_method(method, **options)
+    return make_method(method, **options), budget
+
+
+def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | float | Budget | None = None, *,
+          config=None, positions: str = "original", newline: str = "drop", **options) -> PruneHandle:
+    """Attach a pruning method to a stock Hugging Face VLM.
+
+    budget: an int (Python or NumPy) is the number of visual tokens kept per image (an image with fewer stays
+    whole); a float in (0, 1] is the fraction of each image's tokens; a `Budget` is either. For methods that
+    prune inside the LLM (vflowopt) it is the layer-averaged count or fraction. config: a saved configuration
+    (path or dict, e.g. from `prunevlm calibrate`) giving the method's options and budget. positions:
+    "original" keeps the kept tokens' RoPE positions (required for M-RoPE), "compact" renumbers them.
+    newline: what becomes of LLaVA-NeXT/OneVision row newlines, which never compete for the budget: "drop"
+    (as the published NeXT numbers were produced), "keep_nonempty_rows" or "keep_all"; an image kept whole
+    keeps them all (no effect on families without newlines). Other keyword arguments are method options.
+    """
+    method, budget = resolve(method, budget, config, options)
     existing = getattr(model, _ATTACHED, None)
     if existing is not None:
         raise RuntimeError(f"{existing!r} is already attached to this model; call .remove() on it first")
-    return PruneHandle(model, method, budget, positions)
+    return PruneHandle(model, method, budget, positions, newline)
 
 
 def select(method: str | Method, budget: int | float | Budget, **kwargs) -> Selection:
