@@ -16,7 +16,7 @@ from .fastv import kept_for_average, scaled_layer
 
 def least_duplicated(similarity: torch.Tensor, pool: torch.Tensor, quotas: list[int]) -> torch.Tensor:
     """Greedy fill: pivot i (rows of `similarity` [P, n], in visiting order) takes the quotas[i] tokens of the
-    pool (bool [n]) least similar to it; each taken token leaves the pool. Returns the taken tokens (bool [n])."""
+    pool (bool [n]) least similar to it; each taken token leaves the pool. Returns the pool left (bool [n])."""
     pool = pool.clone()
     for row, quota in zip(similarity, quotas):
         picked = row.masked_fill(~pool, torch.inf).argsort(stable=True)[:quota]
