@@ -230,3 +230,16 @@ def test_selection_does_not_synchronise_on_cuda(name):
     assert keep.shape == cpu.shape
     if name in ("random", "uniform"):
         assert torch.equal(keep.cpu(), cpu)
+
+
+def test_bench_times_selection_per_image_at_each_batch_size():
+    from prunevlm.bench.models import selection_signals
+    from prunevlm.bench.report import selection_table
+    from prunevlm.bench.timing import selection_per_image
+
+    signals = selection_signals("tiny", 4, 10)
+    rows = selection_per_image(signals, list(OURS), [64, 576], (1, 4), repeats=1, num_layers=4)
+    assert [(r["method"], r["budget"]) for r in rows] == [(m, b) for m in OURS for b in (64, 576)]
+    assert all(r["batch_1_ms_per_image"] > 0 and r["batch_4_ms_per_image"] > 0 for r in rows)
+    text = selection_table(rows, [1, 4])
+    assert text.count("\n") == len(rows) + 1 and "| flashvlm | 64 |" in text

@@ -13,7 +13,9 @@ every (method, budget) once, so a slow spell of a shared machine spreads over al
 - peak_mb: peak memory above the pre-call level during a separate generate(max_new_tokens=1): the CUDA
   allocator's peak, or on CPU the peak resident set size sampled every millisecond (glibc is told to map
   large blocks directly, so freed activations leave the resident set and a new peak is visible; that slows
-  everything after it, so the memory runs come after all timings).
+  everything after it, so the memory runs come after all timings);
+- selection_per_image: the method alone, outside the model, on random signals of the bench shape, per
+  image of one call at batch 1 and at batch 16 (`SELECTION_BATCHES`), for every method and budget.
 
 This module is the command; `timing`, `memory` and `diversity_partition` measure, `report` writes.
 """
@@ -27,11 +29,15 @@ from tqdm import tqdm
 
 from ..cli import RESULTS
 from ..loading import resolve_device, resolve_dtype
+from ..models import get_adapter
 from .diversity_partition import diversity_timing
 from .memory import peak_memory
-from .models import build_model, prompt_inputs
+from .models import build_model, prompt_inputs, selection_signals
 from .report import device_name, summary, write
-from .timing import measure
+from .timing import measure, selection_per_image
+
+SELECTION_BATCHES = (1, 16)  # selection per image is also timed alone at these batch sizes
+MODEL_DTYPE = ("image_tokens", "features", "text_embeds", "patches")
 
 
 def run(args) -> dict:
@@ -47,6 +53,7 @@ def run(args) -> dict:
     print(f"{len(configs)} configurations x {args.repeats + 1} rounds (the first warms up)...", file=sys.stderr)
     rows = measure(model, inputs, configs, args.repeats, args.decode_tokens)
     diversity = diversity_timing(args.diversity_tokens) if args.diversity_tokens else None
+    selection = selection_timing(args, model, dtype, device, [m for m in methods if m != "none"], budgets)
     for row in tqdm(rows, desc="peak memory", unit="run", file=sys.stderr):
         row["peak_mb"] = peak_memory(model, inputs, row["method"], row["budget"])
     report = {
@@ -55,6 +62,7 @@ def run(args) -> dict:
         "attn": args.attn, "repeats": args.repeats, "decode_tokens": args.decode_tokens,
         "text_tokens": args.text_tokens, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "rows": rows, "diversity_partition": diversity,
+        "selection_per_image": selection,
     }
     markdown = summary(report)
     print("\n" + markdown)
@@ -62,3 +70,16 @@ def run(args) -> dict:
     write(out, report, markdown)
     print(f"\nwrote {out} and its .md table")
     return report
+
+
+def selection_timing(args, model, dtype, device, methods: list[str], budgets: list) -> dict | None:
+    """Selection per image at batch 1 and 16 (`SELECTION_BATCHES`), on signals of the bench shape: tokens,
+    features, text and pixels in the model's dtype, attention probabilities in float32 as the hooks give."""
+    if not methods:
+        return None
+    signals = selection_signals(args.shape, max(SELECTION_BATCHES), args.text_tokens)
+    signals = {name: value if name == "grid" else value.to(device, dtype if name in MODEL_DTYPE else torch.float32)
+               for name, value in signals.items()}
+    print(f"selection alone at batch {' and '.join(map(str, SELECTION_BATCHES))}...", file=sys.stderr)
+    rows = selection_per_image(signals, methods, budgets, SELECTION_BATCHES, args.repeats, get_adapter(model).num_layers)
+    return {"batches": list(SELECTION_BATCHES), "rows": rows}

@@ -1,9 +1,17 @@
-"""Random-weight LLaVA models of real shapes for speed measurements (speed does not depend on the weights)."""
+"""Random-weight models of real shapes for speed measurements (speed does not depend on the weights): LLaVA
+(the bench's shapes) and Qwen2.5-VL (for the GPU benchmark), their prompts, and signals of their shapes."""
 
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 IMAGE_TOKEN = 32000
 
@@ -49,12 +57,80 @@ def build_model(shape: str, dtype: torch.dtype, device: torch.device, attn: str 
     return model
 
 
-def prompt_inputs(model, text_tokens: int, device: torch.device) -> dict:
-    """One image between two halves of `text_tokens` random text tokens, LLaVA-1.5 style."""
+def prompt_inputs(model, text_tokens: int, device: torch.device, batch: int = 1) -> dict:
+    """`batch` prompts, each one image between two halves of `text_tokens` random text tokens, LLaVA-1.5
+    style (the same text in every row, so that every image has the same text length; images differ)."""
     g = torch.Generator().manual_seed(0)
     half = text_tokens // 2
     text = torch.randint(3, 31999, (text_tokens,), generator=g)
     side = model.config.vision_config.image_size
-    ids = torch.cat([torch.tensor([1]), text[:half], torch.full((576,), IMAGE_TOKEN), text[half:]])[None]
-    pixels = torch.randn(1, 3, side, side, generator=g).to(model.dtype)
+    ids = torch.cat([torch.tensor([1]), text[:half], torch.full((576,), IMAGE_TOKEN), text[half:]])[None].expand(batch, -1)
+    pixels = torch.randn(batch, 3, side, side, generator=g).to(model.dtype)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "pixel_values": pixels.to(device)}
+
+
+# Qwen2.5-VL-7B (vision tower, LLM, M-RoPE sections of half a head), and a tiny one of the same geometry.
+QWEN_TOKENS = dict(image=151655, video=151656, start=151652, end=151653)
+QWEN_SHAPES = {
+    "7b": (dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                fullatt_block_indexes=[7, 15, 23, 31]),
+           dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4), [16, 24, 24]),
+    "tiny": (dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                  fullatt_block_indexes=[1, 3]),
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2), [2, 3, 3]),
+}
+
+
+def build_qwen(shape: str, dtype: torch.dtype, device: torch.device, attn: str = "sdpa") -> Qwen2_5_VLForConditionalGeneration:
+    vision, text, sections = QWEN_SHAPES[shape]
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           in_channels=3),
+        text_config=dict(text, vocab_size=152064, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": sections}),
+        image_token_id=QWEN_TOKENS["image"], video_token_id=QWEN_TOKENS["video"],
+        vision_start_token_id=QWEN_TOKENS["start"], vision_end_token_id=QWEN_TOKENS["end"],
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def qwen_prompt_inputs(model, text_tokens: int, device: torch.device, batch: int = 1, side: int = 48) -> dict:
+    """`batch` prompts of one image of side x side patches (48: 576 merged tokens, a 672-pixel image)."""
+    g = torch.Generator().manual_seed(0)
+    half = text_tokens // 2
+    text = torch.randint(3, 150000, (text_tokens,), generator=g)
+    image = torch.tensor([QWEN_TOKENS["start"]] + [QWEN_TOKENS["image"]] * (side * side // 4) + [QWEN_TOKENS["end"]])
+    ids = torch.cat([text[:half], image, text[half:]])[None].expand(batch, -1)
+    vision = model.config.vision_config
+    pixels = torch.randn(batch * side * side, 3 * vision.temporal_patch_size * vision.patch_size**2, generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "mm_token_type_ids": (ids == QWEN_TOKENS["image"]).int().to(device),
+            "pixel_values": pixels.to(model.dtype).to(device),
+            "image_grid_thw": torch.tensor([[1, side, side]] * batch).to(device)}
+
+
+def selection_signals(shape: str, images: int, text_tokens: int, seed: int = 0) -> dict:
+    """Random signals with the shapes the LLaVA adapter records on a `shape` bench model, for `images` images:
+    576 tokens of the LLM's width, CLIP features, saliency, the patch-to-patch attention, the 14-pixel patches,
+    the 24 x 24 grid and `text_tokens` prompt rows."""
+    config = llava_config(shape)
+    g = torch.Generator().manual_seed(seed)
+    tokens, width = 576, config.text_config.hidden_size
+    patch = config.vision_config.patch_size
+    return {
+        "image_tokens": torch.randn(images, tokens, width, generator=g),
+        "features": torch.randn(images, tokens, config.vision_config.hidden_size, generator=g),
+        "saliency": torch.rand(images, tokens, generator=g).pow(8).softmax(dim=-1),
+        "text_embeds": torch.randn(images, text_tokens, width, generator=g),
+        "attention": torch.rand(images, tokens, tokens, generator=g).softmax(dim=-1),
+        "patches": torch.randn(images, tokens, 3, patch, patch, generator=g),
+        "grid": (24, 24),
+    }

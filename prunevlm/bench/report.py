@@ -33,10 +33,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def selection_table(rows: list[dict], batches: list[int]) -> str:
+    """Selection per image at each batch size (`timing.selection_per_image`), and the largest batch's share
+    of the first's."""
+    head = " | ".join(f"ms/image at batch {b}" for b in batches)
+    lines = [f"| method | budget | {head} | batch {batches[-1]} / batch {batches[0]} |",
+             "|---|---|" + "---|" * (len(batches) + 1)]
+    for r in rows:
+        times = [r[f"batch_{b}_ms_per_image"] for b in batches]
+        ratio = f"{times[-1] / times[0]:.2f}" if times[0] > 0 else "-"
+        lines.append(f"| {r['method']} | {r['budget']} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
 def summary(report: dict) -> str:
     """The markdown of a report: what ran where, the table, and the diversity partition's times if measured."""
     text = (f"`{report['command']}` on {report['device']}, {report['shape']} shape, {report['dtype']}, "
             f"median of {report['repeats']} runs, torch {report['torch']}\n\n{table(report['rows'])}\n")
+    selection = report.get("selection_per_image")
+    if selection:
+        text += (f"\nSelection alone, outside the model, on signals of this shape (random values; median ms per "
+                 f"image of one call on a batch):\n\n{selection_table(selection['rows'], selection['batches'])}\n")
     diversity = report["diversity_partition"]
     if diversity:
         text += (f"\nDiversity partition alone, N = {diversity['tokens']} -> {diversity['keep']} ("

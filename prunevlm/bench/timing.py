@@ -11,6 +11,8 @@ import torch
 from tqdm import tqdm
 
 from .. import prune
+from ..budget import Budget
+from ..methods import make_method
 from ..models import get_adapter
 from ..models.base import synchronize
 from ..runtime.contract import output_cache
@@ -99,3 +101,37 @@ def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, 
             row[key] = measured[0][key] if key == "kept" else statistics.median(r[key] for r in measured)
         rows.append(row)
     return rows
+
+
+@torch.inference_mode()
+def selection_per_image(signals: dict, methods: list[str], budgets: list, batches: tuple[int, ...], repeats: int,
+                        num_layers: int) -> list[dict]:
+    """The method's selection alone, outside the model, on `signals` (a batch of at least max(batches)
+    images): per (method, budget), the median ms per image of one call on `batch` images, for each batch
+    size. k is the method's count at the LLM input (vflowopt: its stage 0). Rounds run every configuration
+    once, after a warm-up round, as `measure` does."""
+    device = signals["image_tokens"].device
+    num_tokens = signals["image_tokens"].shape[1]
+    configs = []
+    for name in methods:
+        method = make_method(name)
+        taken = {key: value for key, value in signals.items() if key in method.signals + method.optional_signals}
+        for budget in budgets:
+            k = method.plan(Budget.of(budget), num_tokens, num_layers).counts[0]
+            for batch in batches:
+                part = {key: value if key == "grid" else value[:batch] for key, value in taken.items()}
+                configs.append((name, budget, batch, method, Budget(k), part))
+    times = {config[:3]: [] for config in configs}
+    for round_ in range(repeats + 1):
+        for name, budget, batch, method, k, part in configs:
+            synchronize(device)
+            start = time.perf_counter()
+            method(k, **part)
+            synchronize(device)
+            if round_:
+                times[(name, budget, batch)].append(time.perf_counter() - start)
+    rows = {}
+    for (name, budget, batch), measured in times.items():
+        row = rows.setdefault((name, budget), {"method": name, "budget": budget})
+        row[f"batch_{batch}_ms_per_image"] = 1000 * statistics.median(measured) / batch
+    return list(rows.values())
