@@ -5,7 +5,7 @@ around the functions that do them (the wrappers cost a few microseconds each, so
 little more than an unwrapped run). Prints the median of each part, the median `selection_ms` the handle
 reports, the median LLM prefill and their ratio.
 
-    python benchmarks/selection_breakdown.py [--method flashvlm] [--budget 32] [--runs 30] [--threads 2]
+    python benchmarks/selection_breakdown.py [--method flashvlm] [--budget 32] [--runs 30] [--threads 2] [--batch 1]
 """
 
 from __future__ import annotations
@@ -61,11 +61,12 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=32)
     parser.add_argument("--runs", type=int, default=30, help="timed generate calls, after 5 untimed ones")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="prompts of one image each, selected as one batch")
     parser.add_argument("--out", default=None, help="optional JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model("small", torch.float32, torch.device("cpu"))
-    inputs = prompt_inputs(model, 40, torch.device("cpu"))
+    inputs = prompt_inputs(model, 40, torch.device("cpu"), batch=args.batch)
     times: dict[str, list[float]] = defaultdict(list)
     for owner, name, _, label in PARTS:
         wrap(owner, name, label, times)
@@ -86,10 +87,10 @@ def main() -> None:
     if PARTITION in parts:
         parts[REMAINDER] = parts[PARTITION] - parts[GRAM] - parts[ROUND]
     report = {"command": " ".join(["python benchmarks/selection_breakdown.py", *sys.argv[1:]]),
-              "method": args.method, "budget": args.budget, "runs": args.runs, "threads": args.threads,
+              "method": args.method, "budget": args.budget, "runs": args.runs, "threads": args.threads, "batch": args.batch,
               "selection_ms": statistics.median(selection), "signal_hooks_ms": statistics.median(signals),
               "prefill_ms": prefill, "parts_ms": parts}
-    print(f"{args.method} at {args.budget} tokens, median of {args.runs} calls ({args.threads} threads):")
+    print(f"{args.method} at {args.budget} tokens, batch {args.batch}, median of {args.runs} calls ({args.threads} threads):")
     rows = [(0, "signal hooks in the vision tower", report["signal_hooks_ms"])]
     rows += [(depth, label, parts[label]) for _, _, depth, label in PARTS if label in parts]
     if REMAINDER in parts:

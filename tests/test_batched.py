@@ -184,16 +184,43 @@ def test_the_batch_keeps_what_each_image_keeps_alone(name, method):
 
 @pytest.mark.parametrize("name", OURS)
 def test_selection_reads_nothing_back_on_the_cpu(name):
-    """The path every device takes (the dense diversity partition up to DENSE_TOKENS, the batched
-    recycling, the fused score): no operation that would synchronise a CUDA stream."""
+    """Every torch operation of the CPU's path (the same as a GPU's except the diversity rounds, which run in
+    NumPy on the CPU): none would synchronise a CUDA stream."""
     method = METHODS[name]()
     signals = taken_by(method, batch_signals(batch=3, side=24, dim=32))
-    signals["text_mask"] = torch.arange(9)[None] < torch.tensor([[9], [0], [4]]) if "text_embeds" in signals else None
-    signals = {key: value for key, value in signals.items() if value is not None}
+    if "text_embeds" in signals:
+        signals["text_mask"] = torch.arange(9)[None] < torch.tensor([[9], [0], [4]])
     expected = method(prunevlm.Budget(64), **signals).keep
     with NoHostReads():
         keep = method.select(64, **signals).keep
     assert torch.equal(keep, expected)
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_the_gpu_path_runs_on_shapes_alone(name):
+    """On a meta tensor (shape and dtype, no values) the path of every non-CPU device runs to the end: it
+    reads no value back and sizes nothing by one, since either would fail there."""
+    with pytest.raises(Exception):
+        bool(torch.ones(2, device="meta").sum() > 1)
+    method = METHODS[name]()
+    signals = taken_by(method, batch_signals(batch=3, side=24, dim=32))
+    signals = {key: value if key == "grid" else value.to("meta") for key, value in signals.items()}
+    selection = method.select(64, **signals)
+    assert selection.keep.shape == (3, 64) and selection.keep.device.type == "meta"
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "geometric"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_device_rounds_equal_the_host_rounds_and_read_nothing_back(schedule, ties):
+    g = torch.Generator().manual_seed(int(ties))
+    features = torch.randn(4, 300, 16, generator=g)
+    if ties:  # exact duplicates: every tie must fall the same way
+        features = features[:, torch.randint(40, (300,), generator=g)]
+    similarity = diversity.symmetric_gram(torch.nn.functional.normalize(features, dim=-1))
+    host = diversity.dense_rounds(similarity, 25, 8, schedule, 0.1)  # the CPU's NumPy rounds
+    with NoHostReads():
+        device = diversity.device_rounds(similarity, 25, 8, schedule, 0.1)
+    assert torch.equal(device, host)
 
 
 def test_the_guard_catches_a_read_back():
