@@ -1,4 +1,5 @@
-"""fastv, pdrop and dart: the worked checks of ../shared/reference/baselines.md §1.6, §6.6 and §8.6, the budget
+"""fastv, pdrop, dart and sparsevlm: the worked checks of ../shared/reference/baselines.md §1.6, §6.6, §8.6 and
+§7.6, the budget
 schedules, the LLM-side signals, and the in-LLM stages on tiny LLaVA and Qwen2-VL models."""
 
 import pytest
@@ -12,10 +13,11 @@ from prunevlm.methods.base import Plan
 from prunevlm.methods.dart import DART, least_duplicated, official_count
 from prunevlm.methods.fastv import FastV
 from prunevlm.methods.pdrop import PyramidDrop, pyramid_counts, solve_ratio
+from prunevlm.methods.sparsevlm import TABLES, SparseVLM, dpc_knn, kept_for_total, raters, recycled_count
 from prunevlm.models import get_adapter
 from prunevlm.runtime.contract import output_cache
 
-IN_LLM = ("fastv", "pdrop", "dart")
+IN_LLM = ("fastv", "pdrop", "dart", "sparsevlm")
 
 
 # -- FastV (§1) ---------------------------------------------------------------------------------------------
@@ -141,6 +143,67 @@ def test_dart_keeps_exact_unique_ascending_counts():
         picks = DART().choose(1, count, torch.arange(4, 20), torch.ones(30, dtype=torch.bool),
                               prior_keys=keys, normed_input=hidden)
         assert picks.numel() == count and torch.equal(picks, picks.unique())
+
+
+# -- SparseVLM (§7) -----------------------------------------------------------------------------------------
+
+KEPT = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}  # the v1.5 n_keep tables
+
+
+@pytest.mark.parametrize("budget", list(TABLES))
+def test_sparsevlm_tables_with_recycling_give_the_stage_counts(budget):
+    """§7.6.1: n_keep plus the recycled clusters gives §7.2's counts; kept_for_total inverts it."""
+    alive = 576
+    for kept, total in zip(KEPT[budget], TABLES[budget]):
+        assert kept + recycled_count(alive - kept) == total
+        assert kept_for_total(alive, total, True) == kept
+        alive = total
+
+
+def test_sparsevlm_counters_and_the_plan_for_the_192_table():
+    """§7.3: the code's output-convention counter gives 192.03125 for the 192 table; what the layers process
+    averages 206.5, and that budget plans the table's counts back."""
+    n1, n2, n3 = TABLES[192]
+    assert (2 * 576 + 4 * n1 + 9 * n2 + 17 * n3) / 32 == 192.03125
+    assert Plan((576, n1, n2, n3), (3, 7, 16), 32).layer_average == 206.5
+    assert SparseVLM().plan(Budget(206.5 / 576), 576, 32).counts == (576, n1, n2, n3)
+    for budget in (192, 128, 64):
+        plan = SparseVLM().plan(Budget(budget), 576, 32)
+        assert abs(plan.layer_average - budget) < 0.5 and plan.counts[1] >= plan.counts[2] >= plan.counts[3]
+
+
+def test_sparsevlm_raters_and_recycling_constants():
+    """§7.6.2: p = (0.5, 0.3, 0.2) makes text token 0 the only rater; §7.6.3: D = 276 gives 9 clusters."""
+    embeddings = torch.zeros(4, 3)
+    embeddings[0, 0] = 1.0  # the one visual row
+    embeddings[1:, 0] = torch.tensor([0.5, 0.3, 0.2]).log()  # V·T = log p, so softmax over the text is p
+    assert raters(embeddings, torch.tensor([0]), torch.tensor([1, 2, 3])).tolist() == [1]
+    assert raters(torch.ones(3, 2), torch.tensor([0]), torch.tensor([1, 2])).tolist() == [1, 2]  # uniform: all rate
+    assert recycled_count(276) == 9 and recycled_count(0) == 0
+
+
+def test_sparsevlm_clusters_two_blobs_apart():
+    """§7.6.4: two well-separated blobs with c = 2: one centre per blob."""
+    generator = torch.Generator().manual_seed(0)
+    blobs = torch.cat([torch.randn(6, 4, generator=generator) * 0.01, 5 + torch.randn(5, 4, generator=generator) * 0.01])
+    assignment = dpc_knn(blobs, 2)
+    assert assignment[:6].unique().numel() == 1 and assignment[6:].unique().numel() == 1
+    assert assignment[0] != assignment[6]
+
+
+def test_sparsevlm_recycled_slots_average_their_cluster():
+    """choose keeps count tokens: originals plus recycled slots whose weights average their members."""
+    generator = torch.Generator().manual_seed(2)
+    length, heads = 30, 2
+    columns = torch.arange(2, 22)
+    picks, slots, weights = SparseVLM().choose(
+        1, 8, columns, torch.ones(length, dtype=torch.bool),
+        layer_queries=torch.randn(heads, length, 4, generator=generator),
+        layer_keys=torch.randn(heads, length, 4, generator=generator),
+        input=torch.randn(length, 8, generator=generator), embeddings=torch.randn(length, 8, generator=generator))
+    assert picks.numel() == 8 and torch.equal(picks, picks.unique()) and torch.isin(slots, picks).all()
+    assert torch.allclose(weights.sum(dim=-1), torch.ones(slots.numel()))
+    assert (weights[torch.arange(slots.numel()), slots] > 0).all()  # each slot is one of its members
 
 
 # -- on tiny models -----------------------------------------------------------------------------------------

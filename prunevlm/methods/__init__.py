@@ -10,6 +10,7 @@ from .fastv import FastV
 from .flashvlm import FlashVLM
 from .pdrop import PyramidDrop
 from .random import Random
+from .sparsevlm import SparseVLM
 from .uniform import Uniform
 from .vflowopt import VFlowOpt
 from .vispruner import VisPruner
@@ -17,7 +18,7 @@ from .visionzip import VisionZip
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FlashVLM, VisPruner, VFlowOpt, Random, Uniform, VisionZip, DivPrune, CDPruner,
-                                FastV, PyramidDrop, DART)
+                                FastV, PyramidDrop, DART, SparseVLM)
 }
 
 

@@ -38,6 +38,10 @@ LLM_SIGNALS: dict[str, str] = {
     "prior_keys": "[L, H_kv * d_h] post-RoPE keys of the layer before the deciding layer (its KV cache), heads "
                   "concatenated",
     "normed_input": "[L, D] the deciding layer's input (the previous layer's output) through the LLM's final norm",
+    "layer_queries": "[H, L, d_h] the deciding layer's post-RoPE queries, times its attention scaling",
+    "layer_keys": "[H, L, d_h] the deciding layer's post-RoPE keys, repeated per query head",
+    "input": "[L, D] the deciding layer's input hidden states",
+    "embeddings": "[L, D] the LLM's input embeddings (the first layer's input) at the deciding layer's columns",
 }
 
 
@@ -120,7 +124,9 @@ class Method:
     def choose(self, stage: int, count: int, columns: torch.Tensor, real: torch.Tensor, **signals) -> torch.Tensor:
         """An in-LLM stage's choice for one image of one batch row: `count` of its current visual columns
         `columns` (ascending, into the deciding layer's sequence; `real` [L] is False on padding), from the
-        `llm_signals` of that row. Returns positions into `columns`, ascending."""
+        `llm_signals` of that row. Returns positions into `columns`, ascending; or (positions, slots, weights)
+        where the tokens at `slots` (a subset of positions) are recycled: from the stage's first layer their
+        values are `weights` [c, n] times the values of the n current tokens (the deciding layer's output)."""
         raise NotImplementedError
 
     def __post_init__(self):

@@ -96,6 +96,21 @@ class Timer:
         self.capture.seconds += time.perf_counter() - self.start
 
 
+class InstanceAttribute:
+    """Shadows `obj.name` with `value` until `remove()`, like a hook handle (for the one place no hook can
+    see an argument: see llava_next.py)."""
+
+    def __init__(self, obj, name: str, value):
+        if name in vars(obj):
+            raise RuntimeError(f"{type(obj).__name__}.{name} is already wrapped on this instance")
+        self.obj, self.name = obj, name
+        setattr(obj, name, value)
+
+    def remove(self) -> None:
+        if self.name in vars(self.obj):
+            delattr(self.obj, self.name)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a wall-clock time covers it (a no-op on the CPU)."""
     if device.type == "cuda":
@@ -167,13 +182,28 @@ class Adapter:
 
     def check_llm_signals(self, names: tuple[str, ...]) -> None:
         """Refuse LLM-side signals this family's decoder cannot give cheaply, with the reason."""
-        if "last_attention" in names:
+        if {"last_attention", "layer_queries", "layer_keys"} & set(names):
             attention = self.decoder_layers()[0].self_attn
             if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "head_dim", "scaling")) or \
                     hasattr(attention, "q_norm"):
                 raise NotImplementedError(
                     f"the {self.family} decoder's attention ({type(attention).__name__}) is not a plain q/k projection "
-                    f"with rotary positions, so the last token's attention row cannot be recomputed from it")
+                    f"with rotary positions, so its attention cannot be recomputed from it")
+
+    def queries_and_keys(self, layer: int, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, H, L, d_h] post-RoPE queries times the attention scaling, [B, H, L, d_h] post-RoPE keys repeated
+        per query head) of decoder layer `layer`, recomputed from its input `hidden` as `last_attention`."""
+        block = self.decoder_layers()[layer]
+        attention = block.self_attn
+        x = block.input_layernorm(hidden)
+        batch, length, _ = x.shape
+        size = attention.head_dim
+        query = attention.q_proj(x).view(batch, length, -1, size).transpose(1, 2)
+        keys = attention.k_proj(x).view(batch, length, -1, size).transpose(1, 2)
+        cos, sin = (p[:, None] for p in position_embeddings)
+        query = (query * cos + _rotate_half(query) * sin).float() * attention.scaling
+        keys = (keys * cos + _rotate_half(keys) * sin).float()
+        return query, keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
 
     def last_attention(self, layer: int, hidden: torch.Tensor, position_embeddings, mask: torch.Tensor) -> torch.Tensor:
         """[B, H, L] the last position's per-head attention over all keys at decoder layer `layer`, recomputed

@@ -17,7 +17,7 @@ layer minus `decision_lead`), from signals computed there once for the batch on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,9 @@ class View:
     source: torch.Tensor  # [B, L_s]
     mask: torch.Tensor  # [B, L_s] 1 for real tokens
     within_previous: torch.Tensor  # [B, L_s] index into the previous stage's view (for the hidden states)
+    # recycled tokens: (row, slots in this view [c], weights [c, n], their sources in the previous view [n]);
+    # from the stage's first layer the slots hold those weighted sums of the previous layer's outputs
+    merges: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class ForwardStep:
     mask: torch.Tensor | None  # the language model's 2D mask (the pruned prompt, then the generated tokens)
     built: dict[int, object]  # stage-start layer -> the causal mask built for its layers in this forward
     decisions: dict[int, tuple[int, int]]  # prefill, LLM-signal stages: deciding layer -> (stage, start layer)
+    embeddings: torch.Tensor | None = None  # prefill, LLM-signal stages: the first layer's input
 
 
 class LayerPruning:
@@ -77,6 +81,8 @@ class LayerPruning:
             views = self.step.views if self.step is not None else None
             if views is None:
                 return None
+            if self.step.prefill and self.step.decisions and index == 0:
+                self.step.embeddings = (args or (kwargs["hidden_states"],))[0]
             if self.step.prefill and index in self.step.decisions:
                 self._decide(module, index, args, kwargs)
             starts = [k for k in views if k <= index]
@@ -123,7 +129,7 @@ class LayerPruning:
             real = self.prefill.prompt_mask.bool()
         else:
             if index in views:  # the stage's first layer gathers its input from the previous view
-                hidden = _gather(hidden, current.within_previous)
+                hidden = _stage_input(hidden, current)
             embeddings = tuple(_gather(e.expand(batch, -1, -1), current.source) for e in embeddings)
             real = current.mask.bool()
         names = self.method.llm_signals
@@ -135,16 +141,30 @@ class LayerPruning:
             signals["prior_keys"] = keys.transpose(1, 2).flatten(2)
         if "normed_input" in names:
             signals["normed_input"] = self.adapter.final_norm(hidden)
+        if "layer_queries" in names or "layer_keys" in names:
+            signals["layer_queries"], signals["layer_keys"] = self.adapter.queries_and_keys(index, hidden, embeddings)
+        if "input" in names:
+            signals["input"] = hidden
+        if "embeddings" in names:
+            first = self.step.embeddings
+            signals["embeddings"] = first if current is None else _gather(first, current.source)
+        merges = []
 
         def by_choice(row, image, alive):
             count = image.plan.counts[stage]
             if count >= alive.numel():
                 return alive
             at = alive if current is None else torch.searchsorted(current.source[row], alive)
-            picks = self.method.choose(stage, count, at, real[row], **{name: value[row] for name, value in signals.items()})
-            return alive[picks]
+            choice = self.method.choose(stage, count, at, real[row], **{name: value[row] for name, value in signals.items()})
+            if isinstance(choice, tuple):  # positions, and the recycled ones: slots and weights over `at`
+                choice, slots, weights = choice
+                merges.append((row, alive[slots], weights, at))
+            return alive[choice]
 
-        views[start] = self._stage_view(self.prefill, stage, current, by_choice)
+        view = self._stage_view(self.prefill, stage, current, by_choice)
+        view.merges = [(row, torch.searchsorted(view.source[row], slots), weights, at)
+                       for row, slots, weights, at in merges]
+        views[start] = view
 
     @staticmethod
     def _stage_view(prefill, stage: int, previous: View | None, survivors) -> View:
@@ -180,7 +200,7 @@ class LayerPruning:
         past = call.cache(required=True)
         if self.step.prefill:
             if index == start:
-                hidden = _gather(hidden, view.within_previous)
+                hidden = _stage_input(hidden, view)
             cos, sin = call["position_embeddings"]
             call.update(position_embeddings=(_gather(cos.expand(batch, -1, -1), view.source),
                                              _gather(sin.expand(batch, -1, -1), view.source)))
@@ -199,6 +219,14 @@ class LayerPruning:
         if start not in built:
             built[start] = causal_mask(self.config, hidden, mask, past, index)
         return call.update(hidden_states=hidden, attention_mask=built[start])
+
+
+def _stage_input(hidden: torch.Tensor, view: View) -> torch.Tensor:
+    """The first layer of a stage: the previous layer's outputs gathered to the view, recycled slots merged."""
+    gathered = _gather(hidden, view.within_previous)
+    for row, slots, weights, sources in view.merges:
+        gathered[row, slots] = (weights @ hidden[row, sources].float()).to(hidden.dtype)
+    return gathered
 
 
 def _by_importance(stage: int):
