@@ -6,8 +6,13 @@ import torch
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
+    SiglipVisionConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -39,6 +44,68 @@ def llava(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> LlavaForConditi
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = PAD
     return model
+
+
+# AnyRes tiles of 32 px (4 x 4 tokens of patch 8); 128 x 128 makes a 16 x 16 plane, which OneVision's
+# anyres_max_9 (at most 9 x 16 tokens) downscales
+PINPOINTS = [[32, 64], [64, 32], [64, 64], [64, 96], [128, 128]]
+ANYRES_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                    image_size=32, patch_size=8)
+
+
+def _llama(layers: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+
+
+def llava_next(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> LlavaNextForConditionalGeneration:
+    """LLaVA-NeXT: CLIP tower with CLS (32 px crops), AnyRes tiles, unpadding and row newlines."""
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(**ANYRES_TOWER), text_config=_llama(layers),
+                             image_token_index=LLAVA_IMAGE, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", pad_token_id=PAD)
+    config._attn_implementation = attn
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def llava_onevision(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> LlavaOnevisionForConditionalGeneration:
+    """LLaVA-OneVision: SigLIP tower (no CLS, all tokens), AnyRes with anyres_max_9 downscaling."""
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**ANYRES_TOWER), text_config=_llama(layers),
+                                  image_token_index=LLAVA_IMAGE, video_token_index=LLAVA_IMAGE - 1,
+                                  image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full")
+    config._attn_implementation = attn
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def anyres_inputs(model, sizes_per_row: list[list[tuple[int, int]]], text: int = 6, seed: int = 0) -> dict:
+    """Left-padded batch for LLaVA-NeXT/OneVision: images of the given (h, w), each expanded to the
+    placeholders the model packs for it (asked of the adapter, which runs the model's own packing)."""
+    from prunevlm.models import get_adapter
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([size for row in sizes_per_row for size in row]).reshape(-1, 2)
+    adapter = get_adapter(model)
+    crops = adapter.crops(sizes)
+    counts = adapter.image_token_counts({"pixel_values": torch.zeros(1), "image_sizes": sizes})
+    rows, image = [], 0
+    for row_sizes in sizes_per_row:
+        row = [BOS] + text_ids(text, g)
+        for _ in row_sizes:
+            row += [LLAVA_IMAGE] * counts[image] + text_ids(text, g)
+            image += 1
+        rows.append(row)
+    ids, mask = left_pad(rows)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if image:
+        inputs["pixel_values"] = torch.randn(image, max(crops), 3, 32, 32, generator=g)
+        inputs["image_sizes"] = sizes
+    return inputs
 
 
 def _qwen_configs(cls, vision: dict, layers: int = 2):

@@ -6,9 +6,10 @@ from torch import nn
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .qwen2_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter)
 
 
 def supported_models() -> list[str]:

@@ -32,6 +32,10 @@ from .contract import Call, ContractError, check_dynamic, is_prefill, output_cac
 from .llm_layers import LayerPruning
 
 
+# what becomes of placeholders that are no candidates (LLaVA-NeXT/OneVision newlines): ImageChoice
+NEWLINE_POLICIES = ("drop", "keep_nonempty_rows", "keep_all")
+
+
 @dataclass
 class Stats:
     """What the last prefill did, per batch row and per image in the row (a text-only prefill has no images)."""
@@ -86,18 +90,46 @@ class Prefill:
 
 @dataclass
 class ImageChoice:
-    """What the method chose for one image of the batch: row `index` of its group's selection."""
+    """What the method chose for one image of the batch: row `index` of its group's selection.
+
+    Where the adapter marks some placeholders as no candidates (LLaVA-NeXT/OneVision newlines), the method
+    chose among `candidates` only, and the others are kept by the `newline` policy: "drop" none, "keep_all"
+    every one, "keep_nonempty_rows" those whose row (`rows`) kept a token; an image kept whole keeps all.
+    """
 
     row: int
     columns: torch.Tensor  # the image's columns in the unpruned sequence
     selection: Selection  # the selection of the image's group (images of one token count, selected at once)
     index: int
     plan: Plan
+    candidates: torch.Tensor | None = None  # indices within the image the method chose from; None: all
+    rows: torch.Tensor | None = None  # per placeholder, the row whose newline ends it
+    newline: str = "drop"
 
     @cached_property
     def keep(self) -> torch.Tensor:
-        """Kept token indices within the image, ascending."""
-        return self.selection.keep[self.index]
+        """Kept candidate indices within the image, ascending (aligned with `tokens` and `importance`)."""
+        keep = self.selection.keep[self.index]
+        return keep if self.candidates is None else self.candidates[keep]
+
+    @cached_property
+    def newlines(self) -> torch.Tensor:
+        """Kept placeholders that were no candidates, indices within the image, ascending."""
+        if self.candidates is None:
+            return self.keep[:0]
+        others = torch.ones(self.columns.numel(), dtype=torch.bool, device=self.columns.device)
+        others[self.candidates] = False
+        others = torch.nonzero(others).flatten()
+        if self.newline == "keep_all" or self.plan.counts[0] >= self.columns.numel():
+            return others
+        if self.newline == "drop":
+            return others[:0]
+        return others[torch.isin(self.rows[others], self.rows[self.keep])]
+
+    @cached_property
+    def placeholders(self) -> torch.Tensor:
+        """Every kept placeholder of the image (content and newlines), indices within the image, ascending."""
+        return torch.cat([self.keep, self.newlines]).sort().values
 
     @cached_property
     def chosen(self) -> torch.Tensor:
@@ -152,9 +184,12 @@ def locate_images(image_mask: torch.Tensor, counts: list[int]) -> list[tuple[int
 class InputPruning:
     """Attach `method` with a per-image `budget` to a model through `adapter`; see the module docstring."""
 
-    def __init__(self, adapter: Adapter, method: Method, budget: Budget, positions: str = "original"):
+    def __init__(self, adapter: Adapter, method: Method, budget: Budget, positions: str = "original",
+                 newline: str = "drop"):
         if positions not in ("original", "compact"):
             raise ValueError(f"positions must be 'original' or 'compact', got {positions!r}")
+        if newline not in NEWLINE_POLICIES:
+            raise ValueError(f"newline must be one of {', '.join(map(repr, NEWLINE_POLICIES))}, got {newline!r}")
         if positions == "compact" and not adapter.compact_positions:
             raise ValueError(f"{adapter.family} uses M-RoPE, whose positions encode the image grid; use positions='original'")
         missing = set(method.signals) - adapter.provides
@@ -162,7 +197,7 @@ class InputPruning:
             raise NotImplementedError(
                 f"{method.name} needs signal(s) {sorted(missing)} that the {adapter.family} adapter cannot provide"
             )
-        self.adapter, self.method, self.budget, self.positions = adapter, method, budget, positions
+        self.adapter, self.method, self.budget, self.positions, self.newline = adapter, method, budget, positions, newline
         self.num_layers = adapter.num_layers
         self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
         self.capture = Capture()
@@ -300,7 +335,7 @@ class InputPruning:
         choices = self._choose(images, image_tokens, embeds.detach(), text_per_row, signals)
         kept = list(text_per_row)
         for choice in choices:
-            kept[choice.row] = torch.cat([kept[choice.row], choice.chosen])
+            kept[choice.row] = torch.cat([kept[choice.row], choice.chosen, choice.columns[choice.newlines]])
         source = self._source_columns(kept, embeds.device)
         # rows of the flattened batch: a copy like gather's, without its per-element index arithmetic
         flat_source = (source.clamp_min(0) + length * torch.arange(batch, device=embeds.device)[:, None]).flatten()
@@ -328,13 +363,13 @@ class InputPruning:
         self.adapter.after_prefill(length - source.shape[1])
         self.stats = Stats(
             tokens_before=[[c.columns.numel() for c in row] for row in per_row],
-            tokens_after=[[c.chosen.numel() for c in row] for row in per_row],
+            tokens_after=[[c.placeholders.numel() for c in row] for row in per_row],
             prefill_before=real_before.tolist(),
             prefill_after=real_after.tolist(),
             selection_ms=1000 * (signal_seconds + select_seconds),
             signal_ms=1000 * signal_seconds,
             stages=[[c.plan for c in row] for row in per_row] if self.method.prunes_in_llm else [],
-            kept=[[c.keep for c in row] for row in per_row],
+            kept=[[c.placeholders for c in row] for row in per_row],
             recycled=[[c.recycled for c in row] for row in per_row],
         )
         return call.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
@@ -358,17 +393,28 @@ class InputPruning:
                   for (row, columns), tokens, signals in zip(images, image_tokens, recorded)]
         groups: dict[tuple, list[int]] = {}
         for i, signals in enumerate(inputs):
-            groups.setdefault(self._group_key(signals), []).append(i)
+            groups.setdefault((images[i][1].numel(), *self._group_key(signals)), []).append(i)
         choices: list[ImageChoice | None] = [None] * len(images)
         for members in groups.values():
             num_tokens = images[members[0]][1].numel()
             plan = self.method.plan(self.budget, num_tokens, self.num_layers)
+            candidates = recorded[members[0]].get("candidates")
+            count = plan.counts[0] if candidates is None else min(plan.counts[0], int(inputs[members[0]]["image_tokens"].shape[0]))
             with torch.no_grad():
-                selection = self.method(Budget(plan.counts[0]), **self._stack([inputs[i] for i in members]))
+                selection = self.method(Budget(count), **self._stack([inputs[i] for i in members]))
             for index, i in enumerate(members):
                 row, columns = images[i]
-                choices[i] = ImageChoice(row, columns, selection, index, plan)
+                choices[i] = ImageChoice(row, columns, selection, index, plan, *self._candidates(recorded[i], columns.device),
+                                         self.newline)
         return choices
+
+    @staticmethod
+    def _candidates(recorded: dict, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The image's selectable placeholders (indices) and rows, where the adapter recorded them."""
+        candidates = recorded.get("candidates")
+        if candidates is None:
+            return None, None
+        return torch.nonzero(candidates.to(device)).flatten(), recorded["rows"].to(device)
 
     @staticmethod
     def _group_key(signals: dict) -> tuple:
@@ -385,7 +431,9 @@ class InputPruning:
 
     def _signals(self, image_tokens, embeds, row, columns, text, recorded) -> dict:
         """The method's inputs for one image, unbatched (`text`: the row's text columns)."""
-        signals = {"image_tokens": image_tokens}
+        candidates = recorded.get("candidates")
+        index = None if candidates is None else torch.nonzero(candidates.to(image_tokens.device)).flatten()
+        signals = {"image_tokens": image_tokens if index is None else image_tokens.index_select(0, index)}
         if self.needed & {"text_embeds", "text_mask"}:
             if self.method.text_before_first_image:
                 text = text[text < columns[0]]
@@ -395,6 +443,8 @@ class InputPruning:
             if value is None:
                 raise RuntimeError(f"the vision hooks did not record {name!r}; was the image encoded while pruning was attached?")
             signals[name] = value if name == "grid" else value.to(embeds.device)
+            if index is not None and name != "grid":
+                signals[name] = signals[name].index_select(0, index)
         return signals
 
     @staticmethod

@@ -1,0 +1,232 @@
+"""LLaVA-NeXT (AnyRes, CLIP tower with CLS) and LLaVA-OneVision (SigLIP tower, no CLS, `anyres_max_9`).
+
+An image reaches the LLM *packed* (docs/models.md §1): the base crop's tokens in raster order, then the
+tiles stitched into one plane, unpadded, with the learned `image_newline` after every plane row (OneVision
+also downscales a large plane bilinearly). A tile's tokens are not contiguous there, and the newlines carry
+no image content. Every per-crop signal is therefore sent through the model's own `pack_image_features`,
+so that it lines up row for row with the placeholders; a small coordinate tensor packed the same way
+tells, for every placeholder, its crop, plane row and column, and whether it is a newline (docs/models.md
+§2). Newlines never compete in a selection: the adapter records which placeholders are candidates and the
+plane row of each, and the runtime keeps newlines by its `newline` policy.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from ..signals.attention import attention_probs
+from .base import Capture, InstanceAttribute, Timer
+from .llava import LlavaAdapter
+
+# channels of the packed coordinate tensor; a newline packs as all zeros (content 0)
+CROP, ROW, COLUMN, CONTENT = range(4)
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+    # no single token grid (two planes, unpadded), no patch-to-patch map across crops: uniform and VFlowOpt
+    # are refused until they read the packed coordinates (docs/models.md §3)
+    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "keys"})
+    tower_model_type = "clip_vision_model"
+    select_strategy = "default"
+
+    def check_supported(self) -> None:
+        config = self.config
+        if config.vision_config.model_type != self.tower_model_type:
+            raise NotImplementedError(f"prunevlm supports {self.family} with a {self.tower_model_type} tower; this "
+                                      f"model's is {config.vision_config.model_type!r}")
+        if config.vision_feature_select_strategy != self.select_strategy:
+            raise NotImplementedError(f"prunevlm supports {self.family} with vision_feature_select_strategy="
+                                      f"{self.select_strategy!r}; this model uses {config.vision_feature_select_strategy!r}")
+        layer = config.vision_feature_layer
+        if not isinstance(layer, int) or layer == 0:
+            raise NotImplementedError(f"prunevlm supports one vision feature layer other than the embeddings; got {layer!r}")
+
+    # -- packing ------------------------------------------------------------------------------------
+
+    def crops(self, image_sizes: torch.Tensor, batch_num_images=None) -> list[int]:
+        """Crops per image, as `get_image_features` splits the tower's output."""
+        tile = self.config.vision_config.image_size
+        return [image_size_to_num_patches(image_size=size, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=tile)
+                for size in image_sizes]
+
+    def pack(self, per_crop: torch.Tensor, image_sizes, batch_num_images=None, newline=None) -> list[torch.Tensor]:
+        """Per-crop values [n_crops, T, C] of all images -> per image [placeholders, C]; newlines are `newline`
+        (zeros by default)."""
+        values = list(per_crop.split(self.crops(image_sizes, batch_num_images)))
+        if newline is None:
+            newline = torch.zeros(per_crop.shape[-1], dtype=per_crop.dtype, device=per_crop.device)
+        return self._pack_call(values, image_sizes, newline)
+
+    def _pack_call(self, values, image_sizes, newline):
+        packed, _ = self.base.pack_image_features(values, image_sizes, self.config.vision_feature_select_strategy,
+                                                  image_newline=newline)
+        return packed
+
+    def layout(self, image_sizes, batch_num_images=None) -> list[torch.Tensor]:
+        """Per image [placeholders, 4], the model's packing applied to coordinates: the crop, the row and the
+        column within the crop (fractional after OneVision's downscale), and 1 for image content, 0 for a
+        newline."""
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        counts = self.crops(image_sizes, batch_num_images)
+        index = torch.arange(side * side, dtype=torch.float32)
+        crop = torch.cat([torch.arange(count, dtype=torch.float32) for count in counts])
+        per_crop = torch.stack(torch.broadcast_tensors(
+            crop[:, None], (index // side)[None], (index % side)[None], torch.ones(1, 1)), dim=-1)
+        return self.pack(per_crop, image_sizes.cpu(), batch_num_images)
+
+    @staticmethod
+    def newline_rows(layout: torch.Tensor) -> torch.Tensor:
+        """Per placeholder, the index of the newline that ends its row (a newline: its own); -1 for the base
+        crop's tokens of a tiled image, whose rows have no newline."""
+        newline = layout[:, CONTENT] < 0.5
+        rows = torch.cumsum(newline.long(), dim=0) - newline.long()
+        tiled = bool((layout[:, CROP] > 0).any())
+        return rows.masked_fill(tiled & (layout[:, CROP] == 0) & ~newline, -1)
+
+    def image_token_counts(self, kwargs: dict) -> list[int]:
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:
+            return [int(features.shape[0]) for features in encoded.pooler_output]
+        if kwargs.get("pixel_values") is None:
+            return []
+        sizes = kwargs.get("image_sizes")
+        if sizes is None:
+            raise ValueError(f"{self.family} needs image_sizes with pixel_values: pass the processor's output unchanged")
+        return [int(image.shape[0]) for image in self.layout(sizes, kwargs.get("batch_num_images"))]
+
+    def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
+        raise NotImplementedError(f"{self.family} images have no single token grid (a base plane and an unpadded "
+                                  f"tile plane); pictures of the kept tokens are not drawn for them yet")
+
+    def pixel_views(self, inputs: dict) -> list[torch.Tensor]:
+        return self.image_grids(inputs)
+
+    # -- hooks --------------------------------------------------------------------------------------
+
+    def install(self, needed: set[str], capture: Capture) -> list:
+        """Hooks that record each encoder call's per-crop outputs, packed per image at the projector.
+
+        Packing needs the call's `image_sizes`, which no module sees: generate() calls `get_image_features`
+        itself, before any forward, and keeps the sizes from the model's forward. So the base model's
+        `get_image_features` is wrapped (an instance attribute, deleted again by `remove()`) to note them
+        for the duration of the call (docs/models.md §2)."""
+        tower = self.base.vision_tower
+        projector = self.base.multi_modal_projector
+        encode = self.base.get_image_features
+        sizes: dict = {}
+
+        @functools.wraps(encode)
+        def encode_noting_sizes(*args, **kwargs):
+            arguments = inspect.signature(encode).bind(*args, **kwargs).arguments
+            sizes["call"] = arguments["image_sizes"], arguments.get("batch_num_images")
+            try:
+                return encode(*args, **kwargs)
+            finally:
+                sizes.pop("call", None)
+
+        def record_tokens(module, args, output):
+            capture.record("crop_tokens", [output])
+            if "call" not in sizes:
+                raise ValueError(f"{self.family}: the projector ran outside get_image_features, so the image sizes "
+                                 f"that place its tokens are unknown; encode images through the model")
+            self.pack_records(capture, *sizes["call"])
+
+        handles = [tower.register_forward_pre_hook(lambda module, args, kwargs: capture.start_call(), with_kwargs=True),
+                   projector.register_forward_hook(record_tokens),
+                   InstanceAttribute(self.base, "get_image_features", encode_noting_sizes)]
+        if needed & {"saliency", "keys"}:
+            attention = tower.encoder.layers[self.feature_layer].self_attn
+            queries = {}
+
+            def keep_queries(module, args, output):
+                queries["q"] = output
+
+            def record_attention(module, args, keys):
+                with torch.no_grad(), Timer(capture, keys.device):
+                    for name, per_crop in self.attention_signals(attention, queries.pop("q"), keys, needed).items():
+                        capture.record(f"crop_{name}", [per_crop])
+
+            handles.append(attention.q_proj.register_forward_hook(keep_queries))
+            handles.append(attention.k_proj.register_forward_hook(record_attention))
+        if "features" in needed:
+            handles.append(projector.register_forward_pre_hook(
+                lambda module, args: capture.record("crop_features", [args[0]])))
+        return handles
+
+    def pack_records(self, capture: Capture, sizes, num_images) -> None:
+        """Pack the encoder calls not packed yet with these image sizes: tokens (with the model's newline, as
+        the LLM receives them), candidates (not newlines), rows, and each signal."""
+        for call in capture.calls:
+            if "tokens" in call or "crop_tokens" not in call:
+                continue
+            (crop_tokens,) = call.pop("crop_tokens")
+            if sum(self.crops(sizes, num_images)) != crop_tokens.shape[0]:
+                raise ValueError(f"{self.family}: the vision tower encoded {crop_tokens.shape[0]} crops, which the "
+                                 f"image_sizes of the call do not account for; pass the processor's output unchanged")
+            call["tokens"] = self.pack(crop_tokens, sizes, num_images, self.base.image_newline)
+            layout = self.layout(sizes, num_images)
+            call["candidates"] = [image[:, CONTENT] > 0.5 for image in layout]
+            call["rows"] = [self.newline_rows(image) for image in layout]
+            for name in [key for key in call if key.startswith("crop_")]:
+                (per_crop,) = call.pop(name)
+                packed = self.pack(per_crop, sizes, num_images)
+                call[name[len("crop_"):]] = [p[:, 0] for p in packed] if name == "crop_saliency" else packed
+
+    def attention_signals(self, attn, queries, keys, needed) -> dict[str, torch.Tensor]:
+        """Per crop: the CLS->patch attention [n, T, 1] (saliency) and the patches' head-mean keys [n, T, d]."""
+        batch, length, _ = keys.shape
+        keys = keys.view(batch, length, attn.num_heads, attn.head_dim)
+        signals = {}
+        if "keys" in needed:
+            signals["keys"] = keys[:, 1:].float().mean(dim=2)
+        if "saliency" in needed:
+            cls = queries[:, :1].reshape(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            signals["saliency"] = attention_probs(cls, keys.transpose(1, 2), attn.scale)[:, 0, 1:, None]
+        return signals
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """SigLIP has no CLS token: the saliency is the attention each token receives at the feature layer,
+    averaged over heads and queries (docs/models.md §4), recomputed from the layer's own q/k projections
+    so the tower stays on SDPA. A prompt with several images sends each as one base crop."""
+
+    family = "llava_onevision"
+    model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+    tower_model_type = "siglip_vision_model"
+    select_strategy = "full"
+
+    def check_inputs(self, kwargs: dict) -> None:
+        if kwargs.get("pixel_values_videos") is not None:
+            raise NotImplementedError("prunevlm does not prune LLaVA-OneVision video inputs yet; remove the pruning "
+                                      "handle (handle.remove()) for video prompts")
+
+    def crops(self, image_sizes, batch_num_images=None) -> list[int]:
+        # several images in one prompt: one base crop each (get_image_features' need_patching)
+        patching = [True] * len(image_sizes) if batch_num_images is None else [
+            int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        tile = self.config.vision_config.image_size
+        return [image_size_to_num_patches(image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                                          patch_size=tile) if patch else 1
+                for size, patch in zip(image_sizes, patching)]
+
+    def _pack_call(self, values, image_sizes, newline):
+        packed, _ = self.base.pack_image_features(values, image_sizes, image_newline=newline,
+                                                  vision_aspect_ratio=self.config.vision_aspect_ratio)
+        return packed
+
+    def attention_signals(self, attn, queries, keys, needed) -> dict[str, torch.Tensor]:
+        batch, length, _ = keys.shape
+        keys = keys.view(batch, length, attn.num_heads, attn.head_dim)
+        signals = {}
+        if "keys" in needed:
+            signals["keys"] = keys.float().mean(dim=2)
+        if "saliency" in needed:
+            queries = queries.reshape(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+            signals["saliency"] = attention_probs(queries, keys.transpose(1, 2), attn.scale).mean(dim=1)[..., None]
+        return signals

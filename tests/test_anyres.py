@@ -1,0 +1,170 @@
+"""LLaVA-NeXT and LLaVA-OneVision: packed AnyRes images (base crop, unpadded tile plane, row newlines), on
+tiny random models built from configs, with images of different aspect ratios so tile counts differ."""
+
+import pytest
+import torch
+
+import prunevlm
+import tiny
+from prunevlm.models import get_adapter
+from prunevlm.models.base import Capture
+from prunevlm.models.llava_next import COLUMN, CONTENT, CROP
+
+FAMILIES = {"llava_next": tiny.llava_next, "llava_onevision": tiny.llava_onevision}
+# row 0: a wide image (1 x 2 tiles); row 1: a large image (OneVision downscales its plane) and a square one;
+# row 2: text only
+SIZES = [[(30, 50)], [(100, 120), (40, 40)], []]
+METHODS = ["flashvlm", "vispruner", "random", "divprune", "cdpruner", "visionzip"]
+GENERATE = dict(max_new_tokens=4, **tiny.GREEDY)
+
+
+def row_alone(inputs: dict, row: int) -> dict:
+    """The inputs of one row, unpadded, with its own images."""
+    real = inputs["attention_mask"][row].bool()
+    single = {"input_ids": inputs["input_ids"][row][real][None], "attention_mask": inputs["attention_mask"][row][real][None]}
+    first, count = sum(len(sizes) for sizes in SIZES[:row]), len(SIZES[row])
+    if count:
+        single["pixel_values"] = inputs["pixel_values"][first : first + count]
+        single["image_sizes"] = inputs["image_sizes"][first : first + count]
+    return single
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def case(request):
+    model = FAMILIES[request.param]()
+    return request.param, model, tiny.anyres_inputs(model, SIZES)
+
+
+def test_layout_follows_the_model_s_own_packing():
+    """The reference's worked example: 30 x 50 px with 32 px tiles of 4 x 4 tokens is a 1 x 2 tile grid,
+    stitched into a 4 x 8 plane whose columns 1-6 survive unpadding; 16 base tokens, then 4 rows of
+    6 tokens and a newline. Row 0 reads tile 1 columns 1-3, tile 2 columns 0-2, then the newline."""
+    adapter = get_adapter(tiny.llava_next())
+    (layout,) = adapter.layout(torch.tensor([[30, 50]]))
+    assert layout.shape[0] == 44 and layout[:16, CROP].eq(0).all()
+    assert layout[16:23, CROP].tolist() == [1, 1, 1, 2, 2, 2, 0]
+    assert layout[16:22, COLUMN].tolist() == [1, 2, 3, 0, 1, 2]
+    assert torch.nonzero(layout[:, CONTENT] == 0).flatten().tolist() == [22, 29, 36, 43]
+    rows = adapter.newline_rows(layout)
+    assert rows[:16].eq(-1).all() and rows[16:23].eq(0).all() and rows[37:44].eq(3).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", METHODS)
+def test_a_budget_above_every_image_is_the_identity_and_remove_restores(case, method):
+    _, model, inputs = case
+    reference = model(**inputs).logits
+    ids = model.generate(**inputs, **GENERATE)
+    with prunevlm.prune(model, method, 10_000) as handle:
+        assert torch.equal(model(**inputs).logits, reference)
+        assert torch.equal(model.generate(**inputs, **GENERATE), ids)
+    assert handle.stats.tokens_after == handle.stats.tokens_before
+    assert torch.equal(model(**inputs).logits, reference)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("budget", [8, 0.25])
+def test_prefill_is_text_plus_the_budget_of_each_image_and_no_newline_competes(case, budget):
+    _, model, inputs = case
+    adapter = get_adapter(model)
+    layouts = adapter.layout(inputs["image_sizes"])
+    counts = [int(layout.shape[0]) for layout in layouts]
+    placeholders = [counts[:1], counts[1:3], []]
+    with prunevlm.prune(model, "flashvlm", budget) as handle:
+        model(**inputs)
+    stats = handle.stats
+    assert stats.tokens_before == placeholders
+    expected = [[prunevlm.Budget(budget).tokens_to_keep(n) for n in row] for row in placeholders]
+    assert stats.tokens_after == expected
+    text = (inputs["attention_mask"].sum(dim=1) - torch.tensor([sum(row) for row in placeholders])).tolist()
+    assert stats.prefill_after == [t + sum(row) for t, row in zip(text, expected)]
+    for kept, layout in zip([k for row in stats.kept for k in row], layouts):
+        assert layout[kept, CONTENT].eq(1).all()  # newlines are dropped, never chosen
+
+
+@torch.no_grad()
+def test_newline_policies(case):
+    _, model, inputs = case
+    adapter = get_adapter(model)
+    layouts = adapter.layout(inputs["image_sizes"])
+    kept = {}
+    for policy in ("drop", "keep_nonempty_rows", "keep_all"):
+        with prunevlm.prune(model, "vispruner", 6, newline=policy) as handle:
+            model(**inputs)
+        kept[policy] = [k for row in handle.stats.kept for k in row]
+    for i, layout in enumerate(layouts):
+        newlines = torch.nonzero(layout[:, CONTENT] == 0).flatten()
+        content = kept["drop"][i]
+        assert torch.equal(kept["keep_all"][i], torch.cat([content, newlines]).sort().values)
+        rows = adapter.newline_rows(layout)
+        nonempty = newlines[torch.isin(rows[newlines], rows[content])]
+        assert torch.equal(kept["keep_nonempty_rows"][i], torch.cat([content, nonempty]).sort().values)
+    with pytest.raises(ValueError, match="newline must be one of 'drop', 'keep_nonempty_rows', 'keep_all'"):
+        prunevlm.prune(model, "vispruner", 6, newline="keep")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["flashvlm", "divprune", "visionzip"])
+def test_left_padded_batch_with_a_text_only_row_equals_the_rows_alone(case, method):
+    _, model, inputs = case
+    with prunevlm.prune(model, method, 5):
+        batch = model.generate(**inputs, **GENERATE, output_logits=True, return_dict_in_generate=True)
+        for row in range(len(SIZES)):
+            single = row_alone(inputs, row)
+            alone = model.generate(**single, **GENERATE, output_logits=True, return_dict_in_generate=True)
+            generated = alone.sequences[0, single["input_ids"].shape[1]:]
+            assert torch.equal(batch.sequences[row, inputs["input_ids"].shape[1]:][: generated.numel()], generated)
+            for step_batch, step_alone in zip(batch.logits, alone.logits):
+                torch.testing.assert_close(step_batch[row], step_alone[0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_sampling_and_beam_search_run_pruned(case):
+    _, model, inputs = case
+    with prunevlm.prune(model, "flashvlm", 6) as handle:
+        torch.manual_seed(0)
+        sampled = model.generate(**inputs, max_new_tokens=3, do_sample=True, top_k=20)
+        beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, **tiny.GREEDY)
+    assert sampled.shape[0] == 3 and beams.shape[0] == 6
+    assert handle.stats.tokens_after == [[6], [6], [6, 6], [6, 6], [], []]  # each row twice, 6 per image
+
+
+def test_methods_that_need_one_token_grid_are_refused(case):
+    name, model, _ = case
+    for method in ("uniform", "vflowopt"):
+        with pytest.raises(NotImplementedError, match=f"needs signal.*the {name} adapter cannot provide"):
+            prunevlm.prune(model, method, 8)
+
+
+@torch.no_grad()
+def test_onevision_saliency_is_the_attention_each_token_receives():
+    """The hook's received attention equals the eager tower's attention map averaged over heads and queries
+    (SigLIP has no CLS token), packed like the features."""
+    model = tiny.llava_onevision()
+    inputs = tiny.anyres_inputs(model, [[(40, 40)]])
+    adapter = get_adapter(model)
+    capture = Capture()
+    handles = adapter.install({"saliency"}, capture)
+    try:
+        model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    (saliency,) = capture.calls[-1]["saliency"]
+    tower = model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    crops = inputs["pixel_values"][0, : adapter.crops(inputs["image_sizes"])[0]]
+    attention = tower(crops, output_attentions=True).attentions[adapter.feature_layer]
+    tower.config._attn_implementation = "sdpa"
+    received = attention.mean(dim=1).mean(dim=1)  # [crops, T]
+    (expected,) = adapter.pack(received[..., None], inputs["image_sizes"])
+    torch.testing.assert_close(saliency, expected[:, 0], atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_onevision_images_of_a_multi_image_prompt_are_one_base_crop_each():
+    model = tiny.llava_onevision()
+    adapter = get_adapter(model)
+    sizes = torch.tensor([[30, 50], [100, 120]])
+    counts = adapter.image_token_counts({"pixel_values": torch.zeros(1), "image_sizes": sizes, "batch_num_images": [2]})
+    assert counts == [17, 17]  # 16 base tokens and one newline
