@@ -211,6 +211,7 @@ def test_sparsevlm_recycled_slots_average_their_cluster():
 FAMILIES = {
     "llava": (tiny.llava, lambda: tiny.llava_inputs([1, 0, 2]), "llava"),
     "qwen2_vl": (tiny.qwen2_vl, lambda: tiny.qwen_inputs([[(4, 8)], [], [(8, 8), (4, 4)]]), "qwen"),
+    "qwen2_5_vl": (tiny.qwen2_5_vl, lambda: tiny.qwen_inputs([[(4, 8)], [], [(8, 12), (4, 4)]]), "qwen"),
 }
 CASES = [(method, family) for method in IN_LLM for family in FAMILIES]
 

@@ -190,39 +190,31 @@ class Adapter:
                     f"the {self.family} decoder's attention ({type(attention).__name__}) is not a plain q/k projection "
                     f"with rotary positions, so its attention cannot be recomputed from it")
 
-    def queries_and_keys(self, layer: int, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B, H, L, d_h] post-RoPE queries times the attention scaling, [B, H, L, d_h] post-RoPE keys repeated
-        per query head) of decoder layer `layer`, recomputed from its input `hidden` as `last_attention`."""
+    def queries_and_keys(self, layer: int, hidden: torch.Tensor, position_embeddings,
+                         last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layer `layer`'s post-RoPE queries times its attention scaling ([B, H, L, d_h]; [B, H, 1, d_h]
+        for the last position alone) and keys repeated per query head ([B, H, L, d_h]), fp32, recomputed from
+        its input `hidden` [B, L, D]: its input norm, q/k projections and the rotary `position_embeddings`
+        (cos, sin) [B, L, d_h] the layer receives."""
         block = self.decoder_layers()[layer]
         attention = block.self_attn
         x = block.input_layernorm(hidden)
         batch, length, _ = x.shape
         size = attention.head_dim
-        query = attention.q_proj(x).view(batch, length, -1, size).transpose(1, 2)
+        rows = x[:, -1:] if last_only else x
+        query = attention.q_proj(rows).view(batch, rows.shape[1], -1, size).transpose(1, 2)
         keys = attention.k_proj(x).view(batch, length, -1, size).transpose(1, 2)
         cos, sin = (p[:, None] for p in position_embeddings)
-        query = (query * cos + _rotate_half(query) * sin).float() * attention.scaling
+        query = (query * cos[:, :, -rows.shape[1]:] + _rotate_half(query) * sin[:, :, -rows.shape[1]:]).float()
         keys = (keys * cos + _rotate_half(keys) * sin).float()
-        return query, keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+        return query * attention.scaling, keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
 
     def last_attention(self, layer: int, hidden: torch.Tensor, position_embeddings, mask: torch.Tensor) -> torch.Tensor:
-        """[B, H, L] the last position's per-head attention over all keys at decoder layer `layer`, recomputed
-        from its input `hidden` [B, L, D] (its input norm, q/k projections, rotary `position_embeddings`
-        (cos, sin) [B, L, d_h]); keys where `mask` [B, L] is 0 get none. One query row: SDPA stays on."""
-        block = self.decoder_layers()[layer]
-        attention = block.self_attn
-        x = block.input_layernorm(hidden)
-        batch, length, _ = x.shape
-        size = attention.head_dim
-        query = attention.q_proj(x[:, -1:]).view(batch, 1, -1, size).transpose(1, 2)  # [B, H, 1, d]
-        keys = attention.k_proj(x).view(batch, length, -1, size).transpose(1, 2)  # [B, H_kv, L, d]
-        cos, sin = (p[:, None] for p in position_embeddings)
-        query = query * cos[:, :, -1:] + _rotate_half(query) * sin[:, :, -1:]
-        keys = keys * cos + _rotate_half(keys) * sin
-        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
-        logits = (query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * attention.scaling  # [B, H, L]
-        logits = logits.masked_fill(~mask.bool()[:, None], -torch.inf)
-        return logits.softmax(dim=-1)
+        """[B, H, L] the last position's per-head softmax attention over all keys at decoder layer `layer`, from
+        `queries_and_keys` for that one row; keys where `mask` [B, L] is 0 get none. SDPA stays on."""
+        query, keys = self.queries_and_keys(layer, hidden, position_embeddings, last_only=True)
+        logits = (query @ keys.transpose(-1, -2))[:, :, 0]  # [B, H, L]
+        return logits.masked_fill(~mask.bool()[:, None], -torch.inf).softmax(dim=-1)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The language model's last norm (the one before the LM head) applied to `hidden`."""
