@@ -20,12 +20,20 @@ from prunevlm.runtime.contract import output_cache
 IN_LLM = ("fastv", "pdrop", "dart", "sparsevlm")
 
 
+def text_mask(length: int, image) -> torch.Tensor:
+    """`choose`'s text mask for an unpadded row of `length` with one image at columns `image`."""
+    text = torch.ones(length, dtype=torch.bool)
+    text[torch.as_tensor(image)] = False
+    return text
+
+
 # -- FastV (§1) ---------------------------------------------------------------------------------------------
 
 def test_fastv_keeps_the_most_attended_image_tokens():
     """§1.6.1: head-mean image slice (0.10, 0.50, 0.20, 0.40), m = 2 keeps offsets 1 and 3."""
     row = torch.tensor([[0.05, 0.05, 0.10, 0.50, 0.20, 0.40, 0.3]])  # one head; the image spans columns 2..5
-    picks = FastV().choose(1, 2, torch.tensor([2, 3, 4, 5]), torch.ones(7, dtype=torch.bool), last_attention=row)
+    picks = FastV().choose(1, 2, torch.tensor([2, 3, 4, 5]), torch.ones(7, dtype=torch.bool), text_mask(7, [2, 3, 4, 5]),
+                           last_attention=row)
     assert picks.tolist() == [1, 3]
 
 
@@ -37,7 +45,7 @@ def test_fastv_averages_per_head_softmax_rows_without_renormalising():
     image = torch.tensor([1, 2])
     renormalised = (rows[:, image] / rows[:, image].sum(dim=1, keepdim=True)).mean(dim=0)
     assert renormalised.argmax().item() == 0
-    picks = FastV().choose(1, 1, image, torch.ones(3, dtype=torch.bool), last_attention=rows)
+    picks = FastV().choose(1, 1, image, torch.ones(3, dtype=torch.bool), text_mask(3, [1, 2]), last_attention=rows)
     assert picks.tolist() == [1]
 
 
@@ -127,6 +135,7 @@ def test_dart_pivot_order_matters_and_is_pinned():
     hidden = torch.randn(9, 8, generator=torch.Generator().manual_seed(0))
     columns = torch.arange(1, 7)
     picks = DART(image_pivots=1, text_pivots=1).choose(1, 4, columns, torch.ones(9, dtype=torch.bool),
+                                                      text_mask(9, columns),
                                                       prior_keys=keys, normed_input=hidden)
     unit = torch.nn.functional.normalize(hidden, dim=-1)
     start = torch.ones(6, dtype=torch.bool)
@@ -141,6 +150,7 @@ def test_dart_keeps_exact_unique_ascending_counts():
     for count in (3, 5, 9, 12):
         keys, hidden = torch.randn(30, 8, generator=generator), torch.randn(30, 16, generator=generator)
         picks = DART().choose(1, count, torch.arange(4, 20), torch.ones(30, dtype=torch.bool),
+                              text_mask(30, torch.arange(4, 20)),
                               prior_keys=keys, normed_input=hidden)
         assert picks.numel() == count and torch.equal(picks, picks.unique())
 
@@ -197,7 +207,7 @@ def test_sparsevlm_recycled_slots_average_their_cluster():
     length, heads = 30, 2
     columns = torch.arange(2, 22)
     picks, slots, weights = SparseVLM().choose(
-        1, 8, columns, torch.ones(length, dtype=torch.bool),
+        1, 8, columns, torch.ones(length, dtype=torch.bool), text_mask(length, columns),
         layer_queries=torch.randn(heads, length, 4, generator=generator),
         layer_keys=torch.randn(heads, length, 4, generator=generator),
         input=torch.randn(length, 8, generator=generator), embeddings=torch.randn(length, 8, generator=generator))
@@ -285,3 +295,26 @@ def test_a_decoder_without_plain_q_k_projections_is_refused():
     with pytest.raises(NotImplementedError, match="cannot be recomputed"):
         prunevlm.prune(model, "fastv", 0.5)
     prunevlm.prune(model, "dart", 0.5).remove()  # dart reads the cache's keys, not q/k
+
+
+@torch.no_grad()
+def test_choose_sees_text_without_any_images_tokens():
+    """The `text` mask handed to `choose` is False on padding and on the visual tokens of every image of the
+    row (a later image is no text after the earlier one)."""
+    seen = []
+
+    class Spy(FastV):
+        def choose(self, stage, count, columns, real, text, last_attention):
+            seen.append((columns, real, text))
+            return super().choose(stage, count, columns, real, text, last_attention)
+
+    model, inputs = tiny.llava(layers=4), tiny.llava_inputs([1, 0, 2])
+    with prunevlm.prune(model, Spy(), 0.5):
+        model(**inputs)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    rows = [0, 2, 2]
+    assert len(seen) == 3
+    for row, (columns, real, text) in zip(rows, seen):
+        assert torch.equal(real, mask[row])
+        assert torch.equal(text, mask[row] & (ids[row] != tiny.LLAVA_IMAGE))
+        assert (ids[row, columns] == tiny.LLAVA_IMAGE).all()

@@ -121,10 +121,11 @@ class Method:
         """Choose k < N tokens per image from validated signals."""
         raise NotImplementedError
 
-    def choose(self, stage: int, count: int, columns: torch.Tensor, real: torch.Tensor, **signals) -> torch.Tensor:
+    def choose(self, stage: int, count: int, columns: torch.Tensor, real: torch.Tensor, text: torch.Tensor,
+               **signals) -> torch.Tensor:
         """An in-LLM stage's choice for one image of one batch row: `count` of its current visual columns
-        `columns` (ascending, into the deciding layer's sequence; `real` [L] is False on padding), from the
-        `llm_signals` of that row. Returns positions into `columns`, ascending; or (positions, slots, weights)
+        `columns` (ascending, into the deciding layer's sequence; `real` [L] is False on padding, `text` [L]
+        True on the text tokens, every image's visual tokens excluded), from the `llm_signals` of that row. Returns positions into `columns`, ascending; or (positions, slots, weights)
         where the tokens at `slots` (a subset of positions) are recycled: from the stage's first layer their
         values are `weights` [c, n] times the values of the n current tokens (the deciding layer's output)."""
         raise NotImplementedError

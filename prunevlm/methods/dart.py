@@ -63,13 +63,13 @@ class DART(Method):
             kept = official_count(kept, num_tokens, self.image_pivots, self.text_pivots)
         return Plan((num_tokens, kept), (layer,), num_layers)
 
-    def choose(self, stage, count, columns, real, prior_keys, normed_input) -> torch.Tensor:
+    def choose(self, stage, count, columns, real, text, prior_keys, normed_input) -> torch.Tensor:
         norms = prior_keys.float().abs().sum(dim=-1)  # [L] L1 norm of each position's keys
         by_norm = norms[columns].argsort(descending=True, stable=True)
         image_pivots = by_norm[: min(self.image_pivots, count)]
         if image_pivots.numel() == count:
             return image_pivots.sort().values
-        after = torch.nonzero(real & (torch.arange(real.numel(), device=real.device) > columns[-1])).flatten()
+        after = torch.nonzero(text & (torch.arange(text.numel(), device=text.device) > columns[-1])).flatten()
         text_pivots = after[norms[after].argsort(descending=True, stable=True)[: self.text_pivots]]
         # every pivot, visited by descending key norm (the official code visits them in set order)
         pivots = torch.cat([columns[image_pivots], text_pivots])

@@ -71,5 +71,5 @@ class FastV(Method):
             kept = kept_for_average(budget, num_tokens, layer, num_layers, self.name)
         return Plan((num_tokens, kept), (layer,), num_layers)
 
-    def choose(self, stage, count, columns, real, last_attention) -> torch.Tensor:
+    def choose(self, stage, count, columns, real, text, last_attention) -> torch.Tensor:
         return top_ascending(last_token_scores(last_attention, columns), count)

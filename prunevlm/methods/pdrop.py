@@ -77,5 +77,5 @@ class PyramidDrop(Method):
         counts = pyramid_counts(num_tokens, solve_ratio(target, num_tokens, layers, num_layers), 3)
         return Plan(counts, layers, num_layers)
 
-    def choose(self, stage, count, columns, real, last_attention) -> torch.Tensor:
+    def choose(self, stage, count, columns, real, text, last_attention) -> torch.Tensor:
         return top_ascending(last_token_scores(last_attention, columns), count)

@@ -114,12 +114,12 @@ class SparseVLM(Method):
             counts.append(min(alive, max(lowest, 1, wanted)))
         return Plan(tuple(counts), layers, num_layers)
 
-    def choose(self, stage, count, columns, real, layer_queries, layer_keys, input, embeddings):
+    def choose(self, stage, count, columns, real, text, layer_queries, layer_keys, input, embeddings):
         positions = torch.arange(real.numel(), device=real.device)
-        text = positions[real & (positions > columns[-1])]
-        if text.numel() == 0:  # no prompt after the image: its last real token rates
-            text = positions[real][-1:]
-        scores = rater_scores(layer_queries, layer_keys, raters(embeddings, columns, text), real, columns)
+        after = positions[text & (positions > columns[-1])]
+        if after.numel() == 0:  # no text after the image: the last prompt token rates
+            after = positions[real][-1:]
+        scores = rater_scores(layer_queries, layer_keys, raters(embeddings, columns, after), real, columns)
         kept = kept_for_total(columns.numel(), count, self.recycle)
         ranked = scores.argsort(descending=True, stable=True)
         keep = ranked[:kept]

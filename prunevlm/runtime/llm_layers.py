@@ -148,14 +148,19 @@ class LayerPruning:
         if "embeddings" in names:
             first = self.step.embeddings
             signals["embeddings"] = first if current is None else _gather(first, current.source)
+        text = real.clone()
+        for row, images in enumerate(self.prefill.images):
+            for image in images:
+                text[row, self._current(image, row, current)[1]] = False
         merges = []
 
         def by_choice(row, image, alive):
             count = image.plan.counts[stage]
             if count >= alive.numel():
                 return alive
-            at = alive if current is None else torch.searchsorted(current.source[row], alive)
-            choice = self.method.choose(stage, count, at, real[row], **{name: value[row] for name, value in signals.items()})
+            at = self._current(image, row, current)[1]
+            choice = self.method.choose(stage, count, at, real[row], text[row],
+                                        **{name: value[row] for name, value in signals.items()})
             if isinstance(choice, tuple):  # positions, and the recycled ones: slots and weights over `at`
                 choice, slots, weights = choice
                 merges.append((row, alive[slots], weights, at))
@@ -165,6 +170,14 @@ class LayerPruning:
         view.merges = [(row, torch.searchsorted(view.source[row], slots), weights, at)
                        for row, slots, weights, at in merges]
         views[start] = view
+
+    @staticmethod
+    def _current(image, row: int, current: View | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image's columns that reached the view `current` (as stage-0 columns), and where they sit in it."""
+        if current is None:
+            return image.columns, image.columns
+        alive = image.columns[torch.isin(image.columns, current.source[row])]
+        return alive, torch.searchsorted(current.source[row], alive)
 
     @staticmethod
     def _stage_view(prefill, stage: int, previous: View | None, survivors) -> View:
