@@ -17,6 +17,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 VOCAB = 300
@@ -117,6 +119,27 @@ def _qwen_configs(cls, vision: dict, layers: int = 2):
         vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
         vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, pad_token_id=PAD,
     )
+
+
+def qwen3_vl(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> Qwen3VLForConditionalGeneration:
+    """Qwen3-VL: a 3-block vision tower whose blocks 0 and 1 feed DeepStack features to LLM layers 0 and 1,
+    interleaved M-RoPE, a Qwen3 LLM of `layers` layers."""
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=BOS, eos_token_id=EOS,
+                         pad_token_id=PAD, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                            "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
+        vision_config=dict(depth=3, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=8, spatial_merge_size=2,
+                           temporal_patch_size=2, out_hidden_size=64, deepstack_visual_indexes=[0, 1],
+                           num_position_embeddings=16),
+        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END, pad_token_id=PAD,
+    )
+    config._attn_implementation = attn
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
 
 
 def qwen2_vl(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> Qwen2VLForConditionalGeneration:

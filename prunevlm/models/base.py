@@ -178,6 +178,17 @@ class Adapter:
     def after_prefill(self, removed_tokens: int) -> None:
         """Family-specific bookkeeping after the prompt lost `removed_tokens` columns (e.g. M-RoPE deltas)."""
 
+    @property
+    def first_stage_layer(self) -> int:
+        """The lowest LLM layer an in-LLM stage may start at (Qwen3-VL adds DeepStack features below it)."""
+        return 0
+
+    def narrow_llm_inputs(self, kwargs: dict, flat_source: torch.Tensor, kept: torch.Tensor) -> dict:
+        """Updates for the language model's family-specific per-position inputs after pruning the prefill:
+        `flat_source` [B·L'] is the flattened original position (row·L + column) of each new position, `kept`
+        [B·L'] whether it holds a token (not padding). Default: none."""
+        return {}
+
     # -- LLM-side signals of in-LLM stages (methods/base.py::LLM_SIGNALS) ---------------------------------
 
     def check_llm_signals(self, names: tuple[str, ...]) -> None:

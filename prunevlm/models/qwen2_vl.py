@@ -162,3 +162,29 @@ class QwenVLAdapter(Adapter):
         # is shorter by the pruned count, so the delta grows by it (docs/transformers.md §1, M-RoPE bookkeeping).
         if self.base.rope_deltas is not None:
             self.base.rope_deltas = self.base.rope_deltas + removed_tokens
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL: Qwen2-VL's packing and interleaved M-RoPE, plus DeepStack: features of vision blocks added to
+    the hidden states at the visual positions after LLM layers 0 .. n−1 (docs/models.md §5). Pruning at the
+    LLM input subsets those rows and `visual_pos_masks` with the kept positions; an in-LLM stage must start at
+    layer n or later, where every DeepStack feature has been added."""
+
+    family = "qwen3_vl"
+    model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLModel")
+
+    @property
+    def first_stage_layer(self) -> int:
+        return len(self.visual.deepstack_visual_indexes)
+
+    def narrow_llm_inputs(self, kwargs: dict, flat_source: torch.Tensor, kept: torch.Tensor) -> dict:
+        visual = kwargs.get("visual_pos_masks")
+        if visual is None:
+            return {}
+        flat = visual.flatten()
+        rank = torch.cumsum(flat.long(), dim=0) - 1  # each visual position's row in the DeepStack features
+        new_visual = flat.index_select(0, flat_source) & kept
+        rows = rank.index_select(0, flat_source)[new_visual]
+        embeds = kwargs.get("deepstack_visual_embeds")
+        return {"visual_pos_masks": new_visual.view(visual.shape[0], -1),
+                "deepstack_visual_embeds": None if embeds is None else [e.index_select(0, rows) for e in embeds]}

@@ -346,6 +346,7 @@ class InputPruning:
                 new_embeds[choice.row, slots] = choice.tokens.to(new_embeds.dtype)
         new_mask = (source >= 0).long()
         new_embeds.masked_fill_(~new_mask.bool()[..., None], 0)
+        family_inputs = self.adapter.narrow_llm_inputs(call.kwargs, flat_source, new_mask.bool().flatten())
         synchronize(embeds.device)
         select_seconds = time.perf_counter() - start
 
@@ -372,7 +373,7 @@ class InputPruning:
             kept=[[c.placeholders for c in row] for row in per_row],
             recycled=[[c.recycled for c in row] for row in per_row],
         )
-        return call.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions)
+        return call.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions, **family_inputs)
 
     def _choose(self, images, image_tokens, embeds, text_per_row, recorded) -> list[ImageChoice]:
         """Run the method once per group of images that can share one call, for the whole batch.
@@ -398,6 +399,11 @@ class InputPruning:
         for members in groups.values():
             num_tokens = images[members[0]][1].numel()
             plan = self.method.plan(self.budget, num_tokens, self.num_layers)
+            if plan.layers and min(plan.layers) < self.adapter.first_stage_layer:
+                raise ValueError(
+                    f"{self.method.name} would prune at LLM layer {min(plan.layers)}, but {self.adapter.family} still "
+                    f"adds vision features to the visual positions up to layer {self.adapter.first_stage_layer - 1} "
+                    f"(DeepStack); set the method's layers to {self.adapter.first_stage_layer} or later")
             candidates = recorded[members[0]].get("candidates")
             count = plan.counts[0] if candidates is None else min(plan.counts[0], int(inputs[members[0]]["image_tokens"].shape[0]))
             with torch.no_grad():
