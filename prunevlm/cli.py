@@ -47,13 +47,13 @@ def parse_option(text: str) -> tuple[str, object]:
 
 def method_names(allow_none: bool):
     """A parser of comma-separated method names, checked against the registry (plus 'none', the unpruned
-    model, where the command measures it)."""
+    model, where the command measures it); 'all' is every registered method (and 'none')."""
 
     def parse(text: str) -> list[str]:
         from .methods import METHODS
 
-        known = [*METHODS, *(["none"] if allow_none else [])]
-        names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+        known = [*(["none"] if allow_none else []), *METHODS]
+        names = known if text.strip() == "all" else list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
         unknown = [name for name in names if name not in known]
         if unknown or not names:
             raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; available: {', '.join(known)}")
@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shape", default="small",
                        help="small: CLIP ViT-L/14-336 + Llama h1024 x 8 layers, for a CPU; 7b: LLaVA-1.5-7B, for a "
                             "GPU; tiny: for tests (the shapes of prunevlm/bench/models.py)")
-    bench.add_argument("--methods", type=method_names(allow_none=True), default="none,flashvlm,vispruner,vflowopt,random,uniform",
-                       help="comma-separated; none is the unpruned model")
+    bench.add_argument("--methods", type=method_names(allow_none=True), default="all",
+                       help="comma-separated, or all; none is the unpruned model")
     bench.add_argument("--budgets", type=parse_budgets, default="576,192,128,64,32", help="comma-separated tokens per image")
     bench.add_argument("--repeats", type=positive, default=3, help="timed rounds after one warm-up round (medians)")
     bench.add_argument("--decode-tokens", type=positive, default=16)
@@ -269,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = command("eval", "accuracy and fidelity against budget on the demo test split", cmd_eval)
     demo_model_folder(evaluation)
     evaluation.add_argument("--images", type=positive, default=200, help="test images; 6 questions each")
-    evaluation.add_argument("--methods", type=method_names(allow_none=False), default="flashvlm,vispruner,random,uniform",
-                            help="comma-separated (prunevlm methods)")
+    evaluation.add_argument("--methods", type=method_names(allow_none=False), default="all",
+                            help="comma-separated (prunevlm methods), or all; vflowopt runs through --vflowopt's configs")
     evaluation.add_argument("--budgets", type=parse_budgets, default="192,128,64,32,16",
                             help="comma-separated: tokens per image (int) or fractions (float)")
     evaluation.add_argument("--vflowopt", type=config_files, default=",".join(DEMO_CONFIGS.values()),

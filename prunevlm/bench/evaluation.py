@@ -64,6 +64,7 @@ def measure(model, processor, items, config: dict, reference: torch.Tensor | Non
     fidelity = None if reference is None else float(flow_similarity(reference, states).mean())
     return {
         **{k: config[k] for k in ("name", "method", "budget")},
+        "in_llm": handle is not None and handle.method.prunes_in_llm,
         "kept_tokens": statistics.mean(kept),
         "layer_average_tokens": statistics.mean(layer_average),
         "accuracy": {k: v for k, v in result.items() if k != "n"},
@@ -80,7 +81,7 @@ def table(rows: list[dict], qtypes: list[str]) -> str:
     header = ["method", "budget", "visual tokens (layer avg)", "overall", *qtypes, "fidelity", "KV cache"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        tokens = f"{r['kept_tokens']:.0f}" + (f" ({r['layer_average_tokens']:.1f})" if r["method"] == "vflowopt" else "")
+        tokens = f"{r['kept_tokens']:.0f}" + (f" ({r['layer_average_tokens']:.1f})" if r["in_llm"] else "")
         budget = "-" if r["budget"] is None else (f"T={r['budget']:g}" if isinstance(r["budget"], float) else str(r["budget"]))
         cells = [r["name"], budget, tokens, f"{100 * r['accuracy']['overall']:.1f}",
                  *(f"{100 * r['accuracy'][q]:.1f}" for q in qtypes),
@@ -101,19 +102,21 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     for r in rows[1:]:
         if r["name"] not in names:
             names.append(r["name"])
-    for name in names:
+    colours = plt.get_cmap("tab20").colors
+    for index, name in enumerate(names):
         points = sorted((r["layer_average_tokens"], r["accuracy"]["overall"], r["fidelity"]) for r in rows if r["name"] == name)
         x = [p[0] for p in points]
-        style = "s--" if name.startswith("vflowopt") else "o-"
-        left.plot(x, [100 * p[1] for p in points], style, label=name)
-        right.plot(x, [p[2] for p in points], style, label=name)
+        in_llm = next(r["in_llm"] for r in rows if r["name"] == name)
+        style = dict(marker="s" if in_llm else "o", ls="--" if in_llm else "-", color=colours[index % len(colours)])
+        left.plot(x, [100 * p[1] for p in points], label=name, **style)
+        right.plot(x, [p[2] for p in points], label=name, **style)
     left.axhline(100 * base["accuracy"]["overall"], color="k", lw=0.8, ls=":", label="unpruned")
     for axis, label in ((left, "test accuracy (%)"), (right, "fidelity: mean cos(last-token states)")):
         axis.set_xscale("log", base=2)
-        axis.set_xlabel("visual tokens per image (layer average for vflowopt)")
+        axis.set_xlabel("visual tokens per image (layer average for in-LLM methods, dashed)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    left.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
