@@ -27,7 +27,7 @@ from prunevlm.models.base import Capture
 from prunevlm.runtime.llm_input import InputPruning
 
 PARTITION, GRAM, ROUND = "diversity partition, whole", "Gram matrix of the residual", \
-    "rounds: column-wise max over B (all rounds, the batch at once)"
+    "rounds: column-wise max over B (all rounds; NumPy per image on the CPU)"
 REMAINDER = "partition remainder (ordering, gathers)"
 # (owner, attribute, depth, label): the parts, outermost first
 PARTS = [
