@@ -8,13 +8,14 @@ import prunevlm
 import tiny
 from prunevlm.models import get_adapter
 from prunevlm.models.base import Capture
+from prunevlm.methods.uniform import plane_shares
 from prunevlm.models.llava_next import COLUMN, CONTENT, CROP
 
 FAMILIES = {"llava_next": tiny.llava_next, "llava_onevision": tiny.llava_onevision}
 # row 0: a wide image (1 x 2 tiles); row 1: a large image (OneVision downscales its plane) and a square one;
 # row 2: text only
 SIZES = [[(30, 50)], [(100, 120), (40, 40)], []]
-METHODS = ["flashvlm", "vispruner", "random", "divprune", "cdpruner", "visionzip"]
+METHODS = ["flashvlm", "vispruner", "random", "uniform", "divprune", "cdpruner", "visionzip"]
 GENERATE = dict(max_new_tokens=4, **tiny.GREEDY)
 
 
@@ -129,11 +130,31 @@ def test_sampling_and_beam_search_run_pruned(case):
     assert handle.stats.tokens_after == [[6], [6], [6, 6], [6, 6], [], []]  # each row twice, 6 per image
 
 
-def test_methods_that_need_one_token_grid_are_refused(case):
+def test_vflowopt_is_refused_without_one_grid_and_attention_map(case):
     name, model, _ = case
-    for method in ("uniform", "vflowopt"):
-        with pytest.raises(NotImplementedError, match=f"needs signal.*the {name} adapter cannot provide"):
-            prunevlm.prune(model, method, 8)
+    with pytest.raises(NotImplementedError, match=f"vflowopt needs signal.*the {name} adapter cannot provide"):
+        prunevlm.prune(model, "vflowopt", 0.25)
+
+
+@torch.no_grad()
+def test_uniform_spreads_each_plane_s_share_over_it(case):
+    """The base crop (4 x 4) and the tile plane share k by size; each share lies evenly on its own plane."""
+    _, model, inputs = case
+    adapter = get_adapter(model)
+    with prunevlm.prune(model, "uniform", 10) as handle:
+        model(**inputs)
+    for kept, layout in zip([k for row in handle.stats.kept for k in row], adapter.layout(inputs["image_sizes"])):
+        (_, base_cols), (rows, cols) = adapter.planes(layout)
+        base, grid = kept[kept < 16], kept[kept >= 16]
+        assert base.numel() == plane_shares(10, [16, rows * cols])[0] and kept.numel() == 10
+        assert layout[kept, CONTENT].eq(1).all() and layout[grid, CROP].ge(1).all()
+
+
+def test_plane_shares_are_proportional_with_largest_remainders():
+    assert plane_shares(10, [16, 24]) == [4, 6]
+    assert plane_shares(8, [16, 24]) == [3, 5]  # 3.2 and 4.8: the larger remainder gets the extra token
+    assert plane_shares(5, [16, 16]) == [3, 2]  # a tie goes to the earlier plane
+    assert plane_shares(17, [16, 1]) == [16, 1]
 
 
 @torch.no_grad()

@@ -308,4 +308,4 @@ def test_list_methods_names_signals_and_options():
     assert {"flashvlm", "vispruner", "random", "uniform"} <= set(methods)
     assert methods["flashvlm"]["options"]["eta"] == 0.5
     assert "text_embeds" in methods["flashvlm"]["optional_signals"]
-    assert methods["uniform"]["signals"] == ["image_tokens", "grid"]
+    assert methods["uniform"]["signals"] == ["image_tokens"] and methods["uniform"]["optional_signals"] == ["grid", "planes"]

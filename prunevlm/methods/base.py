@@ -17,7 +17,8 @@ import torch
 
 from ..budget import Budget
 
-# Every signal a method may ask for, with its shape. B images, N tokens each, L text rows.
+# Every signal a method may ask for, with its shape. B images, N tokens each, L text rows. The layout signals
+# are plain tuples, one per call (the images of a call share it); every other signal is a tensor.
 SIGNALS: dict[str, str] = {
     "image_tokens": "[B, N, D] projected visual tokens, as the LLM receives them",
     "features": "[B, N, Dv] vision features before the projector (used for diversity; defaults to image_tokens)",
@@ -25,6 +26,7 @@ SIGNALS: dict[str, str] = {
     "text_embeds": "[B, L, D] LLM input embeddings of the prompt's non-image tokens",
     "text_mask": "[B, L] bool, False for padded text rows",
     "grid": "(h, w) spatial layout of the N tokens, row-major",
+    "planes": "((h, w), ...) the N tokens as row-major planes one after the other (LLaVA-NeXT: base crop, tile plane)",
     "attention": "[B, N, N] head-averaged vision attention among the N tokens (rows: queries)",
     "keys": "[B, N, d_h] the saliency layer's attention keys, averaged over heads, per token (a merge metric)",
     "patches": "[B, N, C, p, p] the (normalised) pixels under each token",
@@ -43,6 +45,9 @@ LLM_SIGNALS: dict[str, str] = {
     "input": "[L, D] the deciding layer's input hidden states",
     "embeddings": "[L, D] the LLM's input embeddings (the first layer's input) at the deciding layer's columns",
 }
+
+
+LAYOUT_SIGNALS = ("grid", "planes")
 
 
 @dataclass
@@ -165,7 +170,7 @@ class Method:
             raise TypeError(f"{self.name} needs signal(s) {missing}: " + "; ".join(f"{s} = {SIGNALS[s]}" for s in missing))
         batch = num_tokens = None
         for name, value in signals.items():
-            if value is None or name == "grid":
+            if value is None or name in LAYOUT_SIGNALS:
                 continue
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"signal {name} must be a torch.Tensor {SIGNALS[name]}, got {type(value).__name__}")
@@ -186,6 +191,10 @@ class Method:
         grid = signals.get("grid")
         if grid is not None and grid[0] * grid[1] != num_tokens:
             raise ValueError(f"grid {tuple(grid)} holds {grid[0] * grid[1]} tokens but the signals have N={num_tokens}")
+        planes = signals.get("planes")
+        if planes is not None and sum(h * w for h, w in planes) != num_tokens:
+            raise ValueError(f"planes {tuple(planes)} hold {sum(h * w for h, w in planes)} tokens but the signals have "
+                             f"N={num_tokens}")
         return batch, num_tokens
 
 

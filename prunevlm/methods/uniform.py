@@ -1,4 +1,4 @@
-"""Uniform baseline: k tokens spread evenly over the image's token grid."""
+"""Uniform baseline: k tokens spread evenly over the image's token grid (or over each of its planes)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,29 @@ def grid_sample(height: int, width: int, k: int, device: torch.device | str = "c
 class Uniform(Method):
     name: ClassVar[str] = "uniform"
     description: ClassVar[str] = "baseline: k tokens on an even spatial grid"
-    signals: ClassVar[tuple[str, ...]] = ("image_tokens", "grid")
+    signals: ClassVar[tuple[str, ...]] = ("image_tokens",)
+    optional_signals: ClassVar[tuple[str, ...]] = ("grid", "planes")  # one of them: the tokens' layout
 
-    def select(self, k, image_tokens, grid) -> Selection:
-        keep = grid_sample(int(grid[0]), int(grid[1]), k, image_tokens.device)
-        return Selection(keep=keep.expand(image_tokens.shape[0], -1).clone())
+    def select(self, k, image_tokens, grid=None, planes=None) -> Selection:
+        """On several planes (LLaVA-NeXT's base crop and tile plane), each gets its share of k by its size
+        (largest remainders), spread evenly over it."""
+        if planes is None and grid is None:
+            raise TypeError("uniform needs the tokens' layout: the signal grid (h, w) or planes ((h, w), ...)")
+        planes = [(int(h), int(w)) for h, w in (planes or [grid])]
+        keep, offset = [], 0
+        for (height, width), share in zip(planes, plane_shares(k, [h * w for h, w in planes])):
+            if share:
+                keep.append(grid_sample(height, width, share, image_tokens.device) + offset)
+            offset += height * width
+        return Selection(keep=torch.cat(keep).expand(image_tokens.shape[0], -1).clone())
+
+
+def plane_shares(k: int, sizes: list[int]) -> list[int]:
+    """k <= sum(sizes) split over planes of these sizes in proportion to them: the floors, then one more for
+    the largest remainders (ties: the earlier plane); no share exceeds its plane."""
+    exact = [k * size / sum(sizes) for size in sizes]
+    shares = [math.floor(e) for e in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (shares[i] - exact[i], i))
+    for i in by_remainder[: k - sum(shares)]:
+        shares[i] += 1
+    return shares

@@ -12,7 +12,7 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
     provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "attention", "keys",
-                          "patches", "grid"})
+                          "patches", "grid", "planes"})
 
     def check_supported(self) -> None:
         config = self.config
@@ -67,6 +67,7 @@ class LlavaAdapter(Adapter):
             pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
             capture.start_call()
             capture.record("grid", [self.grid] * pixels.shape[0])
+            capture.record("planes", [(self.grid,)] * pixels.shape[0])
             if "patches" in needed:
                 side = self.config.vision_config.patch_size
                 blocks = pixels.unfold(2, side, side).unfold(3, side, side)  # [n, C, rows, cols, p, p]

@@ -29,9 +29,9 @@ CROP, ROW, COLUMN, CONTENT = range(4)
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
-    # no single token grid (two planes, unpadded), no patch-to-patch map across crops: uniform and VFlowOpt
-    # are refused until they read the packed coordinates (docs/models.md §3)
-    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "keys"})
+    # two planes (base crop, unpadded tile plane) but no single token grid, and no patch-to-patch map across
+    # crops: VFlowOpt is refused (docs/models.md §3)
+    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "keys", "planes"})
     tower_model_type = "clip_vision_model"
     select_strategy = "default"
 
@@ -79,6 +79,16 @@ class LlavaNextAdapter(LlavaAdapter):
         per_crop = torch.stack(torch.broadcast_tensors(
             crop[:, None], (index // side)[None], (index % side)[None], torch.ones(1, 1)), dim=-1)
         return self.pack(per_crop, image_sizes.cpu(), batch_num_images)
+
+    def planes(self, layout: torch.Tensor) -> tuple[tuple[int, int], ...]:
+        """The candidates (content placeholders) as row-major planes: the base crop, then the tile plane (its
+        rows are the newlines' count; a single-crop image is its base crop alone)."""
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        content = int((layout[:, CONTENT] > 0.5).sum())
+        if content == side * side:
+            return ((side, side),)
+        rows = int((layout[:, CONTENT] < 0.5).sum())
+        return (side, side), (rows, (content - side * side) // rows)
 
     @staticmethod
     def newline_rows(layout: torch.Tensor) -> torch.Tensor:
@@ -173,6 +183,7 @@ class LlavaNextAdapter(LlavaAdapter):
             layout = self.layout(sizes, num_images)
             call["candidates"] = [image[:, CONTENT] > 0.5 for image in layout]
             call["rows"] = [self.newline_rows(image) for image in layout]
+            call["planes"] = [self.planes(image) for image in layout]
             for name in [key for key in call if key.startswith("crop_")]:
                 (per_crop,) = call.pop(name)
                 packed = self.pack(per_crop, sizes, num_images)

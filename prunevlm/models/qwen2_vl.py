@@ -18,7 +18,7 @@ class QwenVLAdapter(Adapter):
         "Qwen2_5_VLForConditionalGeneration",
         "Qwen2_5_VLModel",
     )
-    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "saliency", "attention", "keys", "patches", "grid"})
+    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "saliency", "attention", "keys", "patches", "grid", "planes"})
     compact_positions = False  # M-RoPE positions encode the image grid; they must stay original
 
     @property
@@ -70,7 +70,9 @@ class QwenVLAdapter(Adapter):
             grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
             state["grid_thw"] = grid_thw
             capture.start_call()
-            capture.record("grid", self.image_grids({"image_grid_thw": grid_thw}))
+            grids = self.image_grids({"image_grid_thw": grid_thw})
+            capture.record("grid", grids)
+            capture.record("planes", [(grid,) for grid in grids])
 
         def record_tokens(module, args, kwargs, output):
             counts = (state["grid_thw"].prod(dim=-1) // self.merge**2).tolist()

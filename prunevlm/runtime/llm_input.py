@@ -26,7 +26,7 @@ from functools import cached_property
 import torch
 
 from ..budget import Budget
-from ..methods.base import Method, Plan, Selection
+from ..methods.base import LAYOUT_SIGNALS, Method, Plan, Selection
 from ..models.base import Adapter, Capture, synchronize
 from .contract import Call, ContractError, check_dynamic, is_prefill, output_cache
 from .llm_layers import LayerPruning
@@ -424,15 +424,15 @@ class InputPruning:
 
     @staticmethod
     def _group_key(signals: dict) -> tuple:
-        """Images with equal keys go in one method call: token count, grid and text length."""
-        grid = signals.get("grid")
+        """Images with equal keys go in one method call: token count, layout (grid, planes) and text length."""
         text = signals.get("text_embeds")
-        return signals["image_tokens"].shape[0], None if grid is None else tuple(grid), None if text is None else text.shape[0]
+        layout = tuple(None if signals.get(name) is None else tuple(signals[name]) for name in LAYOUT_SIGNALS)
+        return signals["image_tokens"].shape[0], *layout, None if text is None else text.shape[0]
 
     @staticmethod
     def _stack(group: list[dict]) -> dict:
-        """One batch of signals from the images of a group (the grid is the group's)."""
-        return {name: value if name == "grid" else torch.stack([signals[name] for signals in group])
+        """One batch of signals from the images of a group (the layout is the group's)."""
+        return {name: value if name in LAYOUT_SIGNALS else torch.stack([signals[name] for signals in group])
                 for name, value in group[0].items()}
 
     def _signals(self, image_tokens, embeds, row, columns, text, recorded) -> dict:
@@ -448,8 +448,8 @@ class InputPruning:
             value = recorded.get(name)
             if value is None:
                 raise RuntimeError(f"the vision hooks did not record {name!r}; was the image encoded while pruning was attached?")
-            signals[name] = value if name == "grid" else value.to(embeds.device)
-            if index is not None and name != "grid":
+            signals[name] = value if name in LAYOUT_SIGNALS else value.to(embeds.device)
+            if index is not None and name not in LAYOUT_SIGNALS:
                 signals[name] = signals[name].index_select(0, index)
         return signals
 
