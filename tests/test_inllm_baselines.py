@@ -226,8 +226,21 @@ FAMILIES = {
 CASES = [(method, family) for method in IN_LLM for family in FAMILIES]
 
 
-def test_registered_as_in_llm_methods():
-    assert all(METHODS[name].prunes_in_llm and METHODS[name].llm_signals for name in IN_LLM)
+def test_registered_as_in_llm_methods_that_select_only_on_a_model():
+    for name in IN_LLM:
+        assert METHODS[name].prunes_in_llm and METHODS[name].llm_signals
+        with pytest.raises(NotImplementedError, match="prunevlm.prune"):
+            prunevlm.select(name, 4, image_tokens=torch.randn(1, 16, 8))
+        assert prunevlm.select(name, 16, image_tokens=torch.randn(1, 16, 8)).keep.tolist() == [list(range(16))]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", IN_LLM)
+def test_budgets_the_first_layers_already_exceed_are_refused(method):
+    """On 4 layers every method keeps all 16 tokens in layer 0: a layer average of 4 is out of reach."""
+    model, inputs = tiny.llava(layers=4), tiny.llava_inputs([1])
+    with prunevlm.prune(model, method, 0.25), pytest.raises(ValueError, match="out of reach"):
+        model(**inputs)
 
 
 @torch.no_grad()

@@ -115,6 +115,10 @@ class Method:
         k = budget.tokens_to_keep(num_tokens)
         if k == num_tokens:
             return self.keep_all(batch, num_tokens, **signals)
+        if self.llm_signals:
+            raise NotImplementedError(
+                f"{self.name} keeps every token at the LLM input and chooses inside the LLM, from the LLM's own "
+                f"signals {list(self.llm_signals)}: run it on a model with prunevlm.prune(), not on signals")
         return self.select(k, **signals)
 
     def keep_all(self, batch: int, num_tokens: int, **signals) -> Selection:

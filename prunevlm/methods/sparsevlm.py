@@ -112,7 +112,13 @@ class SparseVLM(Method):
             alive = counts[-1]
             lowest = recycled_count(alive) if self.recycle else 1
             counts.append(min(alive, max(lowest, 1, wanted)))
-        return Plan(tuple(counts), layers, num_layers)
+        plan = Plan(tuple(counts), layers, num_layers)
+        if plan.layer_average > target / num_layers + 0.5:
+            raise ValueError(
+                f"sparsevlm: a layer average of {target / num_layers:.1f} visual tokens is out of reach with stage "
+                f"layers {layers} of {num_layers} (this schedule gives at least {plan.layer_average:.1f}: layers "
+                f"0..{layers[0] - 1} hold all {num_tokens}); move the stages earlier or use a larger budget")
+        return plan
 
     def choose(self, stage, count, columns, real, text, layer_queries, layer_keys, input, embeddings):
         positions = torch.arange(real.numel(), device=real.device)
