@@ -3,45 +3,10 @@ the kept tokens of the first batch."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
-from PIL import Image
-
-
-def read_image(path: str | Path) -> Image.Image:
-    try:
-        return Image.open(path).convert("RGB")
-    except OSError as error:
-        raise ValueError(f"cannot read image {str(path)!r}: {error}") from None
-
-
-def jsonl_rows(path: str) -> list[tuple[list[str], str]]:
-    """(image paths, prompt) per line of {"image": path | [paths] | null, "prompt": text}; relative paths are
-    read from the file's folder."""
-    folder, rows = Path(path).parent, []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                images, prompt = record.get("image"), record["prompt"]
-            except (json.JSONDecodeError, KeyError, AttributeError) as error:
-                raise ValueError(f"{path}:{number}: expected {{\"image\": path or [paths] or null, \"prompt\": text}}: "
-                                 f"{error!r}") from None
-            images = [] if images is None else [images] if isinstance(images, str) else list(images)
-            missing = [p for p in images if not (folder / p).is_file()]
-            if missing or not isinstance(prompt, str):
-                raise ValueError(f"{path}:{number}: " + (f"no image file(s) {missing} (relative to {folder})" if missing
-                                                        else f"prompt must be text, got {prompt!r}"))
-            rows.append(([str(folder / p) for p in images], prompt))
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    return rows
 
 
 def pruning_settings(args) -> tuple[str, object, dict, dict | None]:
@@ -56,7 +21,7 @@ def pruning_settings(args) -> tuple[str, object, dict, dict | None]:
 
 def run(args) -> list[str]:
     from . import prune
-    from .loading import load, prompt_inputs
+    from .loading import jsonl_rows, load, prompt_inputs, read_image
 
     if args.method and len(args.method) > 1:
         raise ValueError(f"generate takes one --method, got {','.join(args.method)}")

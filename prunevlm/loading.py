@@ -3,7 +3,11 @@ the processor's pixel normalisation."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from PIL import Image
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -96,3 +100,35 @@ def prompt_inputs(processor, images: list, questions: list[str], device) -> dict
     tokenizer.padding_side = "left"
     inputs = processor(images=given or None, text=texts, return_tensors="pt", padding=True)
     return inputs.to(device)
+
+
+def read_image(path: str | Path) -> Image.Image:
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as error:
+        raise ValueError(f"cannot read image {str(path)!r}: {error}") from None
+
+
+def jsonl_rows(path: str) -> list[tuple[list[str], str]]:
+    """(image paths, prompt) per line of {"image": path | [paths] | null, "prompt": text}; relative paths are
+    read from the file's folder."""
+    folder, rows = Path(path).parent, []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                images, prompt = record.get("image"), record["prompt"]
+            except (json.JSONDecodeError, KeyError, AttributeError) as error:
+                raise ValueError(f"{path}:{number}: expected {{\"image\": path or [paths] or null, \"prompt\": text}}: "
+                                 f"{error!r}") from None
+            images = [] if images is None else [images] if isinstance(images, str) else list(images)
+            missing = [p for p in images if not (folder / p).is_file()]
+            if missing or not isinstance(prompt, str):
+                raise ValueError(f"{path}:{number}: " + (f"no image file(s) {missing} (relative to {folder})" if missing
+                                                        else f"prompt must be text, got {prompt!r}"))
+            rows.append(([str(folder / p) for p in images], prompt))
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows

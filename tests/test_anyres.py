@@ -109,14 +109,7 @@ def test_newline_policies(case):
 def test_left_padded_batch_with_a_text_only_row_equals_the_rows_alone(case, method):
     _, model, inputs = case
     with prunevlm.prune(model, method, 5):
-        batch = model.generate(**inputs, **GENERATE, output_logits=True, return_dict_in_generate=True)
-        for row in range(len(SIZES)):
-            single = row_alone(inputs, row)
-            alone = model.generate(**single, **GENERATE, output_logits=True, return_dict_in_generate=True)
-            generated = alone.sequences[0, single["input_ids"].shape[1]:]
-            assert torch.equal(batch.sequences[row, inputs["input_ids"].shape[1]:][: generated.numel()], generated)
-            for step_batch, step_alone in zip(batch.logits, alone.logits):
-                torch.testing.assert_close(step_batch[row], step_alone[0], atol=1e-5, rtol=0)
+        tiny.assert_batch_equals_rows(model, inputs, [row_alone(inputs, row) for row in range(len(SIZES))], **GENERATE)
 
 
 @torch.no_grad()

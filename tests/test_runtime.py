@@ -100,20 +100,11 @@ def test_left_padded_batch_equals_rows_run_alone(name, attn, method):
     """A batch of 3 (one text-only row) gives the logits and tokens of its rows run one by one."""
     make, make_inputs = FAMILIES[name]
     model, inputs = make(attn), make_inputs()
+    firsts = [sum(IMAGES_PER_ROW[:row]) for row in range(len(IMAGES_PER_ROW))]
+    singles = [tiny.row_inputs(inputs, row, first, count, family_of(name))
+               for row, (first, count) in enumerate(zip(firsts, IMAGES_PER_ROW))]
     with prunevlm.prune(model, method, budget=3):
-        batch = model.generate(**inputs, **GENERATE, output_logits=True, return_dict_in_generate=True)
-        seen = 0
-        for row, count in enumerate(IMAGES_PER_ROW):
-            single = tiny.row_inputs(inputs, row, seen, count, family_of(name))
-            seen += count
-            alone = model.generate(**single, **GENERATE, output_logits=True, return_dict_in_generate=True)
-            # a row may stop early at EOS: the batch pads it from there
-            generated = alone.sequences[0, single["input_ids"].shape[1]:]
-            in_batch = batch.sequences[row, inputs["input_ids"].shape[1]:]
-            assert torch.equal(in_batch[: generated.numel()], generated)
-            assert (in_batch[generated.numel():] == tiny.PAD).all()
-            for step_batch, step_alone in zip(batch.logits, alone.logits):
-                torch.testing.assert_close(step_batch[row], step_alone[0], atol=1e-5, rtol=0)
+        tiny.assert_batch_equals_rows(model, inputs, singles, **GENERATE)
 
 
 @torch.no_grad()

@@ -257,3 +257,18 @@ def save_llava_folder(path, layers: int = 2) -> None:
     )
     llava(layers=layers).save_pretrained(path)
     processor.save_pretrained(path)
+
+
+def assert_batch_equals_rows(model, inputs: dict, singles: list[dict], **generate) -> None:
+    """generate() on the batch gives each row the tokens and logits of that row run alone (`singles`, one
+    inputs dict per row); a row that stops early at EOS is padded from there in the batch."""
+    options = dict(generate, output_logits=True, return_dict_in_generate=True)
+    batch = model.generate(**inputs, **options)
+    for row, single in enumerate(singles):
+        alone = model.generate(**single, **options)
+        generated = alone.sequences[0, single["input_ids"].shape[1]:]
+        in_batch = batch.sequences[row, inputs["input_ids"].shape[1]:]
+        assert torch.equal(in_batch[: generated.numel()], generated)
+        assert (in_batch[generated.numel():] == PAD).all()
+        for step_batch, step_alone in zip(batch.logits, alone.logits):
+            torch.testing.assert_close(step_batch[row], step_alone[0], atol=1e-5, rtol=0)

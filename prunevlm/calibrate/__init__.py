@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -13,7 +12,7 @@ from PIL import Image
 
 from ..cli import RESULTS
 from ..config import save_config
-from ..loading import pixel_normalisation
+from ..loading import jsonl_rows, pixel_normalisation, read_image
 from ..methods.vflowopt import default_layers
 from ..models import get_adapter
 from .search import FlowObjective, open_study, run_search
@@ -32,21 +31,13 @@ def demo_samples(count: int, seed: int, first_image: int = 0) -> list[tuple[Imag
 
 
 def jsonl_samples(path: str) -> list[tuple[Image.Image, str]]:
-    """(image, prompt) pairs from a JSONL file; relative image paths are read from the file's folder."""
-    folder = Path(path).parent
+    """(image, prompt) pairs from a JSONL file of {"image": path, "prompt": text} (`loading.jsonl_rows`),
+    one image per row."""
     samples = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                image = Image.open(folder / record["image"]).convert("RGB")
-                samples.append((image, str(record["prompt"])))
-            except (json.JSONDecodeError, KeyError, OSError) as error:
-                raise ValueError(f"{path}:{number}: expected {{\"image\": path, \"prompt\": text}}: {error}") from error
-    if not samples:
-        raise ValueError(f"{path} holds no samples")
+    for number, (images, prompt) in enumerate(jsonl_rows(path), 1):
+        if len(images) != 1:
+            raise ValueError(f"{path}: row {number} has {len(images)} images; calibration takes one per row")
+        samples.append((read_image(images[0]), prompt))
     return samples
 
 

@@ -77,19 +77,7 @@ class LlavaAdapter(Adapter):
         handles = [tower.register_forward_pre_hook(start, with_kwargs=True),
                    projector.register_forward_hook(lambda module, args, output: capture.record("tokens", list(output)))]
         if needed & {"saliency", "attention", "keys"}:
-            # Read the layer's own query and key projections as they are computed: no recomputation.
-            attention = tower.encoder.layers[self.feature_layer].self_attn
-            queries = {}
-
-            def keep_queries(module, args, output):
-                queries["q"] = output
-
-            def record_attention(module, args, keys):
-                with torch.no_grad(), Timer(capture, keys.device):
-                    self._record_attention(attention, queries.pop("q"), keys, needed, capture)
-
-            handles.append(attention.q_proj.register_forward_hook(keep_queries))
-            handles.append(attention.k_proj.register_forward_hook(record_attention))
+            handles += self.query_key_hooks(capture, lambda attn, q, k: self._record_attention(attn, q, k, needed, capture))
         if "features" in needed:
 
             def record_features(module, args):
@@ -97,6 +85,21 @@ class LlavaAdapter(Adapter):
 
             handles.append(projector.register_forward_pre_hook(record_features))
         return handles
+
+    def query_key_hooks(self, capture: Capture, use) -> list:
+        """Hooks that hand the feature layer's own query and key projections, as they are computed (no
+        recomputation), to `use(attention module, queries, keys)`, timed as signal time."""
+        attention = self.base.vision_tower.encoder.layers[self.feature_layer].self_attn
+        queries = {}
+
+        def keep_queries(module, args, output):
+            queries["q"] = output
+
+        def use_keys(module, args, keys):
+            with torch.no_grad(), Timer(capture, keys.device):
+                use(attention, queries.pop("q"), keys)
+
+        return [attention.q_proj.register_forward_hook(keep_queries), attention.k_proj.register_forward_hook(use_keys)]
 
     def _record_attention(self, attn, queries: torch.Tensor, keys: torch.Tensor, needed: set[str], capture: Capture) -> None:
         """CLS->patch attention (the VisPruner/FasterVLM saliency), the patch-to-patch map and the patches'

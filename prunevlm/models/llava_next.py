@@ -19,7 +19,7 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ..signals.attention import attention_probs
-from .base import Capture, InstanceAttribute, Timer
+from .base import Capture, InstanceAttribute
 from .llava import LlavaAdapter
 
 # channels of the packed coordinate tensor; a newline packs as all zeros (content 0)
@@ -151,19 +151,12 @@ class LlavaNextAdapter(LlavaAdapter):
                    projector.register_forward_hook(record_tokens),
                    InstanceAttribute(self.base, "get_image_features", encode_noting_sizes)]
         if needed & {"saliency", "keys"}:
-            attention = tower.encoder.layers[self.feature_layer].self_attn
-            queries = {}
 
-            def keep_queries(module, args, output):
-                queries["q"] = output
+            def record_attention(attention, queries, keys):
+                for name, per_crop in self.attention_signals(attention, queries, keys, needed).items():
+                    capture.record(f"crop_{name}", [per_crop])
 
-            def record_attention(module, args, keys):
-                with torch.no_grad(), Timer(capture, keys.device):
-                    for name, per_crop in self.attention_signals(attention, queries.pop("q"), keys, needed).items():
-                        capture.record(f"crop_{name}", [per_crop])
-
-            handles.append(attention.q_proj.register_forward_hook(keep_queries))
-            handles.append(attention.k_proj.register_forward_hook(record_attention))
+            handles += self.query_key_hooks(capture, record_attention)
         if "features" in needed:
             handles.append(projector.register_forward_pre_hook(
                 lambda module, args: capture.record("crop_features", [args[0]])))
