@@ -8,6 +8,8 @@ EXTRAS := .[calibrate,plot,dev]
 LOCK := requirements.lock
 # The lowest transformers pyproject.toml allows: CI tests it beside the locked and the newest versions.
 OLDEST_TRANSFORMERS := transformers==5.23.0
+# The lmms-eval release the plugin is tested with (make test-lmms).
+LMMS_EVAL := lmms-eval==0.7.3
 
 # $(call fresh_venv,DIR,MORE_PIP_ARGUMENTS): a new venv with the CPU torch and this project (editable).
 define fresh_venv
@@ -17,7 +19,7 @@ define fresh_venv
 	$(1)/bin/python -m pip install -q -e "$(EXTRAS)" $(2)
 endef
 
-.PHONY: setup demo bench test fuzz test-newest test-oldest lock clean
+.PHONY: setup demo bench test fuzz test-newest test-oldest test-lmms lock clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +49,20 @@ test-oldest:
 	$(call fresh_venv,.venv-oldest,"$(OLDEST_TRANSFORMERS)")
 	.venv-oldest/bin/python -m pytest
 
+# The real lmms-eval running the plugin (tests/test_lmms_eval.py; docs/lmms-eval.md), in its own venv:
+# lmms-eval without its declared dependencies (through torchvision they would replace the CPU torch), what it
+# runs on from the lmms-eval extra, and the model's stack at the locked versions (the rest of the lock is not
+# imposed: lmms-eval needs filelock < 4, its results table python-dateutil < 3).
+LMMS_LOCKED := ^(transformers|tokenizers|huggingface.hub|safetensors|numpy|pillow|tqdm)==
+test-lmms:
+	rm -rf .venv-lmms
+	python3 -m venv .venv-lmms
+	.venv-lmms/bin/python -m pip install -q $(TORCH_PIN)
+	grep -iE '$(LMMS_LOCKED)' $(LOCK) > .venv-lmms/constraints.txt
+	.venv-lmms/bin/python -m pip install -q -e ".[dev,lmms-eval]" -c .venv-lmms/constraints.txt
+	.venv-lmms/bin/python -m pip install -q --no-deps $(LMMS_EVAL)
+	.venv-lmms/bin/python -m pytest tests/test_lmms_eval.py
+
 # Refresh $(LOCK) with the newest allowed releases; then `make test` and commit it.
 lock:
 	$(call fresh_venv,.venv-lock,)
@@ -54,4 +70,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) .venv-newest .venv-oldest .venv-lock build *.egg-info
+	rm -rf $(VENV) .venv-newest .venv-oldest .venv-lock .venv-lmms build *.egg-info
