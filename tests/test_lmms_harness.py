@@ -98,8 +98,8 @@ def test_unpruned_rows_report_every_token():
 
 
 def test_loglikelihood_is_generates_score_with_the_selection_made_without_the_answer(flashvlm16):
-    """The greedy answer's log-probability is the sum of generate's own step scores, and greedy; a wrong
-    answer scores lower and is not greedy; the kept tokens are those of answering (the candidate answer does
+    """The greedy answer's loss is minus the mean of generate's own step log-probabilities, and greedy; a
+    wrong answer has a higher loss and is not greedy; the kept tokens are those of answering (the candidate answer does
     not steer the text-guided selection)."""
     batch = ITEMS[:6]
     images, questions = [[it.image] for it in batch], [it.question for it in batch]
@@ -109,15 +109,15 @@ def test_loglikelihood_is_generates_score_with_the_selection_made_without_the_an
     assert [k.tolist() for row in flashvlm16.handle.stats.kept for k in row] == kept_answering
     wrong = flashvlm16.loglikelihood(images, questions, ["purple cross"] * len(batch))
     assert [k.tolist() for row in flashvlm16.handle.stats.kept for k in row] == kept_answering
-    for item, answer, (logprob, greedy), (wrong_logprob, wrong_greedy) in zip(batch, answers, right, wrong):
+    for item, answer, (loss, greedy), (wrong_loss, wrong_greedy) in zip(batch, answers, right, wrong):
         inputs = prompt_inputs(flashvlm16.processor, [item.image], [item.question], "cpu")
         with torch.inference_mode():
             out = flashvlm16.model.generate(**inputs, output_scores=True, return_dict_in_generate=True)
         new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
         assert new[:-1] == flashvlm16.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]  # then eos
-        expected = sum(float(torch.log_softmax(s[0], -1)[t]) for s, t in zip(out.scores, new[:-1]))
-        assert logprob == pytest.approx(expected, abs=1e-3) and greedy
-        assert wrong_logprob < logprob and not wrong_greedy
+        steps = [float(torch.log_softmax(s[0], -1)[t]) for s, t in zip(out.scores, new[:-1])]
+        assert loss == pytest.approx(-sum(steps) / len(steps), abs=1e-3) and greedy
+        assert wrong_loss > loss and not wrong_greedy
 
 
 def test_exported_tasks_hold_the_test_split_in_evals_order(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .tasks import TASK, export
+from .tasks import export, usage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,8 +18,7 @@ def main(argv: list[str] | None = None) -> None:
         path = export(args.dir, args.images)
     except ValueError as error:
         parser.error(str(error))
-    print(f"wrote {path}; run: lmms-eval --model prunevlm --model_args pretrained=...,method=...,budget=... "
-          f"--include_path {path.parent} --tasks {TASK}")
+    print(usage(path))
 
 
 if __name__ == "__main__":

@@ -141,10 +141,12 @@ class PrunedModel:
 
     @torch.inference_mode()
     def loglikelihood(self, images: list, contexts: list[str], continuations: list[str]) -> list[tuple[float, bool]]:
-        """Per row: log P(continuation | images, context) and whether greedy decoding would produce it. Each
-        continuation is tokenised on its own and forced through `generate` after the chat template's answer
-        prompt, so the visual tokens are selected from the images and context alone, as when answering (a
-        forward over context + continuation would let a text-guided method see the candidate answer)."""
+        """Per row: the mean negative log-likelihood per token of the continuation given the images and the
+        context, and whether greedy decoding would produce it. The mean loss, not the log-probability lmms-eval's
+        base class describes, is what its multiple-choice scoring takes the argmin of and what its own HF models
+        return. Each continuation is tokenised on its own and forced through `generate` after the chat
+        template's answer prompt, so the visual tokens are selected from the images and context alone, as when
+        answering (a forward over context + continuation would let a text-guided method see the candidate)."""
         inputs = self._inputs(images, contexts)
         tokenizer = self.processor.tokenizer
         targets = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in continuations]
@@ -165,8 +167,8 @@ class PrunedModel:
         for row, target in enumerate(targets):
             target = torch.tensor(target, device=logits.device)
             scores = logits[row, : len(target)]
-            logprob = torch.log_softmax(scores, dim=-1).gather(-1, target[:, None]).sum()
-            results.append((float(logprob), bool((scores.argmax(dim=-1) == target).all())))
+            loss = -torch.log_softmax(scores, dim=-1).gather(-1, target[:, None]).mean()
+            results.append((float(loss), bool((scores.argmax(dim=-1) == target).all())))
         return results
 
     def remove(self) -> None:

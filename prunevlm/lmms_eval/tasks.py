@@ -86,3 +86,9 @@ def export(folder: str | os.PathLike, images: int = 200, seed: int = 0) -> Path:
     yaml_path = root / f"{TASK}.yaml"
     yaml_path.write_text(task_yaml(str(data_file)))
     return yaml_path
+
+
+def usage(yaml_path: Path) -> str:
+    """What to tell after an export: the file written and the lmms-eval command that runs it."""
+    return (f"wrote {yaml_path}; run: lmms-eval --model prunevlm --model_args pretrained=...,method=...,budget=... "
+            f"--include_path {yaml_path.parent} --tasks {TASK}")
