@@ -137,7 +137,10 @@ class LayerPruning:
         if "last_attention" in names:
             signals["last_attention"] = self.adapter.last_attention(index, hidden, embeddings, real)
         if "prior_keys" in names:
-            keys = layer_keys(call.cache(required=True), index - 1)
+            keys = layer_keys(call.cache(required=True), index - 1) if index > 0 else None
+            if keys is None or keys.shape[-2] != hidden.shape[1]:
+                raise ValueError(f"{self.method.name}: the layer before the deciding layer {index} must run on the same "
+                                 f"sequence (no stage may start at the deciding layer)")
             signals["prior_keys"] = keys.transpose(1, 2).flatten(2)
         if "normed_input" in names:
             signals["normed_input"] = self.adapter.final_norm(hidden)
