@@ -108,13 +108,16 @@ def selection_per_image(signals: dict, methods: list[str], budgets: list, batche
                         num_layers: int) -> list[dict]:
     """The method's selection alone, outside the model, on `signals` (a batch of at least max(batches)
     images): per (method, budget), the median ms per image of one call on `batch` images, for each batch
-    size. k is the method's count at the LLM input (vflowopt: its stage 0). Rounds run every configuration
-    once, after a warm-up round, as `measure` does."""
+    size. k is the method's count at the LLM input (vflowopt: its stage 0). Methods that choose inside the
+    LLM (`llm_signals`) or need a signal not given are left out: only the pipeline times them. Rounds run
+    every configuration once, after a warm-up round, as `measure` does."""
     device = signals["image_tokens"].device
     num_tokens = signals["image_tokens"].shape[1]
     configs = []
     for name in methods:
         method = make_method(name)
+        if method.llm_signals or not set(method.signals) <= set(signals):
+            continue
         taken = {key: value for key, value in signals.items() if key in method.signals + method.optional_signals}
         for budget in budgets:
             k = method.plan(Budget.of(budget), num_tokens, num_layers).counts[0]
