@@ -87,11 +87,11 @@ def test_pdrop_refuses_budgets_below_its_first_stage():
     assert PyramidDrop().plan(Budget(1.0), 576, 32).counts == (576,) * 4
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
 def test_last_attention_is_eager_attentions_last_row_at_that_layer(family):
     """§6.6.3 (and FastV's signal): the recomputed row equals eager attention's last row at layer l, on the
-    input of layer l (Qwen2-VL: grouped-query heads and M-RoPE)."""
-    make = tiny.llava if family == "llava" else tiny.qwen2_vl
+    input of layer l (Qwen2-VL: grouped-query heads and M-RoPE; Qwen3-VL: per-head q/k norms too)."""
+    make = {"llava": tiny.llava, "qwen2_vl": tiny.qwen2_vl, "qwen3_vl": tiny.qwen3_vl}[family]
     model = make(attn="eager", layers=3)
     inputs = tiny.llava_inputs([1]) if family == "llava" else tiny.qwen_inputs([[(4, 4)]])
     adapter = get_adapter(model)
@@ -302,9 +302,9 @@ def test_batch_with_a_text_only_row_equals_rows_alone(method, family):
                 torch.testing.assert_close(step_batch[row], step_alone[0], atol=1e-5, rtol=0)
 
 
-def test_a_decoder_without_plain_q_k_projections_is_refused():
+def test_a_decoder_without_q_k_projections_is_refused():
     model = tiny.llava(layers=4)
-    get_adapter(model).decoder_layers()[0].self_attn.q_norm = torch.nn.Identity()
+    del get_adapter(model).decoder_layers()[0].self_attn.q_proj
     with pytest.raises(NotImplementedError, match="cannot be recomputed"):
         prunevlm.prune(model, "fastv", 0.5)
     prunevlm.prune(model, "dart", 0.5).remove()  # dart reads the cache's keys, not q/k

@@ -195,17 +195,17 @@ class Adapter:
         """Refuse LLM-side signals this family's decoder cannot give cheaply, with the reason."""
         if {"last_attention", "layer_queries", "layer_keys"} & set(names):
             attention = self.decoder_layers()[0].self_attn
-            if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "head_dim", "scaling")) or \
-                    hasattr(attention, "q_norm"):
+            if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "head_dim", "scaling")):
                 raise NotImplementedError(
-                    f"the {self.family} decoder's attention ({type(attention).__name__}) is not a plain q/k projection "
+                    f"the {self.family} decoder's attention ({type(attention).__name__}) is not a q/k projection "
                     f"with rotary positions, so its attention cannot be recomputed from it")
 
     def queries_and_keys(self, layer: int, hidden: torch.Tensor, position_embeddings,
                          last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder layer `layer`'s post-RoPE queries times its attention scaling ([B, H, L, d_h]; [B, H, 1, d_h]
         for the last position alone) and keys repeated per query head ([B, H, L, d_h]), fp32, recomputed from
-        its input `hidden` [B, L, D]: its input norm, q/k projections and the rotary `position_embeddings`
+        its input `hidden` [B, L, D]: its input norm, q/k projections (and per-head q/k norms where the family
+        has them) and the rotary `position_embeddings`
         (cos, sin) [B, L, d_h] the layer receives."""
         block = self.decoder_layers()[layer]
         attention = block.self_attn
@@ -213,8 +213,11 @@ class Adapter:
         batch, length, _ = x.shape
         size = attention.head_dim
         rows = x[:, -1:] if last_only else x
-        query = attention.q_proj(rows).view(batch, rows.shape[1], -1, size).transpose(1, 2)
-        keys = attention.k_proj(x).view(batch, length, -1, size).transpose(1, 2)
+        query = attention.q_proj(rows).view(batch, rows.shape[1], -1, size)
+        keys = attention.k_proj(x).view(batch, length, -1, size)
+        if hasattr(attention, "q_norm"):  # per-head norms before the rotary embedding (Qwen3)
+            query, keys = attention.q_norm(query), attention.k_norm(keys)
+        query, keys = query.transpose(1, 2), keys.transpose(1, 2)
         cos, sin = (p[:, None] for p in position_embeddings)
         query = (query * cos[:, :, -rows.shape[1]:] + _rotate_half(query) * sin[:, :, -rows.shape[1]:]).float()
         keys = (keys * cos + _rotate_half(keys) * sin).float()
