@@ -196,6 +196,12 @@ def cmd_calibrate(args) -> None:
     run(args)
 
 
+def cmd_export_lmms_tasks(args) -> None:
+    from .lmms_eval.tasks import export, usage
+
+    print(usage(export(args.dir, args.images)))
+
+
 def version() -> str:
     from importlib.metadata import PackageNotFoundError, version as installed
 
@@ -299,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", default=None, help=f"config JSON to write (default: {RESULTS}/vflowopt-T<budget>.json)")
     calibrate.add_argument("--batch-size", type=positive, default=16)
     add_machine_flags(calibrate)
+
+    lmms = command("export-lmms-tasks", "write the demo test split as lmms-eval tasks (docs/lmms-eval.md)",
+                   cmd_export_lmms_tasks)
+    lmms.add_argument("dir", help="folder for the images, the JSONL and the task YAML (created)")
+    lmms.add_argument("--images", type=positive, default=200, help="test images; 6 questions each (as eval)")
     return parser
 
 

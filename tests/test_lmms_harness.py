@@ -12,7 +12,7 @@ import torch
 import prunevlm
 from prunevlm.demo import accuracy, dataset
 from prunevlm.lmms_eval import tasks
-from prunevlm.lmms_eval.__main__ import main as lmms_main
+from prunevlm.cli import main
 from prunevlm.lmms_eval.harness import PrunedModel, cut, generation_kwargs, parse_model_args
 from prunevlm.loading import prompt_inputs
 
@@ -146,9 +146,9 @@ def test_task_metrics_are_evals_exact_match():
 
 
 def test_export_command(tmp_path, capsys):
-    lmms_main(["export", str(tmp_path / "t"), "--images", "1"])
+    main(["export-lmms-tasks", str(tmp_path / "t"), "--images", "1"])
     assert f"--include_path {tmp_path / 't'} --tasks prunevlm_demo" in capsys.readouterr().out
     assert len(open(tmp_path / "t" / f"{tasks.TASK}.jsonl").readlines()) == len(dataset.QTYPES)
     with pytest.raises(SystemExit):
-        lmms_main(["export", str(tmp_path / "u"), "--images", "0"])
-    assert "images must be an int >= 1" in capsys.readouterr().err
+        main(["export-lmms-tasks", str(tmp_path / "u"), "--images", "0"])
+    assert "argument --images: must be an int >= 1" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """prunevlm as an lmms-eval model (docs/lmms-eval.md): `lmms-eval --model prunevlm --model_args
 pretrained=...,method=flashvlm,budget=64 --tasks ...`, and the demo test split as lmms-eval tasks
-(`python -m prunevlm.lmms_eval export DIR`).
+(`prunevlm export-lmms-tasks DIR`).
 
 lmms-eval finds the model through the entry point `prunevlm = "prunevlm.lmms_eval:manifest"` of the group
 `lmms_eval.models` (pyproject.toml). Only `model` imports lmms-eval; `harness` and `tasks` do not.

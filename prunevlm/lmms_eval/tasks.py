@@ -47,7 +47,7 @@ def task_yaml(data_file: str) -> str:
         for q in dataset.QTYPES
     )
     return (
-        f"# Written by `python -m prunevlm.lmms_eval export`: the demo test split, scored as `prunevlm eval` scores it.\n"
+        f"# Written by `prunevlm export-lmms-tasks`: the demo test split, scored as `prunevlm eval` scores it.\n"
         f"task: {TASK}\n"
         f"dataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(data_file)}\n"
