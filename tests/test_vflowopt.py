@@ -259,3 +259,12 @@ def test_config_round_trip_and_validation(tmp_path):
     bad.write_text('{"method": "vflowopt", "budget": 0.25, "options": {"r_v": 3, "r_1": 0.5, "t": 1, "m": 10, "alpha": 0}}')
     with pytest.raises(ValueError, match="option r_v must be in"):
         prunevlm.prune(model, "vflowopt", config=str(bad))
+
+
+@pytest.mark.parametrize("fraction", [0.55, 0.7, 0.8889, 0.95, 0.999])
+def test_default_plans_meet_budgets_above_the_released_schedules(fraction):
+    """The released configs stop at T = 0.5; above what they keep with r_v = 1, r_1 rises to meet T."""
+    for tokens, depth, layers in ((729, 28, None), (144, 4, (1, 3))):
+        plan = VFlowOpt(layers=layers).plan(Budget(fraction), tokens, depth)
+        assert abs(plan.layer_average / tokens - fraction) < 1 / tokens
+        assert plan.counts[0] >= plan.counts[1] >= plan.counts[2]

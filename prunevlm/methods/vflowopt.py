@@ -197,6 +197,11 @@ class VFlowOpt(Method):
                 r_v = min(1.0, fraction * num_layers / (k1 + (k2 - k1) * r_1 + (num_layers - k2) * r_1 * released_r_2))
         if num_layers > k2:  # r_2 from T (§3.3), before rounding to token counts
             r_2 = r_2_for_budget(fraction, r_v, r_1, (k1, k2), num_layers)
+            if r_2 > 1 and self.r_1 is None:
+                # T above what the released schedule keeps even with r_v = 1 (the released configs stop at
+                # T = 0.5): keep every token from k2 on and raise r_1 to meet T instead
+                r_1 = min(1.0, r_1_for_budget(fraction, r_v, 1.0, (k1, k2), num_layers))
+                r_2 = r_2_for_budget(fraction, r_v, r_1, (k1, k2), num_layers)
             if not 0 < r_2 <= 1 + 1e-9:
                 raise ValueError(
                     f"vflowopt: r_v={r_v:.4f}, r_1={r_1:.4f} cannot meet T={fraction:.4f} (it would need r_2={r_2:.3f}); "
