@@ -30,6 +30,9 @@ def kept_for_total(alive: int, total: int, recycle: bool) -> int:
     grows by 0 or 1 per kept token, so every total from its minimum up is met exactly)."""
     if not recycle or total >= alive:
         return total
+    if total < recycled_count(alive):
+        raise ValueError(f"sparsevlm: {total} of {alive} visual tokens is below what recycling alone makes "
+                         f"({recycled_count(alive)} cluster means); raise the budget or set recycle=False")
     return next(k for k in range(total, -1, -1) if k + recycled_count(alive - k) == total)
 
 
