@@ -129,9 +129,14 @@ def run(args) -> list[dict]:
     model, processor = accuracy.load(args.model, args.dtype, args.device)
     items = dataset.flatten(dataset.generate("test", args.images))
     qtypes = list(dataset.QTYPES)
-    rows, reference = [], None
+    rows, refused, reference = [], [], None
     for config in configurations(args, pixel_normalisation(processor)):
-        row = measure(model, processor, items, config, reference, args)
+        try:
+            row = measure(model, processor, items, config, reference, args)
+        except ValueError as error:  # a budget the method cannot reach on this model: say so, go on
+            refused.append({**{k: config[k] for k in ("name", "method", "budget")}, "reason": str(error)})
+            print(f"  {config['name']:22s} {str(config['budget']):>5s}: refused: {error}", file=sys.stderr)
+            continue
         if reference is None:
             reference = row["states"]
         rows.append(row)
@@ -141,11 +146,13 @@ def run(args) -> list[dict]:
         del row["states"]
     title = (f"demo test split, {len(items)} questions, {rows[0]['kept_tokens']} visual tokens per image "
              f"(unpruned {100 * rows[0]['accuracy']['overall']:.1f} %)")
-    markdown = table(rows, qtypes)
+    markdown = table(rows, qtypes) + "".join(
+        f"\n\n{r['name']} at {r['budget']} refused: {r['reason']}" for r in refused)
     print(f"\n{title}\n\n{markdown}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(f"{args.out}.json", "w") as f:
-        json.dump({"title": title, "questions": len(items), "rows": rows, "majority_baseline": dataset.majority_baseline(items),
+        json.dump({"title": title, "questions": len(items), "rows": rows, "refused": refused,
+                   "majority_baseline": dataset.majority_baseline(items),
                    "torch": torch.__version__, "threads": torch.get_num_threads()}, f, indent=1)
     with open(f"{args.out}.md", "w") as f:
         f.write(f"{title}\n\n{markdown}\n")
