@@ -97,7 +97,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     base = rows[0]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8))
     names = []
     for r in rows[1:]:
         if r["name"] not in names:
@@ -116,9 +116,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         axis.set_xlabel("visual tokens per image (layer average for in-LLM methods, dashed)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    left.legend(fontsize=7, ncol=2)
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=8, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
