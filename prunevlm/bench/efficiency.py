@@ -54,7 +54,7 @@ def run(args) -> dict:
     rows = measure(model, inputs, configs, args.repeats, args.decode_tokens)
     diversity = diversity_timing(args.diversity_tokens) if args.diversity_tokens else None
     selection = selection_timing(args, model, dtype, device, [m for m in methods if m != "none"], budgets)
-    for row in tqdm(rows, desc="peak memory", unit="run", file=sys.stderr):
+    for row in tqdm([r for r in rows if "refused" not in r], desc="peak memory", unit="run", file=sys.stderr):
         row["peak_mb"] = peak_memory(model, inputs, row["method"], row["budget"])
     report = {
         "command": "prunevlm bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "prunevlm bench",

@@ -81,21 +81,32 @@ def measure_once(model, inputs, method: str, budget: int, decode_tokens: int) ->
 
 
 def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, decode_tokens: int) -> list[dict]:
-    """Median figures per (method, budget) over `repeats` rounds after a warm-up round.
+    """Median figures per (method, budget) over `repeats` rounds after a warm-up round; a budget a method
+    cannot reach on this model is a row with the reason under "refused" (found in the warm-up round).
 
     Each round runs every configuration once, so a slow spell of a shared machine spreads over all of
     them instead of landing on the few measured back to back while it lasts."""
     runs = {config: [] for config in configs}
+    refused = {}
     with tqdm(total=(repeats + 1) * len(configs), desc="timing", unit="run", file=sys.stderr) as progress:
         for round_ in range(repeats + 1):
             for method, budget in configs:
                 progress.set_postfix_str(f"round {round_}{' (warm-up)' if not round_ else ''}: {method} {budget or ''}")
-                run = measure_once(model, inputs, method, budget, decode_tokens)
+                progress.update()
+                if (method, budget) in refused:
+                    continue
+                try:
+                    run = measure_once(model, inputs, method, budget, decode_tokens)
+                except ValueError as error:
+                    refused[(method, budget)] = str(error)
+                    continue
                 if round_:  # round 0 warms every configuration up
                     runs[(method, budget)].append(run)
-                progress.update()
     rows = []
     for (method, budget), measured in runs.items():
+        if (method, budget) in refused:
+            rows.append({"method": method, "budget": budget, "refused": refused[(method, budget)]})
+            continue
         row = {"method": method, "budget": budget}
         for key in measured[0]:
             row[key] = measured[0][key] if key == "kept" else statistics.median(r[key] for r in measured)
