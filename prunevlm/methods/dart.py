@@ -11,7 +11,7 @@ import torch
 
 from ..budget import Budget
 from .base import Method, Plan, option
-from .fastv import kept_for_average, scaled_layer
+from .fastv import one_stage
 
 
 def least_duplicated(similarity: torch.Tensor, pool: torch.Tensor, quotas: list[int]) -> torch.Tensor:
@@ -54,11 +54,7 @@ class DART(Method):
         choices=("layer_average", "kept"))
 
     def plan(self, budget: Budget, num_tokens: int, num_layers: int) -> Plan:
-        layer = scaled_layer(self.layer, num_layers)
-        if self.budget_convention == "kept":
-            kept = budget.tokens_to_keep(num_tokens)
-        else:
-            kept = kept_for_average(budget, num_tokens, layer, num_layers, self.name)
+        layer, kept = one_stage(self, budget, num_tokens, num_layers)
         if self.quota == "official" and kept < num_tokens:
             kept = official_count(kept, num_tokens, self.image_pivots, self.text_pivots)
         return Plan((num_tokens, kept), (layer,), num_layers)

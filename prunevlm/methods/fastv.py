@@ -33,6 +33,15 @@ def kept_for_average(budget: Budget, num_tokens: int, layer: int, num_layers: in
     return min(num_tokens, max(1, round((target - floor) / (num_layers - layer))))
 
 
+def one_stage(method, budget: Budget, num_tokens: int, num_layers: int) -> tuple[int, int]:
+    """(K scaled to the LLM, tokens kept from K on) of a method with one stage, an option `layer` and an
+    option `budget_convention` (FastV, DART)."""
+    layer = scaled_layer(method.layer, num_layers)
+    if method.budget_convention == "kept":
+        return layer, budget.tokens_to_keep(num_tokens)
+    return layer, kept_for_average(budget, num_tokens, layer, num_layers, method.name)
+
+
 def last_token_scores(last_attention: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Per-head softmax rows [H, L] averaged over heads, then read at the image's columns (the official order:
     no renormalisation over the image keys, which would reweight the heads)."""
@@ -64,11 +73,7 @@ class FastV(Method):
         choices=("layer_average", "kept"))
 
     def plan(self, budget: Budget, num_tokens: int, num_layers: int) -> Plan:
-        layer = scaled_layer(self.layer, num_layers)
-        if self.budget_convention == "kept":
-            kept = budget.tokens_to_keep(num_tokens)
-        else:
-            kept = kept_for_average(budget, num_tokens, layer, num_layers, self.name)
+        layer, kept = one_stage(self, budget, num_tokens, num_layers)
         return Plan((num_tokens, kept), (layer,), num_layers)
 
     def choose(self, stage, count, columns, real, text, last_attention) -> torch.Tensor:
