@@ -182,3 +182,23 @@ def test_onevision_images_of_a_multi_image_prompt_are_one_base_crop_each():
     sizes = torch.tensor([[30, 50], [100, 120]])
     counts = adapter.image_token_counts({"pixel_values": torch.zeros(1), "image_sizes": sizes, "batch_num_images": [2]})
     assert counts == [17, 17]  # 16 base tokens and one newline
+
+
+IN_LLM = ["fastv", "pdrop", "dart", "sparsevlm"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", IN_LLM)
+def test_in_llm_baselines_run_on_packed_images_and_restore(case, method):
+    """The in-LLM baselines on NeXT/OneVision: a full budget is the identity; a reachable layer average
+    prunes inside the LLM (stages reported), and remove() restores the model. Six LLM layers: PyramidDrop
+    and SparseVLM need more than their three stages."""
+    name, _, inputs = case
+    model = FAMILIES[name](layers=6)
+    reference = model(**inputs).logits
+    with prunevlm.prune(model, method, 1.0):
+        assert torch.equal(model(**inputs).logits, reference)
+    with prunevlm.prune(model, method, 0.9) as handle:
+        model.generate(**inputs, **GENERATE)
+    assert all(plan.layers for row in handle.stats.stages for plan in row)
+    assert torch.equal(model(**inputs).logits, reference)
