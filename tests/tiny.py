@@ -30,29 +30,16 @@ QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 297, 298, 295, 296
 GREEDY = dict(do_sample=False, suppress_tokens=[LLAVA_IMAGE, QWEN_IMAGE, QWEN_VIDEO])
 
 
-def llava(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> LlavaForConditionalGeneration:
-    """CLIP tower (32 px, patch 8: 16 patch tokens + CLS, 3 layers) and a Llama of `layers` layers."""
-    torch.manual_seed(seed)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                       num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD,
-                                bos_token_id=BOS, eos_token_id=EOS),
-        image_token_index=LLAVA_IMAGE, image_seq_length=16, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", pad_token_id=PAD,
-    )
+# the vision tower of the LLaVA-style tiny models: 32 px, patch 8 (16 patch tokens), 3 layers
+TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def _build(cls, config, attn: str):
+    """The model of `config` in eval mode, on the `attn` implementation, padding with PAD when generating."""
     config._attn_implementation = attn
-    model = LlavaForConditionalGeneration(config).eval()
+    model = cls(config).eval()
     model.generation_config.pad_token_id = PAD
     return model
-
-
-# AnyRes tiles of 32 px (4 x 4 tokens of patch 8); 128 x 128 makes a 16 x 16 plane, which OneVision's
-# anyres_max_9 (at most 9 x 16 tokens) downscales
-PINPOINTS = [[32, 64], [64, 32], [64, 64], [64, 96], [128, 128]]
-ANYRES_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                    image_size=32, patch_size=8)
 
 
 def _llama(layers: int) -> LlamaConfig:
@@ -60,29 +47,40 @@ def _llama(layers: int) -> LlamaConfig:
                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
 
 
+def llava(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> LlavaForConditionalGeneration:
+    """CLIP tower (32 px, patch 8: 16 patch tokens + CLS, 3 layers) and a Llama of `layers` layers."""
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**TOWER),
+        text_config=_llama(layers),
+        image_token_index=LLAVA_IMAGE, image_seq_length=16, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", pad_token_id=PAD,
+    )
+    return _build(LlavaForConditionalGeneration, config, attn)
+
+
+# AnyRes tiles of 32 px (4 x 4 tokens of patch 8); 128 x 128 makes a 16 x 16 plane, which OneVision's
+# anyres_max_9 (at most 9 x 16 tokens) downscales
+PINPOINTS = [[32, 64], [64, 32], [64, 64], [64, 96], [128, 128]]
+
+
 def llava_next(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> LlavaNextForConditionalGeneration:
     """LLaVA-NeXT: CLIP tower with CLS (32 px crops), AnyRes tiles, unpadding and row newlines."""
     torch.manual_seed(seed)
-    config = LlavaNextConfig(vision_config=CLIPVisionConfig(**ANYRES_TOWER), text_config=_llama(layers),
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(**TOWER), text_config=_llama(layers),
                              image_token_index=LLAVA_IMAGE, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
                              vision_feature_select_strategy="default", pad_token_id=PAD)
-    config._attn_implementation = attn
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = PAD
-    return model
+    return _build(LlavaNextForConditionalGeneration, config, attn)
 
 
 def llava_onevision(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> LlavaOnevisionForConditionalGeneration:
     """LLaVA-OneVision: SigLIP tower (no CLS, all tokens), AnyRes with anyres_max_9 downscaling."""
     torch.manual_seed(seed)
-    config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**ANYRES_TOWER), text_config=_llama(layers),
+    config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**TOWER), text_config=_llama(layers),
                                   image_token_index=LLAVA_IMAGE, video_token_index=LLAVA_IMAGE - 1,
                                   image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
                                   vision_feature_select_strategy="full")
-    config._attn_implementation = attn
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = PAD
-    return model
+    return _build(LlavaOnevisionForConditionalGeneration, config, attn)
 
 
 def anyres_inputs(model, sizes_per_row: list[list[tuple[int, int]]], text: int = 6, seed: int = 0) -> dict:
@@ -136,20 +134,14 @@ def qwen3_vl(attn: str = "sdpa", seed: int = 0, layers: int = 4) -> Qwen3VLForCo
         image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
         vision_end_token_id=QWEN_END, pad_token_id=PAD,
     )
-    config._attn_implementation = attn
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = PAD
-    return model
+    return _build(Qwen3VLForConditionalGeneration, config, attn)
 
 
 def qwen2_vl(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> Qwen2VLForConditionalGeneration:
     torch.manual_seed(seed)
     config = _qwen_configs(Qwen2VLConfig, dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
                                                patch_size=8, spatial_merge_size=2, temporal_patch_size=2), layers)
-    config._attn_implementation = attn
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = PAD
-    return model
+    return _build(Qwen2VLForConditionalGeneration, config, attn)
 
 
 def qwen2_5_vl(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> Qwen2_5_VLForConditionalGeneration:
@@ -159,10 +151,7 @@ def qwen2_5_vl(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> Qwen2_5_VL
                                                   out_hidden_size=64, patch_size=8, spatial_merge_size=2,
                                                   temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1]),
                            layers)
-    config._attn_implementation = attn
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = PAD
-    return model
+    return _build(Qwen2_5_VLForConditionalGeneration, config, attn)
 
 
 def text_ids(n: int, generator: torch.Generator) -> list[int]:
