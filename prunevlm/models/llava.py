@@ -13,19 +13,21 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
     provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "attention", "keys",
                           "patches", "grid", "planes"})
+    # the vision tower and feature selection the adapter handles (its saliency reads the CLS row)
+    tower_model_type, tower_name = "clip_vision_model", "a CLIP vision tower (CLS token)"
+    select_strategy, strategy_meaning = "default", "CLS dropped, patch tokens only"
 
     def check_supported(self) -> None:
         config = self.config
         vision = config.vision_config
-        if vision.model_type != "clip_vision_model":
+        if vision.model_type != self.tower_model_type:
             raise NotImplementedError(
-                f"prunevlm supports LLaVA with a CLIP vision tower (CLS token); this model's tower is "
-                f"{vision.model_type!r}"
+                f"prunevlm supports {self.family} with {self.tower_name}; this model's tower is {vision.model_type!r}"
             )
-        if config.vision_feature_select_strategy != "default":
+        if config.vision_feature_select_strategy != self.select_strategy:
             raise NotImplementedError(
-                "prunevlm supports LLaVA with vision_feature_select_strategy='default' (CLS dropped, patch tokens "
-                f"only); this model uses {config.vision_feature_select_strategy!r}"
+                f"prunevlm supports {self.family} with vision_feature_select_strategy={self.select_strategy!r} "
+                f"({self.strategy_meaning}); this model uses {config.vision_feature_select_strategy!r}"
             )
         layer = config.vision_feature_layer
         if not isinstance(layer, int) or layer == 0:

@@ -32,20 +32,10 @@ class LlavaNextAdapter(LlavaAdapter):
     # two planes (base crop, unpadded tile plane) but no single token grid, and no patch-to-patch map across
     # crops: VFlowOpt is refused (docs/models.md §3)
     provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "keys", "planes"})
-    tower_model_type = "clip_vision_model"
-    select_strategy = "default"
 
-    def check_supported(self) -> None:
-        config = self.config
-        if config.vision_config.model_type != self.tower_model_type:
-            raise NotImplementedError(f"prunevlm supports {self.family} with a {self.tower_model_type} tower; this "
-                                      f"model's is {config.vision_config.model_type!r}")
-        if config.vision_feature_select_strategy != self.select_strategy:
-            raise NotImplementedError(f"prunevlm supports {self.family} with vision_feature_select_strategy="
-                                      f"{self.select_strategy!r}; this model uses {config.vision_feature_select_strategy!r}")
-        layer = config.vision_feature_layer
-        if not isinstance(layer, int) or layer == 0:
-            raise NotImplementedError(f"prunevlm supports one vision feature layer other than the embeddings; got {layer!r}")
+    def __init__(self, model):
+        super().__init__(model)
+        self.layouts: dict[tuple, list[torch.Tensor]] = {}  # layout() per (image sizes, images per prompt)
 
     # -- packing ------------------------------------------------------------------------------------
 
@@ -72,18 +62,21 @@ class LlavaNextAdapter(LlavaAdapter):
         """Per image [placeholders, 4], the model's packing applied to coordinates: the crop, the row and the
         column within the crop (fractional after OneVision's downscale), and 1 for image content, 0 for a
         newline."""
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        counts = self.crops(image_sizes, batch_num_images)
-        index = torch.arange(side * side, dtype=torch.float32)
-        crop = torch.cat([torch.arange(count, dtype=torch.float32) for count in counts])
-        per_crop = torch.stack(torch.broadcast_tensors(
-            crop[:, None], (index // side)[None], (index % side)[None], torch.ones(1, 1)), dim=-1)
-        return self.pack(per_crop, image_sizes.cpu(), batch_num_images)
+        sizes = image_sizes.cpu()
+        key = (tuple(map(tuple, sizes.tolist())), None if batch_num_images is None else tuple(map(int, batch_num_images)))
+        if key not in self.layouts:  # asked when the images are located and again when they are packed
+            side = self.grid[0]
+            index = torch.arange(side * side, dtype=torch.float32)
+            crop = torch.cat([torch.arange(count, dtype=torch.float32) for count in self.crops(sizes, batch_num_images)])
+            per_crop = torch.stack(torch.broadcast_tensors(
+                crop[:, None], (index // side)[None], (index % side)[None], torch.ones(1, 1)), dim=-1)
+            self.layouts = {key: self.pack(per_crop, sizes, batch_num_images)}
+        return self.layouts[key]
 
     def planes(self, layout: torch.Tensor) -> tuple[tuple[int, int], ...]:
         """The candidates (content placeholders) as row-major planes: the base crop, then the tile plane (its
         rows are the newlines' count; a single-crop image is its base crop alone)."""
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        side = self.grid[0]
         content = int((layout[:, CONTENT] > 0.5).sum())
         if content == side * side:
             return ((side, side),)
@@ -111,11 +104,14 @@ class LlavaNextAdapter(LlavaAdapter):
         return [int(image.shape[0]) for image in self.layout(sizes, kwargs.get("batch_num_images"))]
 
     def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
-        raise NotImplementedError(f"{self.family} images have no single token grid (a base plane and an unpadded "
-                                  f"tile plane); pictures of the kept tokens are not drawn for them yet")
+        raise self.no_picture()
 
     def pixel_views(self, inputs: dict) -> list[torch.Tensor]:
-        return self.image_grids(inputs)
+        raise self.no_picture()
+
+    def no_picture(self) -> NotImplementedError:
+        return NotImplementedError(f"{self.family} images have no single token grid (a base plane and an unpadded "
+                                   f"tile plane); pictures of the kept tokens are not drawn for them yet")
 
     # -- hooks --------------------------------------------------------------------------------------
 
@@ -141,11 +137,10 @@ class LlavaNextAdapter(LlavaAdapter):
                 sizes.pop("call", None)
 
         def record_tokens(module, args, output):
-            capture.record("crop_tokens", [output])
             if "call" not in sizes:
                 raise ValueError(f"{self.family}: the projector ran outside get_image_features, so the image sizes "
                                  f"that place its tokens are unknown; encode images through the model")
-            self.pack_records(capture, *sizes["call"])
+            self.record_packed(capture, output, *sizes["call"])
 
         handles = [tower.register_forward_pre_hook(lambda module, args, kwargs: capture.start_call(), with_kwargs=True),
                    projector.register_forward_hook(record_tokens),
@@ -162,25 +157,22 @@ class LlavaNextAdapter(LlavaAdapter):
                 lambda module, args: capture.record("crop_features", [args[0]])))
         return handles
 
-    def pack_records(self, capture: Capture, sizes, num_images) -> None:
-        """Pack the encoder calls not packed yet with these image sizes: tokens (with the model's newline, as
-        the LLM receives them), candidates (not newlines), rows, and each signal."""
-        for call in capture.calls:
-            if "tokens" in call or "crop_tokens" not in call:
-                continue
-            (crop_tokens,) = call.pop("crop_tokens")
-            if sum(self.crops(sizes, num_images)) != crop_tokens.shape[0]:
-                raise ValueError(f"{self.family}: the vision tower encoded {crop_tokens.shape[0]} crops, which the "
-                                 f"image_sizes of the call do not account for; pass the processor's output unchanged")
-            call["tokens"] = self.pack(crop_tokens, sizes, num_images, self.base.image_newline)
-            layout = self.layout(sizes, num_images)
-            call["candidates"] = [image[:, CONTENT] > 0.5 for image in layout]
-            call["rows"] = [self.newline_rows(image) for image in layout]
-            call["planes"] = [self.planes(image) for image in layout]
-            for name in [key for key in call if key.startswith("crop_")]:
-                (per_crop,) = call.pop(name)
-                packed = self.pack(per_crop, sizes, num_images)
-                call[name[len("crop_"):]] = [p[:, 0] for p in packed] if name == "crop_saliency" else packed
+    def record_packed(self, capture: Capture, crop_tokens: torch.Tensor, sizes, num_images) -> None:
+        """The projector's per-crop output and this encoder call's per-crop signals, packed per image: tokens
+        (with the model's newline, as the LLM receives them), candidates (not newlines), rows, planes."""
+        if sum(self.crops(sizes, num_images)) != crop_tokens.shape[0]:
+            raise ValueError(f"{self.family}: the vision tower encoded {crop_tokens.shape[0]} crops, which the "
+                             f"image_sizes of the call do not account for; pass the processor's output unchanged")
+        call = capture.calls[-1]
+        for name in [key for key in call if key.startswith("crop_")]:
+            (per_crop,) = call.pop(name)
+            packed = self.pack(per_crop, sizes, num_images)
+            call[name[len("crop_"):]] = [p[:, 0] for p in packed] if name == "crop_saliency" else packed
+        capture.record("tokens", self.pack(crop_tokens, sizes, num_images, self.base.image_newline))
+        layout = self.layout(sizes, num_images)
+        capture.record("candidates", [image[:, CONTENT] > 0.5 for image in layout])
+        capture.record("rows", [self.newline_rows(image) for image in layout])
+        capture.record("planes", [self.planes(image) for image in layout])
 
     def attention_signals(self, attn, queries, keys, needed) -> dict[str, torch.Tensor]:
         """Per crop: the CLS->patch attention [n, T, 1] (saliency) and the patches' head-mean keys [n, T, d]."""
@@ -202,8 +194,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
-    tower_model_type = "siglip_vision_model"
-    select_strategy = "full"
+    tower_model_type, tower_name = "siglip_vision_model", "a SigLIP vision tower"
+    select_strategy, strategy_meaning = "full", "every patch token"
 
     def check_inputs(self, kwargs: dict) -> None:
         if kwargs.get("pixel_values_videos") is not None:

@@ -390,8 +390,9 @@ class InputPruning:
         on the text length), which the sharpening turns into other kept indices. Returns the choices in the
         images' order.
         """
-        inputs = [self._signals(tokens, embeds, row, columns, text_per_row[row], signals)
-                  for (row, columns), tokens, signals in zip(images, image_tokens, recorded)]
+        candidates = [self._candidates(signals, columns.device) for (_, columns), signals in zip(images, recorded)]
+        inputs = [self._signals(tokens, embeds, row, columns, text_per_row[row], signals, selectable)
+                  for (row, columns), tokens, signals, (selectable, _) in zip(images, image_tokens, recorded, candidates)]
         groups: dict[tuple, list[int]] = {}
         for i, signals in enumerate(inputs):
             groups.setdefault((images[i][1].numel(), *self._group_key(signals)), []).append(i)
@@ -404,14 +405,13 @@ class InputPruning:
                     f"{self.method.name} would prune at LLM layer {min(plan.layers)}, but {self.adapter.family} still "
                     f"adds vision features to the visual positions up to layer {self.adapter.first_stage_layer - 1} "
                     f"(DeepStack); set the method's layers to {self.adapter.first_stage_layer} or later")
-            candidates = recorded[members[0]].get("candidates")
-            count = plan.counts[0] if candidates is None else min(plan.counts[0], int(inputs[members[0]]["image_tokens"].shape[0]))
+            # newlines are no candidates: a count above the candidates keeps them all (and the newlines by policy)
+            count = min(plan.counts[0], inputs[members[0]]["image_tokens"].shape[0])
             with torch.no_grad():
                 selection = self.method(Budget(count), **self._stack([inputs[i] for i in members]))
             for index, i in enumerate(members):
                 row, columns = images[i]
-                choices[i] = ImageChoice(row, columns, selection, index, plan, *self._candidates(recorded[i], columns.device),
-                                         self.newline)
+                choices[i] = ImageChoice(row, columns, selection, index, plan, *candidates[i], self.newline)
         return choices
 
     @staticmethod
@@ -435,10 +435,9 @@ class InputPruning:
         return {name: value if name in LAYOUT_SIGNALS else torch.stack([signals[name] for signals in group])
                 for name, value in group[0].items()}
 
-    def _signals(self, image_tokens, embeds, row, columns, text, recorded) -> dict:
-        """The method's inputs for one image, unbatched (`text`: the row's text columns)."""
-        candidates = recorded.get("candidates")
-        index = None if candidates is None else torch.nonzero(candidates.to(image_tokens.device)).flatten()
+    def _signals(self, image_tokens, embeds, row, columns, text, recorded, index) -> dict:
+        """The method's inputs for one image, unbatched (`text`: the row's text columns; `index`: the
+        placeholders the method may choose from, None for all)."""
         signals = {"image_tokens": image_tokens if index is None else image_tokens.index_select(0, index)}
         if self.needed & {"text_embeds", "text_mask"}:
             if self.method.text_before_first_image:
