@@ -15,7 +15,7 @@ from .budget import Budget
 from . import DEMO_CONFIGS, DEMO_MODEL
 
 RESULTS = "prunevlm-results"  # commands write under this folder of the working directory by default
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # loading.DTYPES' names (that module imports torch)
 
 
 def parse_budget(text: str) -> Budget:

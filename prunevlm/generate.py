@@ -9,12 +9,12 @@ import time
 import torch
 
 
-def pruning_settings(args) -> tuple[str, object, dict, dict | None]:
-    """(method, budget, options, config) from --method/--budget/--option/--config, the config's where not given."""
+def pruning_settings(args) -> tuple[str, object, dict, str | None]:
+    """(method, budget, options, config path) from --method/--budget/--option/--config, the config's where
+    not given (prune() checks that they agree with it)."""
     options = dict(args.option)
     if args.config is not None:
-        method = args.method[0] if args.method else args.config["method"]
-        return method, args.budget, options, {k: v for k, v in args.config.items() if k != "path"}
+        return args.method[0] if args.method else args.config["method"], args.budget, options, args.config["path"]
     method = args.method[0] if args.method else "flashvlm"
     return method, 64 if args.budget is None else args.budget, options, None
 

@@ -31,9 +31,9 @@ def resolve_dtype(dtype: str):
     return DTYPES[dtype]
 
 
-def check_supported(model_id: str) -> str:
-    """The model class `from_pretrained` would build for `model_id`, refused here (before any weights or
-    processor files are read) when prunevlm has no adapter for it."""
+def check_supported(model_id: str) -> None:
+    """Refuse `model_id`, before any weights or processor files are read, when the class `from_pretrained`
+    would build for it has no prunevlm adapter."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -50,7 +50,6 @@ def check_supported(model_id: str) -> str:
             f"vision-language model; prunevlm supports {', '.join(supported_models())}"
         )
     adapter_class(model_class)
-    return model_class
 
 
 def load(model_id: str, dtype: str = "auto", device: str = "auto", attn: str = "sdpa"):

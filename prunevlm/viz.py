@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -79,8 +81,6 @@ def panel(cells: list[list[tuple[Image.Image, str]]], column_titles: list[str], 
 def kept_tokens_picture(adapter, inputs: dict, processor, stats, path: str | None = None) -> Image.Image:
     """Every image of `inputs` as the model saw it, with the kept tokens of `stats` (the prefill of these
     inputs) drawn over it, side by side; saved to `path` when given."""
-    import os
-
     from .loading import pixel_normalisation
 
     kept = [indices for row in stats.kept for indices in row]
