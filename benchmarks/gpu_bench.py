@@ -120,7 +120,7 @@ def main() -> None:
 def summary(report: dict, batches: list[int]) -> str:
     lines = [f"`{report['command']}` on {report['device']}, {report['dtype']}, torch {report['torch']}, transformers "
              f"{report['transformers']}; median of {report['repeats']} rounds after a warm-up round; times in ms "
-             f"(selection_ms: the signal hooks and the whole LLM-input hook, for the batch; peak MB not measured)."]
+             f"(selection_ms: the signal hooks, the whole LLM-input hook and the in-LLM stages' choice, for the batch; peak MB not measured)."]
     for result in report["results"]:
         for batch, rows in result.get("batches", {}).items():
             rows = [dict(row, peak_mb=float("nan")) for row in rows]

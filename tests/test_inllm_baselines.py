@@ -2,6 +2,8 @@
 §7.6, the budget
 schedules, the LLM-side signals, and the in-LLM stages on tiny LLaVA and Qwen2-VL models."""
 
+import time
+
 import pytest
 import torch
 
@@ -281,6 +283,40 @@ def test_cache_lengths_follow_the_plan_and_its_layer_average(method, family):
         stats = handle.stats
         visual = [n - (stats.prefill_after[0] - stats.tokens_after[0][0]) for n in lengths]
         assert sum(visual) / len(visual) == stats.layer_average[0][0] == stats.stages[0][0].layer_average
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", IN_LLM)
+def test_the_choice_inside_the_llm_is_timed_as_selection(method, monkeypatch):
+    """stats.selection_ms covers the choice at the deciding layer: a `choose` made 40 ms slower per call shows
+    up in llm_choice_ms and in selection_ms, once per image the stage prunes."""
+    make, make_inputs, _ = FAMILIES["llava"]
+    model, inputs = make(layers=4), make_inputs()
+    slow = 0.04
+    choose = METHODS[method].choose
+    calls = []
+
+    def slow_choose(self, *args, **kwargs):
+        calls.append(1)
+        time.sleep(slow)
+        return choose(self, *args, **kwargs)
+
+    monkeypatch.setattr(METHODS[method], "choose", slow_choose)
+    with prunevlm.prune(model, method, 0.5) as handle:
+        model(**inputs)
+        stats = handle.stats
+    assert calls
+    assert stats.llm_choice_ms >= 1000 * slow * len(calls)
+    assert stats.selection_ms >= stats.llm_choice_ms + stats.signal_ms
+    assert "in the LLM" in str(stats)
+
+
+def test_pre_llm_methods_spend_nothing_inside_the_llm():
+    make, make_inputs, _ = FAMILIES["llava"]
+    model, inputs = make(layers=4), make_inputs()
+    with prunevlm.prune(model, "flashvlm", 0.5) as handle:
+        model(**inputs)
+        assert handle.stats.llm_choice_ms == 0 and handle.stats.selection_ms > 0
 
 
 @torch.no_grad()

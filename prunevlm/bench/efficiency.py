@@ -7,7 +7,10 @@ every (method, budget) once, so a slow spell of a shared machine spreads over al
   (its budget is the layer-averaged count), for none the image's unpruned count;
 - ttft_ms: generate(max_new_tokens=1) wall time: vision tower, selection, LLM prefill and the first token;
 - prefill_ms: the language model's forward at prefill only (timed by hooks that run after the pruning hook);
-- selection_ms: signal hooks + the LLM-input hook that matches, selects and gathers (`handle.stats.selection_ms`);
+- selection_ms: signal hooks + the LLM-input hook that matches, selects and gathers + the in-LLM stages'
+  choice (`handle.stats.selection_ms`); of which llm_choice_ms, "in LLM" in the table: building the in-LLM
+  stages' views, for FastV/PDrop/DART/SparseVLM the signals at each deciding layer and their `choose`
+  (inside the LLM prefill, so also part of prefill_ms);
 - decode_ms: one decoding step of the whole model (median over steps);
 - kv_mb: keys and values held for the prompt after prefill;
 - peak_mb: peak memory above the pre-call level during a separate generate(max_new_tokens=1): the CUDA

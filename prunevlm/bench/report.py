@@ -30,8 +30,9 @@ def table(rows: list[dict]) -> str:
             continue
         speedup = f"{base['prefill_ms'] / r['prefill_ms']:.2f}x" if base else "-"
         share = f"{100 * r['selection_ms'] / r['prefill_ms']:.1f} %" if r["method"] != "none" else "-"
+        selection = f"{r['selection_ms']:.2f}" + (f" (in LLM {r['llm_choice_ms']:.2f})" if r.get("llm_choice_ms") else "")
         lines.append(f"| {r['method']} | {r['budget'] or 'all'} | {r['kept']} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} | {speedup} "
-                     f"| {r['selection_ms']:.2f} | {share} | {r['decode_ms']:.1f} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
+                     f"| {selection} | {share} | {r['decode_ms']:.1f} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
     lines += [f"\n{r['method']} at {r['budget']} refused: {r['refused']}" for r in rows if "refused" in r]
     return "\n".join(lines)
 

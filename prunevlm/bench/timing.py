@@ -67,6 +67,7 @@ def measure_once(model, inputs, method: str, budget: int, decode_tokens: int) ->
         ttft = time.perf_counter() - start
         run = {"ttft_ms": 1000 * ttft, "prefill_ms": 1000 * watch.prefill[-1],
                "selection_ms": handle.stats.selection_ms if handle else 0.0,
+               "llm_choice_ms": handle.stats.llm_choice_ms if handle else 0.0,
                "kv_mb": kv_bytes(output_cache(out)) / 2**20,
                "kept": handle.stats.tokens_after[0][0] if handle else get_adapter(model).image_token_counts(inputs)[0]}
         del out

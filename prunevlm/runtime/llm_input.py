@@ -44,8 +44,10 @@ class Stats:
     tokens_after: list[list[int]] = field(default_factory=list)
     prefill_before: list[int] = field(default_factory=list)  # real (unpadded) prompt tokens per row
     prefill_after: list[int] = field(default_factory=list)
-    selection_ms: float = 0.0  # signal hooks + the whole prefill hook (matching, method, gathers), for the batch
+    # for the batch: signal hooks + the whole LLM-input hook (matching, method, gathers) + the in-LLM stages' views
+    selection_ms: float = 0.0
     signal_ms: float = 0.0  # of which: computing signals in the vision hooks
+    llm_choice_ms: float = 0.0  # of which: in-LLM stages' views (for LLM-signal methods: signals at the deciding layers and `choose`)
     stages: list[list[Plan]] = field(default_factory=list)  # in-LLM methods: per row, per image, its Plan
     kept: list[list] = field(default_factory=list)  # per row, per image: kept token indices within the image
     recycled: list[list] = field(default_factory=list)  # per row, per image: which kept indices hold recycled tokens
@@ -63,7 +65,8 @@ class Stats:
         for b, row in enumerate(self.stages):
             rows += [f"row {b}: image {i}: {plan.counts} visual tokens from layers {'/'.join(map(str, (0, *plan.layers)))}, "
                      f"layer average {plan.layer_average:.1f}" for i, plan in enumerate(row)]
-        return "\n".join(rows + [f"selection {self.selection_ms:.2f} ms (signals {self.signal_ms:.2f} ms)"])
+        parts = f"signals {self.signal_ms:.2f} ms" + (f", in the LLM {self.llm_choice_ms:.2f} ms" if self.stages else "")
+        return "\n".join(rows + [f"selection {self.selection_ms:.2f} ms ({parts})"])
 
 
 @dataclass
@@ -272,7 +275,7 @@ class InputPruning:
         prefill = is_prefill(cache)
         result = self._start_prefill(call) if prefill else self._continue_decoding(call, cache)
         if self.layers is not None:  # after the input pruning: the stages see the pruned prompt and mask
-            self.layers.begin_forward(self.prefill, prefill, call.get("attention_mask"))
+            self.layers.begin_forward(self.prefill, prefill, call.get("attention_mask"), self.stats)
         return result
 
     def _start_prefill(self, call: Call):

@@ -17,10 +17,13 @@ layer minus `decision_lead`), from signals computed there once for the batch on 
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from ..models.base import synchronize
 from .contract import Call, causal_mask, layer_cache_length, layer_keys
 
 
@@ -57,23 +60,24 @@ class LayerPruning:
         self.adapter, self.method = adapter, method
         self.config = adapter.language_model.config
         self.step: ForwardStep | None = None
-        self.prefill = None
+        self.prefill = self.stats = None
         self.handles = [layer.register_forward_pre_hook(self._hook(index), with_kwargs=True)
                         for index, layer in enumerate(adapter.decoder_layers())]
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.handles, self.step, self.prefill = [], None, None
+        self.handles, self.step, self.prefill, self.stats = [], None, None, None
 
-    def begin_forward(self, prefill, is_prefill: bool, mask: torch.Tensor | None) -> None:
+    def begin_forward(self, prefill, is_prefill: bool, mask: torch.Tensor | None, stats) -> None:
         """`prefill`: the last pruned prefill's record (None: nothing pruned in this generation); at a prefill
         its stage views are computed once (or, for LLM-signal stages, at their deciding layers) and kept on it
-        for the decoding steps."""
+        for the decoding steps. The time spent building views is added to `stats` (the prefill's `Stats`)."""
         decisions = {}
+        self.prefill, self.stats = prefill, stats
         if prefill is not None and is_prefill:
-            prefill.views, decisions = self._views(prefill)
-        self.prefill = prefill
+            with self._timed(prefill.prompt_mask.device):
+                prefill.views, decisions = self._views(prefill)
         self.step = ForwardStep(is_prefill, None if prefill is None else prefill.views, mask, {}, decisions)
 
     def _hook(self, index: int):
@@ -84,13 +88,25 @@ class LayerPruning:
             if self.step.prefill and self.step.decisions and index == 0:
                 self.step.embeddings = (args or (kwargs["hidden_states"],))[0]
             if self.step.prefill and index in self.step.decisions:
-                self._decide(module, index, args, kwargs)
+                with self._timed(self.prefill.prompt_mask.device):
+                    self._decide(module, index, args, kwargs)
             starts = [k for k in views if k <= index]
             if not starts:
                 return None
             return self._apply(module, index, max(starts), args, kwargs)
 
         return before_layer
+
+    @contextlib.contextmanager
+    def _timed(self, device: torch.device):
+        """Adds the block's wall time (device work included) to the prefill's selection and in-LLM choice times."""
+        synchronize(device)
+        start = time.perf_counter()
+        yield
+        synchronize(device)
+        milliseconds = 1000 * (time.perf_counter() - start)
+        self.stats.selection_ms += milliseconds
+        self.stats.llm_choice_ms += milliseconds
 
     # -- the kept columns of each stage -----------------------------------------------------------------
 
