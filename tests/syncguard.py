@@ -19,13 +19,19 @@ class HostReadError(AssertionError):
 
 
 class NoHostReads(TorchDispatchMode):
-    """Raise HostReadError on any operation in READS_BACK, any index by a boolean mask, and any copy of a
-    tensor from a non-CPU device to the CPU."""
+    """Raise HostReadError on any operation in READS_BACK beyond the first `allowed` (counted in `reads`), any
+    index by a boolean mask, and any copy of a tensor from a non-CPU device to the CPU."""
+
+    def __init__(self, allowed: int = 0):
+        super().__init__()
+        self.allowed, self.reads = allowed, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in READS_BACK:
-            raise HostReadError(f"{func} reads a tensor back to the host")
+            self.reads += 1
+            if self.reads > self.allowed:
+                raise HostReadError(f"{func} reads a tensor back to the host")
         if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
                 raise HostReadError(f"{func} with a boolean mask sizes its output by the mask's values")

@@ -245,9 +245,12 @@ def test_visionzip_splits_reproduce_the_published_counts():
 def test_visionzip_targets_stride_through_the_remaining_list():
     """Check 3: the 64-token split of the official code leaves R = 523 (53 patches + CLS dominant), c = 10:
     stride 52, targets at 0, 52, ..., 468. Here CLS is not a token, so R = 522, the same stride."""
-    assert target_positions(523, 10).tolist() == list(range(0, 469, 52))
-    assert target_positions(522, 10).tolist() == list(range(0, 469, 52))
-    assert target_positions(5, 5).tolist() == [0, 1, 2, 3, 4]
+    for remaining in (523, 522):
+        targets, members = target_positions(remaining, 10)
+        assert targets.tolist() == list(range(0, 469, 52))
+        assert members.tolist() == [j for j in range(remaining) if j not in range(0, 469, 52)]
+    targets, members = target_positions(5, 5)
+    assert targets.tolist() == [0, 1, 2, 3, 4] and members.tolist() == []
 
 
 def plain_visionzip(tokens, saliency, keys, k, ratio=5 / 32, merge="target_plus_mean"):

@@ -182,7 +182,10 @@ def test_the_batch_keeps_what_each_image_keeps_alone(name, method):
 # -- on the device ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", OURS)
+PRE_LLM = (*OURS, "divprune", "visionzip", "cdpruner")
+
+
+@pytest.mark.parametrize("name", PRE_LLM)
 def test_selection_reads_nothing_back_on_the_cpu(name):
     """Every torch operation of the CPU's path (the same as a GPU's except the diversity rounds, which run in
     NumPy on the CPU): none would synchronise a CUDA stream."""
@@ -196,7 +199,18 @@ def test_selection_reads_nothing_back_on_the_cpu(name):
     assert torch.equal(keep, expected)
 
 
-@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("name", PRE_LLM)
+def test_checking_the_signals_reads_back_once(name):
+    """A call through the budget checks every signal and selects with one value read back: whether all the
+    signals are finite."""
+    method = METHODS[name]()
+    signals = taken_by(method, batch_signals(batch=3, side=24, dim=32))
+    with NoHostReads(allowed=1) as guard:
+        method(prunevlm.Budget(64), **signals)
+    assert guard.reads == 1
+
+
+@pytest.mark.parametrize("name", PRE_LLM)
 def test_the_gpu_path_runs_on_shapes_alone(name):
     """On a meta tensor (shape and dtype, no values) the path of every non-CPU device runs to the end: it
     reads no value back and sizes nothing by one, since either would fail there."""
@@ -242,7 +256,7 @@ def test_beyond_dense_tokens_only_the_cpu_takes_the_host_lists(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("name", PRE_LLM)
 def test_selection_does_not_synchronise_on_cuda(name):
     method = METHODS[name]()
     signals = taken_by(method, batch_signals(batch=3, side=24, dim=32))

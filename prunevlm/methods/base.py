@@ -173,17 +173,14 @@ class Method:
         if missing:
             raise TypeError(f"{self.name} needs signal(s) {missing}: " + "; ".join(f"{s} = {SIGNALS[s]}" for s in missing))
         batch = num_tokens = None
+        sums = {}
         for name, value in signals.items():
             if value is None or name in LAYOUT_SIGNALS:
                 continue
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"signal {name} must be a torch.Tensor {SIGNALS[name]}, got {type(value).__name__}")
-            # one reduction: a sum is NaN or infinite if any entry is (fp32 accumulation; no overflow for features)
-            if value.dtype.is_floating_point and not torch.isfinite(value.sum(dtype=torch.float32)):
-                raise ValueError(
-                    f"signal {name} contains NaN or infinite values; check the model's dtype (fp16 overflow?) "
-                    f"and the inputs that produced it"
-                )
+            if value.dtype.is_floating_point:  # a sum is NaN or infinite if any entry is (fp32 accumulation)
+                sums[name] = value.sum(dtype=torch.float32)
             if name in ("text_embeds", "text_mask"):
                 continue
             if batch is None:
@@ -192,6 +189,11 @@ class Method:
                 raise ValueError(f"signal {name} has shape {tuple(value.shape)}, expected [B={batch}, N={num_tokens}, ...]")
         if batch is None:
             raise TypeError(f"{self.name} needs at least one per-token signal to know B and N")
+        # the one value a selection reads back to the host: whether every signal is finite
+        if sums and not bool(torch.stack([value.to(_device(sums)) for value in sums.values()]).isfinite().all()):
+            name = next(name for name, value in sums.items() if not value.isfinite())
+            raise ValueError(f"signal {name} contains NaN or infinite values; check the model's dtype (fp16 "
+                             f"overflow?) and the inputs that produced it")
         grid = signals.get("grid")
         if grid is not None and grid[0] * grid[1] != num_tokens:
             raise ValueError(f"grid {tuple(grid)} holds {grid[0] * grid[1]} tokens but the signals have N={num_tokens}")

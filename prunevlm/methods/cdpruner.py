@@ -74,10 +74,10 @@ def greedy_map(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
         useful = residual > RESIDUAL_FLOOR * quality
         gain = torch.where(useful, residual, 0.0).masked_fill(chosen, -math.inf)
         pick = gain.argmax(dim=1)
+        # always computed, so that no step reads back whether any image ran out (nothing synchronises)
         exhausted = gain[rows, pick] <= 0
-        if exhausted.any():
-            fallback = quality.masked_fill(chosen, -math.inf).argmax(dim=1)
-            pick = torch.where(exhausted, fallback, pick)
+        fallback = quality.masked_fill(chosen, -math.inf).argmax(dim=1)
+        pick = torch.where(exhausted, fallback, pick)
         gains.append(torch.where(exhausted, 0.0, residual[rows, pick]))
         past = vectors[:step, rows, pick]  # [step, B]
         numerator = kernel[rows, pick] - torch.einsum("tb,tbn->bn", past, vectors[:step])

@@ -33,9 +33,13 @@ def contextual_count(k: int, ratio: float) -> int:
     return min(k, math.floor(ratio * k + 0.5))
 
 
-def target_positions(remaining: int, contextual: int) -> torch.Tensor:
-    """Positions of the targets in the remaining list: 0, t, 2t, ... with t = max(1, ⌊R / c⌋), first c."""
-    return torch.arange(contextual) * max(1, remaining // contextual)
+def target_positions(remaining: int, contextual: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions in the remaining list of the targets, 0, t, 2t, ... with t = max(1, ⌊R / c⌋), first c, and of
+    the other (member) tokens, ascending. Both follow from R and c alone: nothing is read from the device."""
+    targets = torch.arange(contextual, device=device) * max(1, remaining // contextual)
+    is_target = torch.zeros(remaining, dtype=torch.long, device=device).index_fill_(0, targets, 1)
+    # a stable sort puts the members (0) first, in ascending order
+    return targets, is_target.argsort(stable=True)[: remaining - contextual]
 
 
 def rows_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -46,10 +50,8 @@ def rows_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def merge_contextual(values, metric, remaining, contextual: int, merge: str):
     """The targets ([B, c] token indices) and their contextual tokens [B, c, D], from the remaining tokens
     ([B, R] indices, ascending), the values [B, N, D] and the merge metric [B, N, d]."""
-    positions = target_positions(remaining.shape[1], contextual).to(remaining.device)
-    is_target = torch.zeros(remaining.shape[1], dtype=torch.bool, device=remaining.device)
-    is_target[positions] = True
-    targets, members = remaining[:, is_target], remaining[:, ~is_target]
+    at_targets, at_members = target_positions(remaining.shape[1], contextual, remaining.device)
+    targets, members = remaining[:, at_targets], remaining[:, at_members]
     unit = F.normalize(metric.float(), dim=-1)
     similarity = rows_at(unit, members) @ rows_at(unit, targets).transpose(1, 2)  # [B, R - c, c]
     group = similarity.argmax(dim=-1)
