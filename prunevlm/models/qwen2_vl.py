@@ -116,7 +116,9 @@ class QwenVLAdapter(Adapter):
         head mean, averaged over its 2x2 patches; docs/flashvlm.md §4) and, if needed, the merged-token map
         (rows: mean over a token's patches as queries, columns: sum over its patches as keys), and the keys
         before the rotary embedding, averaged over heads and over each token's patches (VisionZip's merge
-        metric). Computed image by image; the official code mixes images (docs/flashvlm.md §8)."""
+        metric). Computed image by image, as the tower's own attention splits its sequence by image on the host
+(images differ in size; each pass is an N_i x N_i product, so the loop's overhead is small beside it); the
+official code mixes images (docs/flashvlm.md §8)."""
         length = qkv.shape[0]
         qkv = qkv.reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
         content_keys = qkv[1].float().mean(dim=1)  # [S, d]
