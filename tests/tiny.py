@@ -284,8 +284,10 @@ class OnevisionProcessor:
 
         pixels = dict(self.image_processor(images, return_tensors=return_tensors)) if images else {}
         counts = iter(get_adapter(self.model).image_token_counts(pixels))
-        texts = [row.replace(self.image_token, "\0").replace("\0", "{}") for row in text]
-        texts = [row.format(*(" ".join([self.image_token] * next(counts)) for _ in range(row.count("{}")))) for row in texts]
+        texts = []
+        for row in text:
+            first, *rest = row.split(self.image_token)
+            texts.append(first + "".join(" ".join([self.image_token] * next(counts)) + part for part in rest))
         return BatchFeature({**self.tokenizer(texts, return_tensors=return_tensors, padding=padding), **pixels})
 
 
