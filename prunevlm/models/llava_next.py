@@ -8,6 +8,11 @@ so that it lines up row for row with the placeholders; a small coordinate tensor
 tells, for every placeholder, its crop, plane row and column, and whether it is a newline (docs/models.md
 §2). Newlines never compete in a selection: the adapter records which placeholders are candidates and the
 plane row of each, and the runtime keeps newlines by its `newline` policy.
+
+VFlowOpt's signals are per-crop values packed the same way (docs/models.md §3, docs/vflowopt.md §5): each
+crop's pixel blocks, and per token the attention it receives within its crop with that crop's received
+attention, so the method takes the context relevance within each token's crop. Pictures are drawn per
+plane from the packed pixel blocks.
 """
 
 from __future__ import annotations
@@ -240,7 +245,8 @@ class LlavaNextAdapter(LlavaAdapter):
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """SigLIP has no CLS token: the saliency is the attention each token receives at the feature layer,
     averaged over heads and queries (docs/models.md §4), recomputed from the layer's own q/k projections
-    so the tower stays on SDPA. A prompt with several images sends each as one base crop."""
+    so the tower stays on SDPA; VFlowOpt's map is the same one, every token a query and a key. A prompt
+    with several images sends each as one base crop."""
 
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
