@@ -121,8 +121,11 @@ class LlavaNextAdapter(LlavaAdapter):
     # -- pictures: one per plane (docs/models.md §3) ---------------------------------------------------
 
     def _layouts(self, inputs: dict) -> list[torch.Tensor]:
-        sizes = inputs.get("image_sizes")
-        return [] if inputs.get("pixel_values") is None else self.layout(sizes, inputs.get("batch_num_images"))
+        if inputs.get("pixel_values") is None:
+            return []
+        if inputs.get("image_sizes") is None:
+            raise ValueError(f"{self.family} needs image_sizes with pixel_values: pass the processor's output unchanged")
+        return self.layout(inputs["image_sizes"], inputs.get("batch_num_images"))
 
     def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
         """Per picture: each image's base crop, then (tiled images) its unpadded tile plane."""
