@@ -273,3 +273,15 @@ def test_flow_objective_and_a_search_trial_run(family):
     assert 0 < best["value"] < len(samples)
     plan = VFlowOpt(**{k: best[k] for k in ("r_v", "r_1", "t", "m", "alpha", "layers")}).plan(Budget(0.25), 729, LAYERS)
     assert abs(plan.layer_average / 729 - 0.25) < 1 / 729
+
+
+def test_the_attention_signal_must_be_one_of_the_map_and_the_per_crop_view():
+    g = torch.Generator().manual_seed(0)
+    signals = dict(image_tokens=torch.randn(1, 16, 4, generator=g), patches=torch.randn(1, 16, 3, 2, 2, generator=g),
+                   planes=((4, 4),))
+    both = dict(attention=torch.rand(1, 16, 16, generator=g), crop_attention=torch.rand(1, 16, 2, 16, generator=g))
+    for given, word in (({}, "neither"), (both, "both")):
+        with pytest.raises(TypeError, match=f"exactly one of the signals attention .* and crop_attention .*got {word}"):
+            VFlowOpt()(Budget(4), **signals, **given)
+    with pytest.raises(TypeError, match="needs the tokens' layout"):
+        VFlowOpt()(Budget(4), **dict(signals, planes=None), attention=both["attention"])
