@@ -79,21 +79,30 @@ def panel(cells: list[list[tuple[Image.Image, str]]], column_titles: list[str], 
 
 
 def kept_tokens_picture(adapter, inputs: dict, processor, stats, path: str | None = None) -> Image.Image:
-    """Every image of `inputs` as the model saw it, with the kept tokens of `stats` (the prefill of these
-    inputs) drawn over it, side by side; saved to `path` when given."""
+    """Every image of `inputs` as the model saw it (an image of several planes, LLaVA-NeXT/OneVision: each
+    plane), with the kept tokens of `stats` (the prefill of these inputs) drawn over it, side by side; saved
+    to `path` when given."""
     from .loading import pixel_normalisation
 
     kept = [indices for row in stats.kept for indices in row]
     recycled = [indices for row in stats.recycled for indices in row] or [None] * len(kept)
-    grids = adapter.image_grids(inputs)
-    if len(kept) != len(grids):
-        raise ValueError(f"the stats hold {len(kept)} image(s) but the inputs {len(grids)}: draw right after the "
+    grids, cells = adapter.image_grids(inputs), adapter.picture_cells(inputs)
+    images = len({image for image, _ in cells})
+    if len(kept) != images:
+        raise ValueError(f"the stats hold {len(kept)} image(s) but the inputs {images}: draw right after the "
                          f"generate() call on these inputs")
     normalisation = pixel_normalisation(processor)
     views = [model_view(v, normalisation["pixel_mean"], normalisation["pixel_std"]) for v in adapter.pixel_views(inputs)]
-    cells = [(draw_tokens(view, grid, k, r), f"kept {k.numel()} of {grid[0] * grid[1]}")
-             for view, grid, k, r in zip(views, grids, kept, recycled)]
-    picture = panel([cells], [f"image {i}" for i in range(len(cells))])
+    pictures = [image for image, _ in cells]  # an image drawn in several pictures: one per plane
+    drawn, titles = [], []
+    for number, (view, grid, (image, shown)) in enumerate(zip(views, grids, cells)):
+        # the picture's cells that show a kept (recycled) token of its image
+        on = torch.nonzero(torch.isin(shown, kept[image].to(shown.device))).flatten()
+        merged = None if recycled[image] is None else torch.nonzero(torch.isin(shown, recycled[image].to(shown.device))).flatten()
+        drawn.append((draw_tokens(view, grid, on, merged), f"kept {on.numel()} of {grid[0] * grid[1]}"))
+        plane = f", plane {pictures[:number].count(image)}" if pictures.count(image) > 1 else ""
+        titles.append(f"image {image}{plane}")
+    picture = panel([drawn], titles)
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         picture.save(path)

@@ -123,12 +123,6 @@ def test_sampling_and_beam_search_run_pruned(case):
     assert handle.stats.tokens_after == [[6], [6], [6, 6], [6, 6], [], []]  # each row twice, 6 per image
 
 
-def test_vflowopt_is_refused_without_one_grid_and_attention_map(case):
-    name, model, _ = case
-    with pytest.raises(NotImplementedError, match=f"vflowopt needs signal.*the {name} adapter cannot provide"):
-        prunevlm.prune(model, "vflowopt", 0.25)
-
-
 @torch.no_grad()
 def test_uniform_spreads_each_plane_s_share_over_it(case):
     """The base crop (4 x 4) and the tile plane share k by size; each share lies evenly on its own plane."""

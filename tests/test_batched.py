@@ -112,7 +112,7 @@ def test_batched_recycling_equals_the_per_image_reference(grid, cell, kind):
         scores = torch.where(scores < 0.8, 0.0, scores)
     tokens = torch.randn(4, tokens_per_image, 5, generator=g)
     for count in sorted({1, 2, 5, tokens_per_image // 4, tokens_per_image // 2, tokens_per_image - 1}):
-        batched = recycle(scores, tokens, grid, count, cell)
+        batched = recycle(scores, tokens, (grid,), count, cell)
         for i in range(4):
             for got, expected in zip(batched, recycle_one(scores[i], tokens[i], grid, count, cell)):
                 assert torch.equal(got[i], expected), count

@@ -108,7 +108,7 @@ def test_recycling_keeps_the_exact_count_and_averages_each_cell():
     scores = torch.rand(36, generator=g)
     tokens = torch.randn(36, 5, generator=g)
     for count in (1, 3, 8, 20, 35):
-        keep, values, weights, is_recycled = (x[0] for x in recycle(scores[None], tokens[None], (6, 6), count, cell=3.0))
+        keep, values, weights, is_recycled = (x[0] for x in recycle(scores[None], tokens[None], ((6, 6),), count, cell=3.0))
         assert keep.numel() == count and (keep.diff() > 0).all()
         originals = (values == tokens[keep]).all(dim=1)
         assert (originals | is_recycled).all()
@@ -116,7 +116,7 @@ def test_recycling_keeps_the_exact_count_and_averages_each_cell():
         recycled = keep[~originals]
         cell = (recycled // 6 // 3) * 2 + (recycled % 6) // 3
         assert cell.unique().numel() == cell.numel()  # one recycled token per cell
-    keep, values, _, _ = (x[0] for x in recycle(scores[None], tokens[None], (6, 6), 8, cell=3.0))
+    keep, values, _, _ = (x[0] for x in recycle(scores[None], tokens[None], ((6, 6),), 8, cell=3.0))
     ranked = scores.argsort(descending=True)
     kept_originals = set(keep[(values == tokens[keep]).all(dim=1)].tolist())
     pruned = [i for i in range(36) if i not in set(ranked[: len(kept_originals)].tolist())]

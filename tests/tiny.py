@@ -222,10 +222,10 @@ def row_inputs(inputs: dict, row: int, images_before: int, images_in_row: int, f
     return single
 
 
-def save_llava_folder(path, layers: int = 2) -> None:
-    """A tiny LLaVA with a word-level tokenizer and a PIL processor, saved like a hub checkpoint."""
+def _word_tokenizer():
+    """A word-level tokenizer of the tiny vocabulary: w0 ... w279, <image> at LLAVA_IMAGE."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlavaImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(280)]
     vocab = {word: i for i, word in enumerate(words)}
@@ -236,13 +236,70 @@ def save_llava_folder(path, layers: int = 2) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", unk_token="<unk>",
                                         extra_special_tokens={"image_token": "<image>"})
+    return tokenizer
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                 "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+                 "{% if add_generation_prompt %}w9{% endif %}")
+
+
+def anyres_processor(model):
+    """The processor of a tiny LLaVA-NeXT or LLaVA-OneVision model (32 px crops, PINPOINTS, PIL image
+    processor, the word-level tokenizer)."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    size = {"height": 32, "width": 32}
+    if model.config.model_type == "llava_next":
+        return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(size=size, crop_size=size, image_grid_pinpoints=PINPOINTS),
+                                  tokenizer=_word_tokenizer(), patch_size=8, vision_feature_select_strategy="default",
+                                  num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    return OnevisionProcessor(model)
+
+
+class OnevisionProcessor:
+    """LLaVA-OneVision's processing for a tiny model, without `LlavaOnevisionProcessor`, which cannot be built
+    here (its video processor needs torchvision): the PIL image processor, the word-level tokenizer, and each
+    <image> expanded to the placeholders the model packs for the image (asked of the adapter, as in
+    `anyres_inputs`)."""
+
+    chat_template = CHAT_TEMPLATE
+    image_token = "<image>"
+
+    def __init__(self, model):
+        from transformers import LlavaOnevisionImageProcessorPil
+
+        self.image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
+        self.tokenizer = _word_tokenizer()
+        self.model = model
+
+    def apply_chat_template(self, conversation, add_generation_prompt=False):
+        return self.tokenizer.apply_chat_template(conversation, chat_template=CHAT_TEMPLATE, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def __call__(self, images=None, text=(), return_tensors="pt", padding=True):
+        from transformers import BatchFeature
+
+        from prunevlm.models import get_adapter
+
+        pixels = dict(self.image_processor(images, return_tensors=return_tensors)) if images else {}
+        counts = iter(get_adapter(self.model).image_token_counts(pixels))
+        texts = []
+        for row in text:
+            first, *rest = row.split(self.image_token)
+            texts.append(first + "".join(" ".join([self.image_token] * next(counts)) + part for part in rest))
+        return BatchFeature({**self.tokenizer(texts, return_tensors=return_tensors, padding=padding), **pixels})
+
+
+def save_llava_folder(path, layers: int = 2) -> None:
+    """A tiny LLaVA with a word-level tokenizer and a PIL processor, saved like a hub checkpoint."""
+    from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+    tokenizer = _word_tokenizer()
     processor = LlavaProcessor(
         image_processor=LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        image_token="<image>",
-        chat_template="{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-                      "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
-                      "{% if add_generation_prompt %}w9{% endif %}",
+        image_token="<image>", chat_template=CHAT_TEMPLATE,
     )
     llava(layers=layers).save_pretrained(path)
     processor.save_pretrained(path)

@@ -30,6 +30,8 @@ SIGNALS: dict[str, str] = {
     "attention": "[B, N, N] head-averaged vision attention among the N tokens (rows: queries)",
     "keys": "[B, N, d_h] the saliency layer's attention keys, averaged over heads, per token (a merge metric)",
     "patches": "[B, N, C, p, p] the (normalised) pixels under each token",
+    "crop_attention": "[B, N, 2, Q] per token, within its own crop of Q tokens (LLaVA-NeXT/OneVision, packed like "
+                      "the features): the attention it receives from each of them, and the attention each receives",
 }
 
 # Signals an in-LLM stage may choose from, computed by the runtime at the layer where the stage decides (its

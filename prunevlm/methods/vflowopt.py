@@ -28,36 +28,69 @@ REFERENCE_LAYERS = (9, 18, 28)  # official pruning layers k1, k2 and LLM depth (
 REFERENCE_GRID = 27  # tokens per side of the SigLIP-384/14 grid on which m is measured, §3.1
 
 
+def global_weights(received: torch.Tensor, t: float) -> torch.Tensor:
+    """1/|G| on the global tokens G = {g : r_g > t · mean(r)} of the received attention r [..., Q], 0 elsewhere
+    (§2.1). An empty G falls back to the token that receives the most attention, instead of the official NaN."""
+    is_global = received > t * received.mean(dim=-1, keepdim=True)
+    top = torch.zeros_like(is_global).scatter_(-1, received.argmax(dim=-1, keepdim=True), True)
+    is_global = torch.where(is_global.any(dim=-1, keepdim=True), is_global, top)
+    return is_global.float() / is_global.sum(dim=-1, keepdim=True)
+
+
 def context_relevance(attention: torch.Tensor, t: float) -> torch.Tensor:
     """c_j = mean over global tokens g of A_gj, with G = {j : r_j > t · mean(r)} and r_j the mean attention
-    token j receives (§2.1; mean(r) = 1/N when rows sum to 1). An empty G falls back to the token that
-    receives the most attention, instead of the official NaN. attention [B, N, N] -> [B, N]."""
-    received = attention.float().mean(dim=1)
-    is_global = received > t * received.mean(dim=-1, keepdim=True)
-    top = torch.zeros_like(is_global).scatter_(1, received.argmax(dim=-1, keepdim=True), True)
-    is_global = torch.where(is_global.any(dim=-1, keepdim=True), is_global, top)
-    weights = is_global.float() / is_global.sum(dim=-1, keepdim=True)
+    token j receives (§2.1; mean(r) = 1/N when rows sum to 1). attention [B, N, N] -> [B, N]."""
+    weights = global_weights(attention.float().mean(dim=1), t)
     return (weights[:, :, None] * attention.float()).sum(dim=1)
 
 
-def importance(attention: torch.Tensor, entropy: torch.Tensor, t: float, alpha: float) -> torch.Tensor:
-    """I_j = c_j + α · softmax_j(H_j) (§2.3)."""
-    return context_relevance(attention, t) + alpha * torch.softmax(entropy.float(), dim=-1)
+def crop_context_relevance(crop_attention: torch.Tensor, t: float) -> torch.Tensor:
+    """c_j of §2.1 within each token's own crop, from the `crop_attention` signal [B, N, 2, Q]: row 0 the
+    attention token j receives from each of the Q tokens of its crop (A_gj), row 1 the attention each of those
+    receives (r_g). Equals `context_relevance` of the crop's map for every token of the crop. -> [B, N]."""
+    received_from, received = crop_attention.float().unbind(dim=-2)
+    return (global_weights(received, t) * received_from).sum(dim=-1)
 
 
-def recycle(scores: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int], count: int, cell: float):
+def importance(attention: torch.Tensor, entropy: torch.Tensor, t: float, alpha: float, planes=None) -> torch.Tensor:
+    """I_j = c_j + α · softmax_j(H_j) (§2.3); `attention` is the map [B, N, N], or the `crop_attention`
+    signal [B, N, 2, Q] of packed multi-crop images. The official softmax runs over one crop's tokens; with
+    several `planes` (base crop, tile plane) it runs over each plane, scaled by the plane's size in base
+    crops, so that each crop's worth of entropy term sums to 1 like its context relevance (docs/vflowopt.md §5)."""
+    relevance = context_relevance(attention, t) if attention.dim() == 3 else crop_context_relevance(attention, t)
+    if planes is None or len(planes) == 1:
+        return relevance + alpha * torch.softmax(entropy.float(), dim=-1)
+    sizes = [h * w for h, w in planes]
+    spread = [torch.softmax(part, dim=-1) * (size / sizes[0]) for part, size in zip(entropy.float().split(sizes, dim=-1), sizes)]
+    return relevance + alpha * torch.cat(spread, dim=-1)
+
+
+def plane_cells(planes, cell: float, device) -> tuple[torch.Tensor, int]:
+    """Per token, its square cell of side `cell` tokens on its own plane ((h, w), ... row-major one after the
+    other), numbered across planes, so that no cell spans two planes; and the number of cells."""
+    cells, offset = [], 0
+    for rows, cols in planes:
+        index = torch.arange(rows * cols, device=device)
+        per_row = math.ceil(cols / cell)
+        cells.append(offset + ((index // cols) / cell).floor().long() * per_row + ((index % cols) / cell).floor().long())
+        offset += math.ceil(rows / cell) * per_row
+    return torch.cat(cells), offset
+
+
+def recycle(scores: torch.Tensor, tokens: torch.Tensor, planes, count: int, cell: float):
     """Stage 0 for a batch of images: keep `count` tokens in all per image, recycled ones included (§3.1,
-    with exact counts). scores [B, N], tokens [B, N, D].
+    with exact counts). scores [B, N], tokens [B, N, D], `planes` the tokens' row-major planes.
 
-    The lowest-importance tokens are pruned and binned on a spatial grid of square cells of side `cell`
-    tokens; each occupied cell becomes one token: the importance-weighted mean of its members, at the slot
+    The lowest-importance tokens (ranked over all planes, as the official ranks base and tile tokens
+    together) are pruned and binned, plane by plane, on square cells of side `cell` tokens; each occupied
+    cell becomes one token: the importance-weighted mean of its members, at the slot
     of its most important member, carrying that member's importance. The number of kept originals is the
     smallest one for which kept + occupied cells reaches count (kept + cells grows by 0 or 1 per token
     kept, so it reaches count exactly). A larger one can give the same total only by emptying one-member
     cells, whose recycled token is that member itself: the tokens are the same, only `is_recycled` differs.
     If even no original leaves too many cells, the `count` most important cells are kept.
 
-    Every image is handled at once and on its device, in shapes fixed by N, the grid and count: a cell's
+    Every image is handled at once and on its device, in shapes fixed by N, the planes and count: a cell's
     members are pruned from rank p on exactly when p <= the rank of its last member, so the occupied count
     for every number of kept originals is one suffix sum, and the cells' sums run over all N tokens with
     the kept ones weighted out (adding in ranked order, so the sums equal those over the pruned alone).
@@ -67,9 +100,7 @@ def recycle(scores: torch.Tensor, tokens: torch.Tensor, grid: tuple[int, int], c
     device = scores.device
     ranked = scores.argsort(dim=1, descending=True, stable=True)
     index = torch.arange(num_tokens, device=device)
-    cells_per_row = math.ceil(grid[1] / cell)
-    num_cells = math.ceil(grid[0] / cell) * cells_per_row
-    cell_of = ((index // grid[1]) / cell).floor().long() * cells_per_row + ((index % grid[1]) / cell).floor().long()
+    cell_of, num_cells = plane_cells(planes, cell, device)
     cell_ranked = cell_of[ranked]  # [B, N]: the cell of each token in ranked order
     last = torch.full((batch, num_cells), -1, device=device).scatter_reduce_(
         1, cell_ranked, index.expand(batch, -1), reduce="amax")
@@ -148,7 +179,10 @@ class VFlowOpt(Method):
         "importance = attention-derived context relevance + patch entropy; stage-0 pruning with recycling, "
         "then progressive pruning at two LLM layers; budget = layer-averaged visual tokens"
     )
-    signals: ClassVar[tuple[str, ...]] = ("image_tokens", "attention", "patches", "grid")
+    signals: ClassVar[tuple[str, ...]] = ("image_tokens", "patches")
+    # one of attention (a map per image) and crop_attention (per token within its crop, for packed multi-crop
+    # images), and one of grid and planes (the tokens' layout)
+    optional_signals: ClassVar[tuple[str, ...]] = ("attention", "crop_attention", "grid", "planes")
     prunes_in_llm: ClassVar[bool] = True
 
     r_v: float | None = option(None, "kept fraction at the LLM input; None: the released schedule nearest T, "
@@ -214,21 +248,37 @@ class VFlowOpt(Method):
         n2 = n1 if num_layers == k2 else min(n1, max(1, round(remaining / (num_layers - k2))))
         return Plan((n0, n1, n2), (k1, k2), num_layers)
 
-    def scores(self, attention: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    def scores(self, attention: torch.Tensor, patches: torch.Tensor, planes=None) -> torch.Tensor:
         entropy = patch_entropy(grey_levels(patches, self.pixel_mean, self.pixel_std, self.entropy, self.code_cast))
-        return importance(attention, entropy, self.t, self.alpha)
+        return importance(attention, entropy, self.t, self.alpha, planes)
 
-    def keep_all(self, batch, num_tokens, image_tokens, attention, patches, grid) -> Selection:
-        scores = self.scores(attention, patches)
+    def importance_of(self, patches, attention=None, crop_attention=None, planes=None) -> torch.Tensor:
+        if (attention is None) == (crop_attention is None):
+            raise TypeError("vflowopt needs exactly one of the signals attention (the image's vision attention map) "
+                            "and crop_attention (packed multi-crop images); got "
+                            f"{'both' if attention is not None else 'neither'}")
+        return self.scores(crop_attention if attention is None else attention, patches, planes)
+
+    @staticmethod
+    def layout(grid, planes) -> tuple[tuple[int, int], ...]:
+        if planes is None and grid is None:
+            raise TypeError("vflowopt needs the tokens' layout: the signal grid (h, w) or planes ((h, w), ...)")
+        return tuple((int(h), int(w)) for h, w in (planes or [grid]))
+
+    def keep_all(self, batch, num_tokens, image_tokens, patches, grid=None, planes=None, **attention) -> Selection:
+        scores = self.importance_of(patches, planes=self.layout(grid, planes), **attention)
         keep = torch.arange(num_tokens, device=scores.device).expand(batch, -1).clone()
         return Selection(keep=keep, scores=scores, importance=scores)
 
-    def select(self, k, image_tokens, attention, patches, grid) -> Selection:
-        """Stage 0: k tokens reach the LLM (recycled ones included), with their importance for later stages."""
-        scores = self.scores(attention, patches)
+    def select(self, k, image_tokens, patches, grid=None, planes=None, **attention) -> Selection:
+        """Stage 0: k tokens reach the LLM (recycled ones included), with their importance for later stages.
+        Recycling cells are m tokens of the 27-token reference crop, scaled to the first plane's side (a
+        crop's side on LLaVA-NeXT/OneVision, so m itself on OneVision)."""
+        planes = self.layout(grid, planes)
+        scores = self.importance_of(patches, planes=planes, **attention)
         if not self.recycle:
             keep = scores.argsort(dim=-1, descending=True, stable=True)[:, :k].sort(dim=-1).values
             return Selection(keep=keep, scores=scores, importance=scores.gather(1, keep))
-        cell = self.m * math.sqrt(grid[0] * grid[1]) / REFERENCE_GRID
-        keep, values, weights, recycled = recycle(scores, image_tokens, grid, k, cell)
+        cell = self.m * math.sqrt(planes[0][0] * planes[0][1]) / REFERENCE_GRID
+        keep, values, weights, recycled = recycle(scores, image_tokens, planes, k, cell)
         return Selection(keep=keep, scores=scores, tokens=values, importance=weights, recycled=recycled)

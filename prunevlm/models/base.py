@@ -159,13 +159,19 @@ class Adapter:
         raise NotImplementedError
 
     def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
-        """The token grid (rows, columns) of each image in a processor's inputs, row-major as the LLM gets them."""
+        """The token grid (rows, columns) of each picture of a processor's inputs' images (one per image, or
+        one per plane: `picture_cells`), row-major as the LLM gets them."""
         raise NotImplementedError
 
     def pixel_views(self, inputs: dict) -> list[torch.Tensor]:
-        """Each image of a processor's inputs as the vision tower saw it: [3, H, W], still normalised, with
-        its token grid (`image_grids`) covering it evenly (for drawing the kept tokens)."""
+        """Each picture as the vision tower saw it: [3, H, W], still normalised, with its token grid
+        (`image_grids`) covering it evenly (for drawing the kept tokens)."""
         raise NotImplementedError
+
+    def picture_cells(self, inputs: dict) -> list[tuple[int, torch.Tensor]]:
+        """Per picture: the image it shows and, per cell of its grid (row-major), the index within the image
+        of the token drawn there. Default: one picture per image, cell i showing token i."""
+        return [(image, torch.arange(rows * cols)) for image, (rows, cols) in enumerate(self.image_grids(inputs))]
 
     def check_inputs(self, kwargs: dict) -> None:
         """Refuse inputs the adapter cannot prune (e.g. video) with a clear error."""

@@ -71,9 +71,7 @@ class LlavaAdapter(Adapter):
             capture.record("grid", [self.grid] * pixels.shape[0])
             capture.record("planes", [(self.grid,)] * pixels.shape[0])
             if "patches" in needed:
-                side = self.config.vision_config.patch_size
-                blocks = pixels.unfold(2, side, side).unfold(3, side, side)  # [n, C, rows, cols, p, p]
-                capture.record("patches", list(blocks.permute(0, 2, 3, 1, 4, 5).flatten(1, 2)))
+                capture.record("patches", list(self.patches_of(pixels)))
 
         projector = self.base.multi_modal_projector
         handles = [tower.register_forward_pre_hook(start, with_kwargs=True),
@@ -87,6 +85,12 @@ class LlavaAdapter(Adapter):
 
             handles.append(projector.register_forward_pre_hook(record_features))
         return handles
+
+    def patches_of(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The pixels under each patch token of each crop: [n, C, H, W] -> [n, T, C, p, p], row-major."""
+        side = self.config.vision_config.patch_size
+        blocks = pixels.unfold(2, side, side).unfold(3, side, side)  # [n, C, rows, cols, p, p]
+        return blocks.permute(0, 2, 3, 1, 4, 5).flatten(1, 2)
 
     def query_key_hooks(self, capture: Capture, use) -> list:
         """Hooks that hand the feature layer's own query and key projections, as they are computed (no

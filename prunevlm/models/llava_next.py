@@ -8,6 +8,11 @@ so that it lines up row for row with the placeholders; a small coordinate tensor
 tells, for every placeholder, its crop, plane row and column, and whether it is a newline (docs/models.md
 §2). Newlines never compete in a selection: the adapter records which placeholders are candidates and the
 plane row of each, and the runtime keeps newlines by its `newline` policy.
+
+VFlowOpt's signals are per-crop values packed the same way (docs/models.md §3, docs/vflowopt.md §5): each
+crop's pixel blocks, and per token the attention it receives within its crop with that crop's received
+attention, so the method takes the context relevance within each token's crop. Pictures are drawn per
+plane from the packed pixel blocks.
 """
 
 from __future__ import annotations
@@ -24,14 +29,24 @@ from .llava import LlavaAdapter
 
 # channels of the packed coordinate tensor; a newline packs as all zeros (content 0)
 CROP, ROW, COLUMN, CONTENT = range(4)
+UNPACKED = "per crop "  # prefix of a signal recorded per crop, packed per image at the projector
+
+
+def crop_attention(attention: torch.Tensor) -> torch.Tensor:
+    """VFlowOpt's per-token view of each crop's map A [n, T, T] (rows: queries): per token j, A_gj over the
+    crop's tokens g, and the attention r_g each of them receives (the column means), so that packing it like
+    the features lets c_j be computed within the token's crop (methods/vflowopt.py). -> [n, T, 2, T]."""
+    received = attention.mean(dim=1)
+    return torch.stack([attention.transpose(1, 2), received[:, None].expand_as(attention)], dim=2)
 
 
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     # two planes (base crop, unpadded tile plane) but no single token grid, and no patch-to-patch map across
-    # crops: VFlowOpt is refused (docs/models.md §3)
-    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "keys", "planes"})
+    # crops: each token's attention within its own crop instead (crop_attention, docs/models.md §3)
+    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "features", "saliency", "keys", "planes",
+                          "crop_attention", "patches"})
 
     def __init__(self, model):
         super().__init__(model)
@@ -103,15 +118,46 @@ class LlavaNextAdapter(LlavaAdapter):
             raise ValueError(f"{self.family} needs image_sizes with pixel_values: pass the processor's output unchanged")
         return [int(image.shape[0]) for image in self.layout(sizes, kwargs.get("batch_num_images"))]
 
+    # -- pictures: one per plane (docs/models.md §3) ---------------------------------------------------
+
+    def _layouts(self, inputs: dict) -> list[torch.Tensor]:
+        if inputs.get("pixel_values") is None:
+            return []
+        if inputs.get("image_sizes") is None:
+            raise ValueError(f"{self.family} needs image_sizes with pixel_values: pass the processor's output unchanged")
+        return self.layout(inputs["image_sizes"], inputs.get("batch_num_images"))
+
     def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
-        raise self.no_picture()
+        """Per picture: each image's base crop, then (tiled images) its unpadded tile plane."""
+        return [plane for layout in self._layouts(inputs) for plane in self.planes(layout)]
+
+    def picture_cells(self, inputs: dict) -> list[tuple[int, torch.Tensor]]:
+        cells = []
+        for image, layout in enumerate(self._layouts(inputs)):
+            content = torch.nonzero(layout[:, CONTENT] > 0.5).flatten()
+            for plane in content.split([h * w for h, w in self.planes(layout)]):
+                cells.append((image, plane))
+        return cells
 
     def pixel_views(self, inputs: dict) -> list[torch.Tensor]:
-        raise self.no_picture()
+        """Per picture, the pixels under its tokens laid out on its plane: the base crop as the tower saw it,
+        the tile plane stitched, unpadded (and on OneVision downscaled) like the features, from the same
+        packed patches as VFlowOpt's entropy."""
+        sizes, num_images = inputs["image_sizes"], inputs.get("batch_num_images")
+        crops = torch.cat([pixels[:count] for pixels, count in zip(inputs["pixel_values"], self.crops(sizes, num_images))])
+        views = []
+        for patches, layout in zip(self.pack_patches(self.patches_of(crops), sizes, num_images), self._layouts(inputs)):
+            content = patches[layout[:, CONTENT] > 0.5]
+            channels, side = content.shape[1], content.shape[-1]
+            for (rows, cols), blocks in zip(self.planes(layout), content.split([h * w for h, w in self.planes(layout)])):
+                views.append(blocks.reshape(rows, cols, channels, side, side).permute(2, 0, 3, 1, 4)
+                             .reshape(channels, rows * side, cols * side))
+        return views
 
-    def no_picture(self) -> NotImplementedError:
-        return NotImplementedError(f"{self.family} images have no single token grid (a base plane and an unpadded "
-                                   f"tile plane); pictures of the kept tokens are not drawn for them yet")
+    def pack_patches(self, patches: torch.Tensor, image_sizes, batch_num_images=None) -> list[torch.Tensor]:
+        """Per-crop pixel blocks [n, T, C, p, p] -> per image [placeholders, C, p, p], packed as values."""
+        packed = self.pack(patches.flatten(2), image_sizes, batch_num_images)
+        return [image.view(image.shape[0], *patches.shape[2:]) for image in packed]
 
     # -- hooks --------------------------------------------------------------------------------------
 
@@ -142,19 +188,25 @@ class LlavaNextAdapter(LlavaAdapter):
                                  f"that place its tokens are unknown; encode images through the model")
             self.record_packed(capture, output, *sizes["call"])
 
-        handles = [tower.register_forward_pre_hook(lambda module, args, kwargs: capture.start_call(), with_kwargs=True),
+        def start(module, args, kwargs):
+            capture.start_call()
+            if "patches" in needed:
+                pixels = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
+                capture.record(UNPACKED + "patches", [self.patches_of(pixels)])
+
+        handles = [tower.register_forward_pre_hook(start, with_kwargs=True),
                    projector.register_forward_hook(record_tokens),
                    InstanceAttribute(self.base, "get_image_features", encode_noting_sizes)]
-        if needed & {"saliency", "keys"}:
+        if needed & {"saliency", "keys", "crop_attention"}:
 
             def record_attention(attention, queries, keys):
                 for name, per_crop in self.attention_signals(attention, queries, keys, needed).items():
-                    capture.record(f"crop_{name}", [per_crop])
+                    capture.record(UNPACKED + name, [per_crop])
 
             handles += self.query_key_hooks(capture, record_attention)
         if "features" in needed:
             handles.append(projector.register_forward_pre_hook(
-                lambda module, args: capture.record("crop_features", [args[0]])))
+                lambda module, args: capture.record(UNPACKED + "features", [args[0]])))
         return handles
 
     def record_packed(self, capture: Capture, crop_tokens: torch.Tensor, sizes, num_images) -> None:
@@ -164,10 +216,10 @@ class LlavaNextAdapter(LlavaAdapter):
             raise ValueError(f"{self.family}: the vision tower encoded {crop_tokens.shape[0]} crops, which the "
                              f"image_sizes of the call do not account for; pass the processor's output unchanged")
         call = capture.calls[-1]
-        for name in [key for key in call if key.startswith("crop_")]:
-            (per_crop,) = call.pop(name)
-            packed = self.pack(per_crop, sizes, num_images)
-            call[name[len("crop_"):]] = [p[:, 0] for p in packed] if name == "crop_saliency" else packed
+        for name in [key for key in call if key.startswith(UNPACKED)]:
+            (per_crop,) = call.pop(name)  # [n, T, ...]: packed with its trailing dimensions as channels
+            packed = self.pack(per_crop.reshape(*per_crop.shape[:2], -1), sizes, num_images)
+            call[name[len(UNPACKED):]] = [p.view(p.shape[0], *per_crop.shape[2:]) for p in packed]
         capture.record("tokens", self.pack(crop_tokens, sizes, num_images, self.base.image_newline))
         layout = self.layout(sizes, num_images)
         capture.record("candidates", [image[:, CONTENT] > 0.5 for image in layout])
@@ -175,22 +227,29 @@ class LlavaNextAdapter(LlavaAdapter):
         capture.record("planes", [self.planes(image) for image in layout])
 
     def attention_signals(self, attn, queries, keys, needed) -> dict[str, torch.Tensor]:
-        """Per crop: the CLS->patch attention [n, T, 1] (saliency) and the patches' head-mean keys [n, T, d]."""
+        """Per crop: the CLS->patch attention [n, T] (saliency), the patches' head-mean keys [n, T, d] and
+        VFlowOpt's `crop_attention` of the patch-to-patch map, CLS excluded as on LLaVA [n, T, 2, T]."""
         batch, length, _ = keys.shape
         keys = keys.view(batch, length, attn.num_heads, attn.head_dim)
         signals = {}
         if "keys" in needed:
             signals["keys"] = keys[:, 1:].float().mean(dim=2)
-        if "saliency" in needed:
-            cls = queries[:, :1].reshape(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-            signals["saliency"] = attention_probs(cls, keys.transpose(1, 2), attn.scale)[:, 0, 1:, None]
+        if needed & {"saliency", "crop_attention"}:
+            rows = queries if "crop_attention" in needed else queries[:, :1]
+            rows = rows.reshape(batch, rows.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+            probs = attention_probs(rows, keys.transpose(1, 2), attn.scale)  # [n, Q, 1 + T]
+            if "saliency" in needed:
+                signals["saliency"] = probs[:, 0, 1:]
+            if "crop_attention" in needed:
+                signals["crop_attention"] = crop_attention(probs[:, 1:, 1:])
         return signals
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """SigLIP has no CLS token: the saliency is the attention each token receives at the feature layer,
     averaged over heads and queries (docs/models.md §4), recomputed from the layer's own q/k projections
-    so the tower stays on SDPA. A prompt with several images sends each as one base crop."""
+    so the tower stays on SDPA; VFlowOpt's map is the same one, every token a query and a key. A prompt
+    with several images sends each as one base crop."""
 
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
@@ -222,7 +281,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         signals = {}
         if "keys" in needed:
             signals["keys"] = keys.float().mean(dim=2)
-        if "saliency" in needed:
+        if needed & {"saliency", "crop_attention"}:
             queries = queries.reshape(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-            signals["saliency"] = attention_probs(queries, keys.transpose(1, 2), attn.scale).mean(dim=1)[..., None]
+            probs = attention_probs(queries, keys.transpose(1, 2), attn.scale)  # [n, T, T]
+            if "saliency" in needed:
+                signals["saliency"] = probs.mean(dim=1)
+            if "crop_attention" in needed:
+                signals["crop_attention"] = crop_attention(probs)
         return signals
