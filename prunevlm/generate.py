@@ -21,7 +21,8 @@ def pruning_settings(args) -> tuple[str, object, dict, str | None]:
 
 def run(args) -> list[str]:
     from . import prune
-    from .loading import jsonl_rows, load, prompt_inputs, read_image
+    from .api import resolve
+    from .loading import jsonl_rows, load, prompt_inputs, read_image, with_processor_normalisation
 
     if args.method and len(args.method) > 1:
         raise ValueError(f"generate takes one --method, got {','.join(args.method)}")
@@ -31,7 +32,11 @@ def run(args) -> list[str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load(args.model, args.dtype, args.device, args.attn)
-    handle = None if method == "none" else prune(model, method, budget, config=config, positions=args.positions, **options)
+    handle = None
+    if method != "none":
+        chosen, budget = resolve(method, budget, config, options)
+        given = {*options, *(args.config["options"] if args.config else ())}
+        handle = prune(model, with_processor_normalisation(chosen, processor, given), budget, positions=args.positions)
     answers = []
     try:
         for start in range(0, len(rows), args.batch_size):

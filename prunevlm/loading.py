@@ -3,6 +3,7 @@ the processor's pixel normalisation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -74,6 +75,16 @@ def pixel_normalisation(processor) -> dict:
     undoes it to get raw grey levels; docs/vflowopt.md §2.2)."""
     image_processor = processor.image_processor
     return {"pixel_mean": list(image_processor.image_mean), "pixel_std": list(image_processor.image_std)}
+
+
+def with_processor_normalisation(method, processor, given) -> object:
+    """`method` (a Method) with the processor's normalisation as its pixel options, when it has them and the
+    option names `given` (the user's options and a config's) hold neither: a checkpoint's processor may
+    differ from the CLIP default (LLaVA-OneVision's SigLIP uses 0.5; docs/vflowopt.md §5)."""
+    names = {"pixel_mean", "pixel_std"}
+    if names & set(given) or not names <= set(method.options()):
+        return method
+    return dataclasses.replace(method, **pixel_normalisation(processor))
 
 
 def prompt_inputs(processor, images: list, questions: list[str], device) -> dict:

@@ -268,3 +268,20 @@ def test_default_plans_meet_budgets_above_the_released_schedules(fraction):
         plan = VFlowOpt(layers=layers).plan(Budget(fraction), tokens, depth)
         assert abs(plan.layer_average / tokens - fraction) < 1 / tokens
         assert plan.counts[0] >= plan.counts[1] >= plan.counts[2]
+
+
+def test_the_processors_normalisation_fills_the_pixel_options_nobody_set():
+    """generate, eval and the lmms-eval model give VFlowOpt the checkpoint's normalisation (SigLIP: 0.5)
+    unless the user's options or config set it; methods without pixel options are left as they are."""
+    from types import SimpleNamespace
+
+    from prunevlm.loading import with_processor_normalisation
+    from prunevlm.methods import make_method
+
+    siglip = SimpleNamespace(image_processor=SimpleNamespace(image_mean=[0.5] * 3, image_std=[0.5] * 3))
+    filled = with_processor_normalisation(make_method("vflowopt", t=3.0), siglip, {"t"})
+    assert filled.pixel_mean == filled.pixel_std == (0.5, 0.5, 0.5) and filled.t == 3.0
+    chosen = make_method("vflowopt", pixel_mean=(0.4, 0.4, 0.4))
+    assert with_processor_normalisation(chosen, siglip, {"pixel_mean"}) is chosen
+    flashvlm = make_method("flashvlm")
+    assert with_processor_normalisation(flashvlm, siglip, set()) is flashvlm

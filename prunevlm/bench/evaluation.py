@@ -15,15 +15,15 @@ import torch
 from .. import prune
 from ..calibrate.flow import flow_similarity
 from ..demo import accuracy, dataset
-from ..loading import pixel_normalisation, prompt_inputs
+from ..api import resolve
+from ..loading import prompt_inputs, with_processor_normalisation
 from ..models import get_adapter
 from ..runtime.contract import output_cache
 from .memory import kv_bytes
 
-def configurations(args, normalisation: dict | None = None) -> list[dict]:
+def configurations(args) -> list[dict]:
     """Every (method, budget, options) to evaluate, the unpruned model first. Each calibrated VFlowOpt config
-    (`args.vflowopt`: configs loaded by the CLI) is followed by VFlowOpt's defaults at its budget and layers,
-    with the processor's `normalisation` options (`loading.pixel_normalisation`)."""
+    (`args.vflowopt`: configs loaded by the CLI) is followed by VFlowOpt's defaults at its budget and layers."""
     configs = [{"name": "unpruned", "method": None, "budget": None, "options": {}}]
     budgets = [budget.value for budget in args.budgets]  # plain numbers for the JSON rows
     for method in args.methods:
@@ -34,7 +34,7 @@ def configurations(args, normalisation: dict | None = None) -> list[dict]:
         configs.append({"name": "vflowopt (calibrated)", "method": "vflowopt", "budget": config["budget"].value,
                         "options": config["options"], "config": os.path.basename(config["path"])})
         layers = config["options"].get("layers")
-        default = ({"layers": layers} if layers else {}) | (normalisation or {})
+        default = {"layers": layers} if layers else {}
         configs.append({"name": "vflowopt (default)", "method": "vflowopt", "budget": config["budget"].value, "options": default})
     return configs
 
@@ -42,7 +42,10 @@ def configurations(args, normalisation: dict | None = None) -> list[dict]:
 @torch.inference_mode()
 def measure(model, processor, items, config: dict, reference: torch.Tensor | None, args) -> dict:
     """Accuracy, fidelity, kept tokens and KV cache of one configuration."""
-    handle = None if config["method"] is None else prune(model, config["method"], config["budget"], **config["options"])
+    handle = None
+    if config["method"] is not None:  # the processor's pixel normalisation where the options do not set it
+        method, budget = resolve(config["method"], config["budget"], None, config["options"])
+        handle = prune(model, with_processor_normalisation(method, processor, config["options"]), budget)
     try:
         start = time.perf_counter()
         answers, states = accuracy.predict(model, processor, items, args.batch_size, return_states=True)
@@ -131,7 +134,7 @@ def run(args) -> list[dict]:
     items = dataset.flatten(dataset.generate("test", args.images))
     qtypes = list(dataset.QTYPES)
     rows, refused, reference = [], [], None
-    for config in configurations(args, pixel_normalisation(processor)):
+    for config in configurations(args):
         try:
             row = measure(model, processor, items, config, reference, args)
         except ValueError as error:  # a budget the method cannot reach on this model: say so, go on

@@ -12,7 +12,8 @@ import torch
 from .. import prune
 from ..api import resolve
 from ..budget import Budget
-from ..loading import load, prompt_inputs, resolve_dtype
+from ..config import load_config
+from ..loading import load, prompt_inputs, resolve_dtype, with_processor_normalisation
 from ..methods import Method
 from ..models import get_adapter
 
@@ -39,6 +40,7 @@ class Settings:
     positions: str = "original"
     dtype: str = "auto"
     attn: str = "sdpa"
+    given: tuple = ()  # the option names set by model_args and by the config it names
 
 
 def parse_model_args(args: dict) -> Settings:
@@ -71,7 +73,8 @@ def parse_model_args(args: dict) -> Settings:
             raise ValueError(f"method=none is the unpruned model: drop {', '.join(given)}")
         return Settings(method=None, budget=None, **common)
     method, budget = resolve(args["method"], budget, args.get("config"), options)
-    return Settings(method=method, budget=budget, **common)
+    given = (*options, *(load_config(args["config"])["options"] if args.get("config") else ()))
+    return Settings(method=method, budget=budget, given=given, **common)
 
 
 def _option_value(value):
@@ -91,8 +94,10 @@ class PrunedModel:
         self.settings = settings
         self.model, self.processor = load(settings.pretrained, settings.dtype, device, settings.attn)
         self.adapter = get_adapter(self.model)
-        self.handle = None if settings.method is None else prune(
-            self.model, settings.method, settings.budget, positions=settings.positions)
+        self.handle = None
+        if settings.method is not None:
+            method = with_processor_normalisation(settings.method, self.processor, settings.given)
+            self.handle = prune(self.model, method, settings.budget, positions=settings.positions)
 
     def _inputs(self, images: list, texts: list[str]) -> dict:
         inputs = prompt_inputs(self.processor, images, texts, self.model.device)
