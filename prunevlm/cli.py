@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from .budget import Budget
+from .budget import BUDGET_SCOPES, Budget
 
 from . import DEMO_CONFIGS, DEMO_MODEL
 
@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--option", type=parse_option, action="append", default=[], help="method option KEY=VALUE (repeatable)")
     gen.add_argument("--positions", choices=["original", "compact"], default="original",
                      help="RoPE positions of kept tokens: original (required for Qwen's M-RoPE) or renumbered")
+    gen.add_argument("--budget-scope", choices=BUDGET_SCOPES, default=None,
+                     help="per_image: the budget counts over all of an image's crops; per_crop: in each crop, on its "
+                          "unpadded tokens (LLaVA-NeXT/OneVision) (default: the config's, else per_image)")
     gen.add_argument("--batch-size", type=positive, default=8, help="rows per generate() call")
     gen.add_argument("--max-new-tokens", type=positive, default=64)
     gen.add_argument("--save-picture", default=None, metavar="PATH",

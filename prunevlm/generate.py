@@ -31,7 +31,8 @@ def run(args) -> list[str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load(args.model, args.dtype, args.device, args.attn)
-    handle = None if method == "none" else prune(model, method, budget, config=config, positions=args.positions, **options)
+    handle = None if method == "none" else prune(model, method, budget, config=config, positions=args.positions,
+                                                 budget_scope=args.budget_scope, **options)
     answers = []
     try:
         for start in range(0, len(rows), args.batch_size):

@@ -90,6 +90,7 @@ def test_generate_explains_bad_input(folder, tmp_path):
     (["eval", "--images", "0"], "argument --images: must be an int >= 1, got '0'"),
     (["eval", "--methods", "flashvlm,nope"], r"unknown method\(s\) \['nope'\]"),
     (["demo", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["generate", "--model", "M", "--prompt", "w", "--budget-scope", "crop"], "argument --budget-scope: invalid choice: 'crop'"),
 ])
 def test_bad_flags_are_refused_while_parsing(argv, message, capsys):
     with pytest.raises(SystemExit) as raised:

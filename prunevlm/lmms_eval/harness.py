@@ -23,6 +23,8 @@ MODEL_ARGS = {
     "method": "a pruning method (prunevlm methods), or none for the unpruned model",
     "budget": "tokens kept per image (int) or fraction of each image (float in (0, 1]); the config's if omitted",
     "config": "a saved configuration, e.g. from prunevlm calibrate (method options and budget)",
+    "budget_scope": "per_image (the default, or the config's) or per_crop (LLaVA-NeXT/OneVision: the budget counts "
+                    "in each crop)",
     f"{OPTION_PREFIX}NAME": "a method option, e.g. option_eta=0.3 (prunevlm methods --verbose lists them)",
     "positions": "RoPE positions of kept tokens: original (required for Qwen's M-RoPE) or compact",
     "dtype": "auto (the checkpoint's), float32, bfloat16 or float16",
@@ -36,6 +38,7 @@ class Settings:
     pretrained: str
     method: Method | None  # None: the unpruned model
     budget: Budget | None
+    budget_scope: str = "per_image"
     positions: str = "original"
     dtype: str = "auto"
     attn: str = "sdpa"
@@ -66,12 +69,12 @@ def parse_model_args(args: dict) -> Settings:
     if isinstance(budget, str):
         budget = Budget.parse(budget)
     if args["method"] == "none":
-        given = [name for name in ("budget", "config") if name in args] + [f"{OPTION_PREFIX}{o}" for o in options]
+        given = [name for name in ("budget", "config", "budget_scope") if name in args] + [f"{OPTION_PREFIX}{o}" for o in options]
         if given:
             raise ValueError(f"method=none is the unpruned model: drop {', '.join(given)}")
         return Settings(method=None, budget=None, **common)
-    method, budget = resolve(args["method"], budget, args.get("config"), options)
-    return Settings(method=method, budget=budget, **common)
+    method, budget, budget_scope = resolve(args["method"], budget, args.get("config"), options, args.get("budget_scope"))
+    return Settings(method=method, budget=budget, budget_scope=budget_scope, **common)
 
 
 def _option_value(value):
@@ -92,7 +95,7 @@ class PrunedModel:
         self.model, self.processor = load(settings.pretrained, settings.dtype, device, settings.attn)
         self.adapter = get_adapter(self.model)
         self.handle = None if settings.method is None else prune(
-            self.model, settings.method, settings.budget, positions=settings.positions)
+            self.model, settings.method, settings.budget, positions=settings.positions, budget_scope=settings.budget_scope)
 
     def _inputs(self, images: list, texts: list[str]) -> dict:
         inputs = prompt_inputs(self.processor, images, texts, self.model.device)

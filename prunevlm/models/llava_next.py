@@ -159,7 +159,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def record_packed(self, capture: Capture, crop_tokens: torch.Tensor, sizes, num_images) -> None:
         """The projector's per-crop output and this encoder call's per-crop signals, packed per image: tokens
-        (with the model's newline, as the LLM receives them), candidates (not newlines), rows, planes."""
+        (with the model's newline, as the LLM receives them), candidates (not newlines), rows, crops, planes."""
         if sum(self.crops(sizes, num_images)) != crop_tokens.shape[0]:
             raise ValueError(f"{self.family}: the vision tower encoded {crop_tokens.shape[0]} crops, which the "
                              f"image_sizes of the call do not account for; pass the processor's output unchanged")
@@ -172,6 +172,7 @@ class LlavaNextAdapter(LlavaAdapter):
         layout = self.layout(sizes, num_images)
         capture.record("candidates", [image[:, CONTENT] > 0.5 for image in layout])
         capture.record("rows", [self.newline_rows(image) for image in layout])
+        capture.record("crops", [image[:, [CROP, ROW]] for image in layout])  # per_crop budgets: crop, row in it
         capture.record("planes", [self.planes(image) for image in layout])
 
     def attention_signals(self, attn, queries, keys, needed) -> dict[str, torch.Tensor]:
