@@ -9,6 +9,7 @@ import tiny
 from prunevlm.models import get_adapter
 from prunevlm.models.base import Capture
 from prunevlm.methods.uniform import plane_shares
+from prunevlm.signals.attention import received_attention
 from prunevlm.models.llava_next import COLUMN, CONTENT, CROP
 
 FAMILIES = {"llava_next": tiny.llava_next, "llava_onevision": tiny.llava_onevision}
@@ -173,6 +174,16 @@ def test_onevision_saliency_is_the_attention_each_token_receives():
     received = attention.mean(dim=1).mean(dim=1)  # [crops, T]
     (expected,) = adapter.pack(received[..., None], inputs["image_sizes"])
     torch.testing.assert_close(saliency, expected[:, 0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 600, 8), (2, 3, 20, 8)], ids=["query blocks", "several heads a block"])
+def test_received_attention_is_the_column_sum_of_the_head_averaged_map(shape):
+    """Blockwise (600 x 600 logits are split into blocks of query rows; 20 x 20 ones are taken several heads
+    at once), batch dimensions kept: the column sums of the explicit map, to float rounding."""
+    g = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    explicit = torch.softmax(queries @ keys.transpose(-1, -2) * 0.3, dim=-1).mean(dim=-3).sum(dim=-2)
+    torch.testing.assert_close(received_attention(queries, keys, 0.3), explicit, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import inspect
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from ..signals.attention import attention_probs
+from ..signals.attention import attention_probs, received_attention
 from .base import Capture, InstanceAttribute
 from .llava import LlavaAdapter
 
@@ -225,5 +225,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             signals["keys"] = keys.float().mean(dim=2)
         if "saliency" in needed:
             queries = queries.reshape(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-            signals["saliency"] = attention_probs(queries, keys.transpose(1, 2), attn.scale).mean(dim=1)[..., None]
+            # column means of the head-averaged map, never formed (signals/attention.py)
+            signals["saliency"] = received_attention(queries, keys.transpose(1, 2), attn.scale).div_(length)[..., None]
         return signals
