@@ -216,8 +216,7 @@ class InputPruning:
         self.prefill: Prefill | None = None
         self.stats = Stats()
         self.layers = LayerPruning(adapter, method) if method.prunes_in_llm else None
-        # "crops": which crop each placeholder comes from, for per_crop budgets (families with crops record it)
-        self.handles = adapter.install(self.needed | ({"crops"} if budget_scope == "per_crop" else set()), self.capture)
+        self.handles = adapter.install(self.needed, self.capture)
         self.handles.append(adapter.base.register_forward_pre_hook(self._before_base, with_kwargs=True))
         self.handles.append(adapter.base.register_forward_hook(self._after_base, with_kwargs=True))
         lm = adapter.language_model
@@ -408,8 +407,7 @@ class InputPruning:
         inputs = [self._signals(tokens, embeds, row, columns, text_per_row[row], signals, selectable)
                   for (row, columns), tokens, signals, (selectable, _) in zip(images, image_tokens, recorded, candidates)]
         if self.budget_scope == "per_crop":
-            return [self._choose_in_crops(image, signals, record, selectable)
-                    for image, signals, record, (selectable, _) in zip(images, inputs, recorded, candidates)]
+            return [self._choose_in_crops(*arguments) for arguments in zip(images, inputs, recorded, candidates)]
         groups: dict[tuple, list[int]] = {}
         for i, signals in enumerate(inputs):
             groups.setdefault((images[i][1].numel(), *self._group_key(signals)), []).append(i)
@@ -431,20 +429,21 @@ class InputPruning:
                 choices[i] = ImageChoice(row, columns, selection, index, plan, *candidates[i], self.newline)
         return choices
 
-    def _choose_in_crops(self, image, signals: dict, recorded: dict, selectable) -> ImageChoice:
+    def _choose_in_crops(self, image, signals: dict, recorded: dict, candidates: tuple) -> ImageChoice:
         """budget_scope="per_crop": the method runs on each crop's candidates alone, with the budget counted on
         that crop's candidates (an int: min(k, its tokens); a fraction: of its tokens, rounded to nearest, at
         least one), so each crop keeps exactly its own count, as the papers' per-crop budgets mean. Where the
-        adapter records no crops, the image is one crop. A method's layout signal ("planes") becomes the
+        adapter records no "crops" (per placeholder: its crop and its row within the crop), the image is one
+        crop. A method's layout signal ("planes") becomes the
         crop's own plane: its candidates, row-major, have as many rows as distinct rows within the crop."""
         row, columns = image
         num_candidates = signals["image_tokens"].shape[0]
-        crops = recorded.get("crops")  # per placeholder: (crop, row within the crop)
+        crops = recorded.get("crops")
         if crops is None:
             crops = torch.zeros(num_candidates, 2)
         crops = crops.to(columns.device)
-        if selectable is not None:
-            crops = crops.index_select(0, selectable)
+        if candidates[0] is not None:
+            crops = crops.index_select(0, candidates[0])
         if not torch.equal(crops, crops.round()):
             raise ValueError("budget_scope='per_crop' needs every token to come from one crop, but this image's tokens "
                              "mix neighbouring crops (its tile plane was downscaled bilinearly); use "
@@ -471,7 +470,7 @@ class InputPruning:
         # every crop whole: the image is kept whole, newlines included (the identity, as per_image)
         count = columns.numel() if keep.numel() == num_candidates else keep.numel()
         plan = Plan((count,), (), self.num_layers)
-        return ImageChoice(row, columns, selection, 0, plan, *self._candidates(recorded, columns.device), self.newline)
+        return ImageChoice(row, columns, selection, 0, plan, *candidates, self.newline)
 
     @staticmethod
     def _candidates(recorded: dict, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
