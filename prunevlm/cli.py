@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what a budget counts: over the image's crops, or in each crop (docs/models.md §3)")
     bench.add_argument("--methods", type=method_names(allow_none=True), default="all",
                        help="comma-separated, or all; none is the unpruned model")
-    bench.add_argument("--budgets", type=parse_budgets, default="576,192,128,64,32", help="comma-separated tokens per image")
+    bench.add_argument("--budgets", type=parse_budgets, default="576,192,128,64,32",
+                       help="comma-separated tokens per image (per crop with --budget-scope per_crop)")
     bench.add_argument("--repeats", type=positive, default=3, help="timed rounds after one warm-up round (medians)")
     bench.add_argument("--decode-tokens", type=positive, default=16)
     bench.add_argument("--text-tokens", type=positive, default=40, help="prompt tokens around the image")
