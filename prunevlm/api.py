@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .budget import Budget
+from .budget import Budget, check_budget_scope
 from .config import load_config
 from .methods import METHODS, SIGNALS, Method, Selection, make_method
 from .models import get_adapter
@@ -17,16 +17,18 @@ _ATTACHED = "_prunevlm_handle"
 class PruneHandle:
     """A pruning method attached to a model through hooks. Use as a context manager or call `.remove()`."""
 
-    def __init__(self, model: nn.Module, method: Method, budget: Budget, positions: str, newline: str):
-        self.model, self.method, self.budget = model, method, budget
+    def __init__(self, model: nn.Module, method: Method, budget: Budget, positions: str, newline: str,
+                 budget_scope: str):
+        self.model, self.method, self.budget, self.budget_scope = model, method, budget, budget_scope
         self.adapter = get_adapter(model)
         warn_if_untested()
-        self.runtime = InputPruning(self.adapter, method, budget, positions, newline)
+        self.runtime = InputPruning(self.adapter, method, budget, positions, newline, budget_scope)
         setattr(model, _ATTACHED, self)
 
     @property
     def stats(self) -> Stats:
-        """The last prefill: visual tokens before/after per image, prompt lengths, selection time."""
+        """The last prefill: visual tokens before/after per image, the tokens each image's budget granted,
+        prompt lengths, selection time."""
         return self.runtime.stats
 
     @property
@@ -55,16 +57,19 @@ class PruneHandle:
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "removed"
-        return f"PruneHandle({self.method!r}, budget={self.budget!r}, {self.adapter.family}, {state})"
+        return (f"PruneHandle({self.method!r}, budget={self.budget!r}, budget_scope={self.budget_scope!r}, "
+                f"{self.adapter.family}, {state})")
 
 
 def resolve(method: str | Method, budget: int | float | Budget | None = None, config=None,
-            options: dict | None = None) -> tuple[Method, Budget]:
-    """The method instance and budget `prune` attaches, from its arguments, checked without a model (so a
-    caller about to load one can refuse bad settings first): a config's method, budget and options must agree
-    with the ones given."""
+            options: dict | None = None, budget_scope: str | None = None) -> tuple[Method, Budget, str]:
+    """The method instance, budget and budget scope `prune` attaches, from its arguments, checked without a
+    model (so a caller about to load one can refuse bad settings first): a config's method, budget, budget
+    scope and options must agree with the ones given. No scope given: the config's, else "per_image"."""
     options = dict(options or {})
     budget = None if budget is None else Budget.of(budget)
+    if budget_scope is not None:
+        check_budget_scope(budget_scope)
     if config is not None:
         loaded = load_config(config)
         name = method if isinstance(method, str) else method.name
@@ -78,14 +83,18 @@ def resolve(method: str | Method, budget: int | float | Budget | None = None, co
                 f"the config was calibrated for budget {loaded['budget']}; pass that budget (or none), or "
                 f"calibrate for {budget}"
             )
-        budget, options = loaded["budget"], {**loaded["options"], **options}
+        if budget_scope is not None and budget_scope != loaded["budget_scope"]:
+            raise ValueError(f"the config was calibrated with budget_scope={loaded['budget_scope']!r}; pass that "
+                             f"(or none), or calibrate with {budget_scope!r}")
+        budget, options, budget_scope = loaded["budget"], {**loaded["options"], **options}, loaded["budget_scope"]
     if budget is None:
         raise TypeError("prune() needs a budget: tokens per image (int) or a fraction of each image (float in (0, 1])")
-    return make_method(method, **options), budget
+    return make_method(method, **options), budget, budget_scope or "per_image"
 
 
 def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | float | Budget | None = None, *,
-          config=None, positions: str = "original", newline: str = "drop", **options) -> PruneHandle:
+          config=None, positions: str = "original", newline: str = "drop", budget_scope: str | None = None,
+          **options) -> PruneHandle:
     """Attach a pruning method to a stock Hugging Face VLM.
 
     budget: an int (Python or NumPy) is the number of visual tokens kept per image (an image with fewer stays
@@ -95,13 +104,18 @@ def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | flo
     "original" keeps the kept tokens' RoPE positions (required for M-RoPE), "compact" renumbers them.
     newline: what becomes of LLaVA-NeXT/OneVision row newlines, which never compete for the budget: "drop"
     (as the published NeXT numbers were produced), "keep_nonempty_rows" or "keep_all"; an image kept whole
-    keeps them all (no effect on families without newlines). Other keyword arguments are method options.
+    keeps them all (no effect on families without newlines). budget_scope: "per_image" (the default, or the
+    config's) counts the budget over all of an image's crops (an int: the image's tokens reaching the LLM; a
+    float: the fraction of all its placeholders, newlines included); "per_crop" counts it in each crop, on the
+    crop's unpadded tokens, and the method selects within each crop (LLaVA-NeXT/OneVision; the same as
+    per_image for families with one crop per image; docs/models.md §3). Other keyword arguments are method
+    options.
     """
-    method, budget = resolve(method, budget, config, options)
+    method, budget, budget_scope = resolve(method, budget, config, options, budget_scope)
     existing = getattr(model, _ATTACHED, None)
     if existing is not None:
         raise RuntimeError(f"{existing!r} is already attached to this model; call .remove() on it first")
-    return PruneHandle(model, method, budget, positions, newline)
+    return PruneHandle(model, method, budget, positions, newline, budget_scope)
 
 
 def select(method: str | Method, budget: int | float | Budget, **kwargs) -> Selection:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# how a budget counts (prune(budget_scope=...), docs/models.md §3): over all of an image's crops, or in each
+# crop on its own unpadded tokens (the image's total is then the sum over its crops)
+BUDGET_SCOPES = ("per_image", "per_crop")
 ALLOWED = "an int >= 1 (visual tokens kept per image) or a float in (0, 1] (fraction of each image's tokens)"
 
 
@@ -72,3 +75,11 @@ class Budget:
 
     def __str__(self) -> str:
         return str(self.value)
+
+
+def check_budget_scope(scope) -> str:
+    """`scope` if it is one of BUDGET_SCOPES, else a clear error."""
+    if scope not in BUDGET_SCOPES:
+        raise ValueError(f"budget_scope must be 'per_image' (the budget counts over all of an image's crops) or "
+                         f"'per_crop' (it counts in each crop, on the crop's unpadded tokens), got {scope!r}")
+    return scope

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from .budget import Budget
+from .budget import BUDGET_SCOPES, Budget
 
 from . import DEMO_CONFIGS, DEMO_MODEL
 
 RESULTS = "prunevlm-results"  # commands write under this folder of the working directory by default
+BENCH_FAMILIES = ("llava", "next", "onevision", "qwen3vl")  # prunevlm bench --model-family (bench/models.py)
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # loading.DTYPES' names (that module imports torch)
 
 
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--option", type=parse_option, action="append", default=[], help="method option KEY=VALUE (repeatable)")
     gen.add_argument("--positions", choices=["original", "compact"], default="original",
                      help="RoPE positions of kept tokens: original (required for Qwen's M-RoPE) or renumbered")
+    gen.add_argument("--budget-scope", choices=BUDGET_SCOPES, default=None,
+                     help="per_image: the budget counts over all of an image's crops; per_crop: in each crop, on its "
+                          "unpadded tokens (LLaVA-NeXT/OneVision) (default: the config's, else per_image)")
     gen.add_argument("--batch-size", type=positive, default=8, help="rows per generate() call")
     gen.add_argument("--max-new-tokens", type=positive, default=64)
     gen.add_argument("--save-picture", default=None, metavar="PATH",
@@ -256,12 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_machine_flags(gen)
 
     bench = command("bench", "speed and memory of each method on a random-weight model", cmd_bench)
+    bench.add_argument("--model-family", choices=BENCH_FAMILIES, default="llava",
+                       help="llava: LLaVA-1.5, one 336 px crop; next: LLaVA-NeXT, a 672 x 672 image (5 crops); "
+                            "onevision: LLaVA-OneVision, 768 x 768 (5 crops); qwen3vl: Qwen3-VL, 768 x 768 (576 tokens)")
     bench.add_argument("--shape", default="small",
-                       help="small: CLIP ViT-L/14-336 + Llama h1024 x 8 layers, for a CPU; 7b: LLaVA-1.5-7B, for a "
-                            "GPU; tiny: for tests (the shapes of prunevlm/bench/models.py)")
+                       help="small: for a CPU (llava: CLIP ViT-L/14-336 + Llama h1024 x 8 layers; the other families "
+                            "keep their tower's width and tokens with 4 tower layers); 7b: the released 7B/8B model, "
+                            "for a GPU; tiny: for tests (the shapes of prunevlm/bench/models.py)")
+    bench.add_argument("--budget-scope", choices=BUDGET_SCOPES, default="per_image",
+                       help="what a budget counts: over the image's crops, or in each crop (docs/models.md §3)")
     bench.add_argument("--methods", type=method_names(allow_none=True), default="all",
                        help="comma-separated, or all; none is the unpruned model")
-    bench.add_argument("--budgets", type=parse_budgets, default="576,192,128,64,32", help="comma-separated tokens per image")
+    bench.add_argument("--budgets", type=parse_budgets, default="576,192,128,64,32",
+                       help="comma-separated tokens per image (per crop with --budget-scope per_crop)")
     bench.add_argument("--repeats", type=positive, default=3, help="timed rounds after one warm-up round (medians)")
     bench.add_argument("--decode-tokens", type=positive, default=16)
     bench.add_argument("--text-tokens", type=positive, default=40, help="prompt tokens around the image")

@@ -6,18 +6,20 @@ import dataclasses
 import json
 import os
 
-from .budget import Budget
+from .budget import Budget, check_budget_scope
 from .methods import get_method, make_method
 
 FORMAT = "prunevlm-config/1"
 
 
-def save_config(path: str, method: str, budget, options: dict, **provenance) -> dict:
+def save_config(path: str, method: str, budget, options: dict, budget_scope: str = "per_image", **provenance) -> dict:
     """Write a configuration with every option of the method (the given ones, defaults for the rest), so the
-    file means the same after a release changes a default. The budget is stored as a plain number."""
+    file means the same after a release changes a default. The budget is stored as a plain number, with the
+    scope it counts in (prune's budget_scope)."""
     built = make_method(method, **options)
     complete = {f.name: getattr(built, f.name) for f in dataclasses.fields(built) if f.init}
-    data = {"format": FORMAT, "method": method, "budget": Budget.of(budget).value, "options": complete, **provenance}
+    data = {"format": FORMAT, "method": method, "budget": Budget.of(budget).value,
+            "budget_scope": check_budget_scope(budget_scope), "options": complete, **provenance}
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -29,7 +31,8 @@ def save_config(path: str, method: str, budget, options: dict, **provenance) -> 
 def load_config(config: str | os.PathLike | dict) -> dict:
     """Read and validate a configuration (a path or an already loaded dict), field by field: the format, the
     method, the budget, and each option against the method's declared type and range; the options a
-    calibration sets (`option(calibrated=True)`) must be present. Its budget comes back as a Budget."""
+    calibration sets (`option(calibrated=True)`) must be present. Its budget comes back as a Budget, and its
+    budget_scope as written ("per_image" where a config from before the option has none)."""
     source = "the pruning config" if isinstance(config, dict) else f"the pruning config {os.fspath(config)!r}"
     if isinstance(config, dict):
         data = config
@@ -50,6 +53,7 @@ def load_config(config: str | os.PathLike | dict) -> dict:
     try:
         cls = get_method(data["method"])
         budget = Budget.of(data["budget"])
+        budget_scope = check_budget_scope(data.get("budget_scope", "per_image"))
         options = data["options"]
         if not isinstance(options, dict):
             raise ValueError(f"options must be an object of option names to values, got {options!r}")
@@ -60,4 +64,4 @@ def load_config(config: str | os.PathLike | dict) -> dict:
         make_method(cls.name, **options)
     except (ValueError, TypeError) as error:
         raise type(error)(f"{source}: {error}") from None
-    return {**data, "budget": budget}
+    return {**data, "budget": budget, "budget_scope": budget_scope}

@@ -34,9 +34,10 @@ def run(args) -> list[str]:
     model, processor = load(args.model, args.dtype, args.device, args.attn)
     handle = None
     if method != "none":
-        chosen, budget = resolve(method, budget, config, options)
+        chosen, budget, budget_scope = resolve(method, budget, config, options, args.budget_scope)
         given = {*options, *(args.config["options"] if args.config else ())}
-        handle = prune(model, with_processor_normalisation(chosen, processor, given), budget, positions=args.positions)
+        handle = prune(model, with_processor_normalisation(chosen, processor, given), budget,
+                       positions=args.positions, budget_scope=budget_scope)
     answers = []
     try:
         for start in range(0, len(rows), args.batch_size):

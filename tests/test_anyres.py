@@ -9,6 +9,7 @@ import tiny
 from prunevlm.models import get_adapter
 from prunevlm.models.base import Capture
 from prunevlm.methods.uniform import plane_shares
+from prunevlm.signals.attention import received_attention
 from prunevlm.models.llava_next import COLUMN, CONTENT, CROP
 
 FAMILIES = {"llava_next": tiny.llava_next, "llava_onevision": tiny.llava_onevision}
@@ -169,6 +170,16 @@ def test_onevision_saliency_is_the_attention_each_token_receives():
     torch.testing.assert_close(saliency, expected[:, 0], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 600, 8), (2, 3, 20, 8)], ids=["query blocks", "several heads a block"])
+def test_received_attention_is_the_column_sum_of_the_head_averaged_map(shape):
+    """Blockwise (600 x 600 logits are split into blocks of query rows; 20 x 20 ones are taken several heads
+    at once), batch dimensions kept: the column sums of the explicit map, to float rounding."""
+    g = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    explicit = torch.softmax(queries @ keys.transpose(-1, -2) * 0.3, dim=-1).mean(dim=-3).sum(dim=-2)
+    torch.testing.assert_close(received_attention(queries, keys, 0.3), explicit, atol=1e-5, rtol=1e-5)
+
+
 @torch.no_grad()
 def test_onevision_images_of_a_multi_image_prompt_are_one_base_crop_each():
     model = tiny.llava_onevision()
@@ -196,3 +207,81 @@ def test_in_llm_baselines_run_on_packed_images_and_restore(case, method):
         model.generate(**inputs, **GENERATE)
     assert all(plan.layers for row in handle.stats.stages for plan in row)
     assert torch.equal(model(**inputs).logits, reference)
+
+
+# images none of which OneVision downscales: a wide one (1 x 2 tiles), a tall one (2 x 1), a square one
+UNSCALED = [[(30, 50)], [(50, 30), (40, 40)], []]
+
+
+def crop_sizes(layout: torch.Tensor) -> dict[int, int]:
+    """Candidates (content placeholders) per crop of a packed image."""
+    crops = layout[layout[:, CONTENT] > 0.5, CROP].long()
+    return {int(c): int((crops == c).sum()) for c in crops.unique()}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", ["flashvlm", "uniform", "visionzip", "divprune"])
+@pytest.mark.parametrize("budget", [3, 0.3])
+def test_per_crop_budgets_keep_exactly_each_crop_s_count(family, method, budget):
+    """budget_scope="per_crop": every crop keeps the budget counted on its own unpadded candidates (a fraction
+    rounded per crop), the image's budget is their sum, and the prefill is text plus those sums."""
+    model = FAMILIES[family]()
+    inputs = tiny.anyres_inputs(model, UNSCALED)
+    layouts = get_adapter(model).layout(inputs["image_sizes"])
+    with prunevlm.prune(model, method, budget, budget_scope="per_crop") as handle:
+        model(**inputs)
+    stats = handle.stats
+    per_crop = [{c: prunevlm.Budget(budget).tokens_to_keep(n) for c, n in crop_sizes(layout).items()} for layout in layouts]
+    expected = [[sum(per_crop[0].values())], [sum(per_crop[1].values()), sum(per_crop[2].values())], []]
+    assert stats.budget_scope == "per_crop" and stats.budget_tokens == expected and stats.tokens_after == expected
+    text = (inputs["attention_mask"].sum(dim=1) - torch.tensor([sum(row) for row in stats.tokens_before])).tolist()
+    assert stats.prefill_after == [t + sum(row) for t, row in zip(text, expected)]
+    for kept, layout, counts in zip([k for row in stats.kept for k in row], layouts, per_crop):
+        assert layout[kept, CONTENT].eq(1).all()
+        crops = layout[kept, CROP].long()
+        assert {c: int((crops == c).sum()) for c in counts} == counts
+
+
+@torch.no_grad()
+def test_per_crop_keeps_newlines_by_policy_and_a_full_budget_is_the_identity(case):
+    _, model, _ = case
+    inputs = tiny.anyres_inputs(model, UNSCALED)
+    layouts = get_adapter(model).layout(inputs["image_sizes"])
+    reference = model(**inputs).logits
+    with prunevlm.prune(model, "flashvlm", 10_000, budget_scope="per_crop") as handle:
+        assert torch.equal(model(**inputs).logits, reference)
+    assert handle.stats.tokens_after == handle.stats.tokens_before == handle.stats.budget_tokens
+    with prunevlm.prune(model, "flashvlm", 2, budget_scope="per_crop", newline="keep_all") as handle:
+        model(**inputs)
+    newlines = [int((layout[:, CONTENT] < 0.5).sum()) for layout in layouts]
+    after = [n for row in handle.stats.tokens_after for n in row]
+    granted = [n for row in handle.stats.budget_tokens for n in row]
+    assert after == [g + n for g, n in zip(granted, newlines)]
+
+
+@torch.no_grad()
+def test_per_crop_refusals_say_what_to_do():
+    model = tiny.llava_onevision()
+    with prunevlm.prune(model, "flashvlm", 4, budget_scope="per_crop"):  # (100, 120) is downscaled
+        with pytest.raises(ValueError, match="mix neighbouring crops.*use budget_scope='per_image'"):
+            model(**tiny.anyres_inputs(model, [[(100, 120)]]))
+    with pytest.raises(ValueError, match="fastv prunes inside the LLM.*budget_scope='per_image'"):
+        prunevlm.prune(model, "fastv", 0.5, budget_scope="per_crop")
+    with pytest.raises(ValueError, match="budget_scope must be 'per_image' .* or 'per_crop' .*, got 'crop'"):
+        prunevlm.prune(model, "flashvlm", 4, budget_scope="crop")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("budget", [5, 0.2])
+def test_per_crop_is_per_image_for_a_family_with_one_crop(budget):
+    model = tiny.llava()
+    inputs = tiny.llava_inputs([1, 2])
+    kept = {}
+    for scope in ("per_image", "per_crop"):
+        with prunevlm.prune(model, "flashvlm", budget, budget_scope=scope) as handle:
+            model(**inputs)
+        kept[scope] = handle.stats
+    assert kept["per_crop"].tokens_after == kept["per_image"].tokens_after == kept["per_crop"].budget_tokens
+    for a, b in zip(kept["per_crop"].kept, kept["per_image"].kept):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

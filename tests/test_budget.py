@@ -105,6 +105,24 @@ def test_configs_store_a_plain_number_and_load_a_budget(tmp_path, budget, stored
     assert load_config(str(path))["budget"] == Budget(stored)
 
 
+def test_configs_carry_the_budget_scope(tmp_path):
+    path = tmp_path / "config.json"
+    save_config(str(path), "flashvlm", 64, {}, budget_scope="per_crop")
+    assert json.loads(path.read_text())["budget_scope"] == "per_crop"
+    assert load_config(str(path))["budget_scope"] == "per_crop"
+    model = tiny.llava_next()
+    with prunevlm.prune(model, "flashvlm", config=str(path)) as handle:
+        assert handle.budget_scope == "per_crop" and handle.runtime.budget_scope == "per_crop"
+    with pytest.raises(ValueError, match="calibrated with budget_scope='per_crop'; pass that"):
+        prunevlm.prune(model, "flashvlm", config=str(path), budget_scope="per_image")
+    # a config written before the option counts per image
+    assert load_config({"method": "flashvlm", "budget": 64, "options": {}})["budget_scope"] == "per_image"
+    with pytest.raises(ValueError, match="pruning config: budget_scope must be 'per_image'.*got 'crops'"):
+        load_config({"method": "flashvlm", "budget": 64, "budget_scope": "crops", "options": {}})
+    with pytest.raises(ValueError, match="budget_scope must be"):
+        save_config(str(path), "flashvlm", 64, {}, budget_scope="image")
+
+
 @pytest.mark.parametrize("path", [Path(p) for p in DEMO_CONFIGS.values()], ids=lambda p: p.name)
 def test_calibrated_results_still_load(path):
     config = load_config(str(path))

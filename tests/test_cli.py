@@ -90,6 +90,7 @@ def test_generate_explains_bad_input(folder, tmp_path):
     (["eval", "--images", "0"], "argument --images: must be an int >= 1, got '0'"),
     (["eval", "--methods", "flashvlm,nope"], r"unknown method\(s\) \['nope'\]"),
     (["demo", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["generate", "--model", "M", "--prompt", "w", "--budget-scope", "crop"], "argument --budget-scope: invalid choice: 'crop'"),
 ])
 def test_bad_flags_are_refused_while_parsing(argv, message, capsys):
     with pytest.raises(SystemExit) as raised:
@@ -133,6 +134,28 @@ def test_bench_writes_a_table_and_json(tmp_path, capsys, monkeypatch):
     assert rows[("flashvlm", 64)]["kv_mb"] < rows[("none", None)]["kv_mb"]
     assert "| flashvlm | 64 |" in capsys.readouterr().out
     assert report["diversity_partition"]["tokens"] == 300
+
+
+@pytest.mark.parametrize("family,scope,kept,refused", [
+    # 5 crops of 24 x 24, 8 tokens each; an in-LLM method cannot split its budget over crops
+    ("next", "per_crop", 5 * 8, {"vflowopt": "prunes inside the LLM", "fastv": "prunes inside the LLM"}),
+    ("onevision", "per_image", 8, {"vflowopt": "cannot provide", "fastv": "out of reach"}),  # 2 LLM layers
+    ("qwen3vl", "per_image", 8, {"vflowopt": "DeepStack", "fastv": "out of reach"}),
+])
+def test_bench_runs_each_family_and_records_what_it_refuses(tmp_path, capsys, family, scope, kept, refused):
+    out = tmp_path / "bench.json"
+    main(["bench", "--model-family", family, "--shape", "tiny", "--budget-scope", scope, "--methods",
+          "none,flashvlm,vflowopt,fastv", "--budgets", "8", "--repeats", "1", "--decode-tokens", "2",
+          "--diversity-tokens", "0", "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert report["model_family"] == family and report["budget_scope"] == scope
+    assert rows["flashvlm"]["kept"] == kept and rows["flashvlm"]["kv_mb"] < rows["none"]["kv_mb"]
+    assert 0 < rows["flashvlm"]["signal_ms"] <= rows["flashvlm"]["selection_ms"]
+    table = capsys.readouterr().out
+    for method, reason in refused.items():
+        assert reason in rows[method]["refused"] and f"{method} at 8 refused" in table
+    assert set(refused) == {r["method"] for r in report["rows"] if "refused" in r}
 
 
 def test_docs_list_every_option_as_the_cli_prints_it(capsys):

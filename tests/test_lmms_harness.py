@@ -53,6 +53,11 @@ def test_model_args_as_lmms_eval_hands_them_over():
     assert settings.method.t == calibrated["options"]["t"]
     assert parse_model_args({"pretrained": DEMO, "method": "flashvlm", "budget": "16"}).budget == prunevlm.Budget(16)
     assert parse_model_args({"pretrained": DEMO, "method": "none"}).method is None
+    assert parse_model_args({"pretrained": DEMO, "method": "flashvlm", "budget": 16}).budget_scope == "per_image"
+    scoped = parse_model_args({"pretrained": DEMO, "method": "flashvlm", "budget": 16, "budget_scope": "per_crop"})
+    assert scoped.budget_scope == "per_crop"
+    with pytest.raises(ValueError, match="budget_scope must be 'per_image'"):
+        parse_model_args({"pretrained": DEMO, "method": "flashvlm", "budget": 16, "budget_scope": "crop"})
 
 
 def test_generation_kwargs_of_lmms_eval_tasks():

@@ -1,5 +1,7 @@
 """`prunevlm bench`: time to first token, LLM prefill, selection, decode, KV cache and peak memory, per method
-and budget, on a randomly initialised LLaVA-1.5-shaped model (speed does not depend on the weights).
+and budget, on a randomly initialised model of one family (`--model-family`: LLaVA-1.5 by default, LLaVA-NeXT,
+LLaVA-OneVision or Qwen3-VL, one image of several crops; prunevlm/bench/models.py), speed not depending on
+the weights.
 
 Every time and kv_mb is the median of `--repeats` rounds after a warm-up round, in one process; a round runs
 every (method, budget) once, so a slow spell of a shared machine spreads over all rows:
@@ -11,6 +13,8 @@ every (method, budget) once, so a slow spell of a shared machine spreads over al
   choice (`handle.stats.selection_ms`); of which llm_choice_ms, "in LLM" in the table: building the in-LLM
   stages' views, for FastV/PDrop/DART/SparseVLM the signals at each deciding layer and their `choose`
   (inside the LLM prefill, so also part of prefill_ms);
+- signal_ms: of which the signal hooks in the vision tower (`handle.stats.signal_ms`; OneVision: the received
+  attention of every crop);
 - decode_ms: one decoding step of the whole model (median over steps);
 - kv_mb: keys and values held for the prompt after prefill;
 - peak_mb: peak memory above the pre-call level during a separate generate(max_new_tokens=1): the CUDA
@@ -18,7 +22,10 @@ every (method, budget) once, so a slow spell of a shared machine spreads over al
   large blocks directly, so freed activations leave the resident set and a new peak is visible; that slows
   everything after it, so the memory runs come after all timings);
 - selection_per_image: the method alone, outside the model, on random signals of the bench shape, per
-  image of one call at batch 1 and at batch 16 (`SELECTION_BATCHES`), for every method and budget.
+  image of one call at batch 1 and at batch 16 (`SELECTION_BATCHES`), for every method and budget (LLaVA
+  only: its signals are one 24 x 24 grid);
+- a configuration the family or method refuses (a budget out of reach, VFlowOpt without one token grid, an
+  in-LLM stage below Qwen3-VL's DeepStack layers, per_crop with an in-LLM method) is a row with the reason.
 
 This module is the command; `timing`, `memory` and `diversity_partition` measure, `report` writes.
 """
@@ -35,7 +42,7 @@ from ..loading import resolve_device, resolve_dtype
 from ..models import get_adapter
 from .diversity_partition import diversity_timing
 from .memory import peak_memory
-from .models import build_model, prompt_inputs, selection_signals
+from .models import build_family, family_inputs, selection_signals
 from .report import device_name, summary, write
 from .timing import measure, selection_per_image
 
@@ -49,19 +56,23 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else resolve_dtype(args.dtype)
     methods, budgets = args.methods, [budget.value for budget in args.budgets]  # the CLI drops repeats
-    print(f"building a random {args.shape}-shaped LLaVA ({dtype}, {device}, attn={args.attn})...", file=sys.stderr)
-    model = build_model(args.shape, dtype, device, args.attn)
-    inputs = prompt_inputs(model, args.text_tokens, device)
+    family, scope = args.model_family, args.budget_scope
+    print(f"building a random {args.shape}-shaped {family} model ({dtype}, {device}, attn={args.attn})...", file=sys.stderr)
+    model = build_family(family, args.shape, dtype, device, args.attn)
+    inputs = family_inputs(family, model, args.text_tokens, device)
     configs = [(method, budget) for method in methods for budget in ([None] if method == "none" else budgets)]
     print(f"{len(configs)} configurations x {args.repeats + 1} rounds (the first warms up)...", file=sys.stderr)
-    rows = measure(model, inputs, configs, args.repeats, args.decode_tokens)
+    rows = measure(model, inputs, configs, args.repeats, args.decode_tokens, scope)
     diversity = diversity_timing(args.diversity_tokens) if args.diversity_tokens else None
-    selection = selection_timing(args, model, dtype, device, [m for m in methods if m != "none"], budgets)
+    selection = selection_timing(args, model, dtype, device, [m for m in methods if m != "none"], budgets) \
+        if family == "llava" else None
     for row in tqdm([r for r in rows if "refused" not in r], desc="peak memory", unit="run", file=sys.stderr):
-        row["peak_mb"] = peak_memory(model, inputs, row["method"], row["budget"])
+        row["peak_mb"] = peak_memory(model, inputs, row["method"], row["budget"], scope)
     report = {
         "command": "prunevlm bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "prunevlm bench",
-        "device": device_name(device), "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
+        "device": device_name(device), "model_family": family, "budget_scope": scope,
+        "crops": get_adapter(model).crops(inputs["image_sizes"])[0] if "image_sizes" in inputs else 1,
+        "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
         "attn": args.attn, "repeats": args.repeats, "decode_tokens": args.decode_tokens,
         "text_tokens": args.text_tokens, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "rows": rows, "diversity_partition": diversity,
@@ -69,7 +80,8 @@ def run(args) -> dict:
     }
     markdown = summary(report)
     print("\n" + markdown)
-    out = args.out or f"{RESULTS}/bench-{args.shape}-{device.type}.json"
+    name = args.shape if family == "llava" else f"{family}-{args.shape}"
+    out = args.out or f"{RESULTS}/bench-{name}-{device.type}.json"
     write(out, report, markdown)
     print(f"\nwrote {out} and its .md table")
     return report

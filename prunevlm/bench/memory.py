@@ -69,10 +69,10 @@ def kv_bytes(cache) -> int:
 
 
 @torch.inference_mode()
-def peak_memory(model, inputs, method: str, budget: int) -> float:
+def peak_memory(model, inputs, method: str, budget: int, budget_scope: str = "per_image") -> float:
     """MB above the pre-call level during generate(max_new_tokens=1). On CPU this changes how glibc maps
     memory for the rest of the process, which slows it down, so it runs after every timing."""
-    handle = None if method == "none" else prune(model, method, budget)
+    handle = None if method == "none" else prune(model, method, budget, budget_scope=budget_scope)
     try:
         with PeakMemory(model.device) as memory:
             model.generate(**inputs, max_new_tokens=1, do_sample=False)

@@ -1,5 +1,6 @@
 """Random-weight models of real shapes for speed measurements (speed does not depend on the weights): LLaVA
-(the bench's shapes) and Qwen2.5-VL (for the GPU benchmark), their prompts, and signals of their shapes."""
+and the bench's other families (LLaVA-NeXT, LLaVA-OneVision, Qwen3-VL), Qwen2.5-VL (for the GPU benchmark),
+their prompts, and signals of their shapes."""
 
 from __future__ import annotations
 
@@ -9,9 +10,19 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
+
+from ..cli import BENCH_FAMILIES
 
 IMAGE_TOKEN = 32000
 
@@ -134,3 +145,115 @@ def selection_signals(shape: str, images: int, text_tokens: int, seed: int = 0) 
         "patches": torch.randn(images, tokens, 3, patch, patch, generator=g),
         "grid": (24, 24),
     }
+
+
+# The bench's families (`prunevlm bench --model-family`, cli.BENCH_FAMILIES). Each shape keeps the tower's real width, heads and
+# tokens per crop, so the signals cost what they cost in the released models; "small" cuts the tower to
+# SMALL_TOWER_LAYERS layers (every crop goes through it: 5 crops of a 24-layer tower take about a minute per
+# generate on 2 cores) and the LLM to the LLaVA bench's h1024 x 8 layers; "7b" is the released model's shape
+# (for a GPU); "tiny" has tiny widths, for tests of the benchmark code.
+SMALL_TOWER_LAYERS = 4
+# one image of a fixed aspect ratio per prompt, (h, w) pixels: NeXT 672 x 672 and OneVision 768 x 768 are
+# 2 x 2 tiles plus the base (5 crops); Qwen3-VL 768 x 768 is 48 x 48 patches of 16, 576 merged tokens
+FAMILY_IMAGE = {"next": (672, 672), "onevision": (768, 768), "qwen3vl": (768, 768)}
+TINY_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+# SigLIP-so400m/384 (LLaVA-OneVision-7B's tower; transformers' default LLaVA-OneVision vision config)
+SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                         image_size=384, patch_size=14)
+QWEN2 = {  # Qwen2-7B, the LLM of LLaVA-OneVision-7B, and its scaled shapes
+    "tiny": dict(TEXT["tiny"], num_key_value_heads=2),
+    "small": dict(TEXT["small"], num_key_value_heads=4),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4),
+}
+QWEN3_VL = {  # Qwen3-VL-8B (vision tower, LLM, interleaved M-RoPE sections of half a head) and scaled shapes
+    "tiny": (dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                  deepstack_visual_indexes=[0, 1, 2]),
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16), [2, 3, 3]),
+    "small": (dict(depth=SMALL_TOWER_LAYERS, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                   out_hidden_size=1024, deepstack_visual_indexes=[1, 2, 3]),
+              dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                   num_key_value_heads=8, head_dim=64), [12, 10, 10]),
+    "7b": (dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                deepstack_visual_indexes=[8, 16, 24]),
+           dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128), [24, 20, 20]),
+}
+ONEVISION_IMAGE = 151646
+
+
+def _tower(base: dict, shape: str) -> dict:
+    if shape == "tiny":
+        return dict(base, **TINY_TOWER)
+    return dict(base, num_hidden_layers=SMALL_TOWER_LAYERS) if shape == "small" else base
+
+
+def family_config(family: str, shape: str):
+    """The config of a `family` bench model of `shape` (tiny, small or 7b)."""
+    if family not in BENCH_FAMILIES:
+        raise ValueError(f"model family must be one of {', '.join(BENCH_FAMILIES)}, got {family!r}")
+    if shape not in TEXT:
+        raise ValueError(f"shape must be one of {list(TEXT)}, got {shape!r}")
+    if family == "llava":
+        return llava_config(shape)
+    if family == "next":  # LLaVA-NeXT-7B: CLIP ViT-L/14-336, Vicuna-7B, the default pinpoints (2 to 4 tiles)
+        return LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**_tower(CLIP_L_336, shape)),
+            text_config=LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **TEXT[shape]),
+            image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
+            projector_hidden_act="gelu")
+    if family == "onevision":  # LLaVA-OneVision-7B: SigLIP-so400m/384, Qwen2-7B, anyres_max_9 pinpoints
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**_tower(SIGLIP_SO400M_384, shape)),
+            text_config=Qwen2Config(vocab_size=152064, max_position_embeddings=32768, **QWEN2[shape]),
+            image_token_index=ONEVISION_IMAGE, vision_feature_layer=-1, vision_feature_select_strategy="full")
+    vision, text, sections = QWEN3_VL[shape]
+    return Qwen3VLConfig(
+        vision_config=dict(vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=2304),
+        text_config=dict(text, vocab_size=151936, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": sections,
+                                          "mrope_interleaved": True}),
+        image_token_id=QWEN_TOKENS["image"], video_token_id=QWEN_TOKENS["video"],
+        vision_start_token_id=QWEN_TOKENS["start"], vision_end_token_id=QWEN_TOKENS["end"])
+
+
+FAMILY_CLASSES = {"llava": LlavaForConditionalGeneration, "next": LlavaNextForConditionalGeneration,
+                  "onevision": LlavaOnevisionForConditionalGeneration, "qwen3vl": Qwen3VLForConditionalGeneration}
+
+
+def build_family(family: str, shape: str, dtype: torch.dtype, device: torch.device, attn: str = "sdpa"):
+    """A random-weight `family` model of `shape`, built in `dtype` on `device`, decoding a fixed number of tokens."""
+    config = family_config(family, shape)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = FAMILY_CLASSES[family]._from_config(config, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def family_inputs(family: str, model, text_tokens: int, device: torch.device) -> dict:
+    """One prompt of one image (`FAMILY_IMAGE`; LLaVA: its 336 px square) between two halves of
+    `text_tokens` random text tokens, with as many placeholders as the model packs for it."""
+    if family == "llava":
+        return prompt_inputs(model, text_tokens, device)
+    if family == "qwen3vl":
+        side = FAMILY_IMAGE[family][0] // model.config.vision_config.patch_size
+        return qwen_prompt_inputs(model, text_tokens, device, side=side)
+    from ..models import get_adapter
+
+    g = torch.Generator().manual_seed(0)
+    half = text_tokens // 2
+    text = torch.randint(3, 31999, (text_tokens,), generator=g)
+    sizes = torch.tensor([FAMILY_IMAGE[family]])
+    adapter = get_adapter(model)
+    (count,) = adapter.image_token_counts({"pixel_values": torch.zeros(1), "image_sizes": sizes})
+    (crops,) = adapter.crops(sizes)
+    tile = model.config.vision_config.image_size
+    ids = torch.cat([torch.tensor([1]), text[:half], torch.full((count,), model.config.image_token_id), text[half:]])[None]
+    pixels = torch.randn(1, crops, 3, tile, tile, generator=g).to(model.dtype)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": pixels.to(device), "image_sizes": sizes.to(device)}

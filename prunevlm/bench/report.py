@@ -24,7 +24,8 @@ def device_name(device: torch.device) -> str:
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["method"] == "none"), None)
     lines = ["| method | budget | tokens at LLM input | TTFT ms | LLM prefill ms | prefill speed-up | selection ms "
-             "| selection / prefill | decode ms/tok | KV cache MB | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| of which signals ms | selection / prefill | decode ms/tok | KV cache MB | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "refused" in r:
             continue
@@ -32,7 +33,7 @@ def table(rows: list[dict]) -> str:
         share = f"{100 * r['selection_ms'] / r['prefill_ms']:.1f} %" if r["method"] != "none" else "-"
         selection = f"{r['selection_ms']:.2f}" + (f" (in LLM {r['llm_choice_ms']:.2f})" if r.get("llm_choice_ms") else "")
         lines.append(f"| {r['method']} | {r['budget'] or 'all'} | {r['kept']} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} | {speedup} "
-                     f"| {selection} | {share} | {r['decode_ms']:.1f} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
+                     f"| {selection} | {r['signal_ms']:.2f} | {share} | {r['decode_ms']:.1f} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
     lines += [f"\n{r['method']} at {r['budget']} refused: {r['refused']}" for r in rows if "refused" in r]
     return "\n".join(lines)
 
@@ -52,7 +53,8 @@ def selection_table(rows: list[dict], batches: list[int]) -> str:
 
 def summary(report: dict) -> str:
     """The markdown of a report: what ran where, the table, and the diversity partition's times if measured."""
-    text = (f"`{report['command']}` on {report['device']}, {report['shape']} shape, {report['dtype']}, "
+    text = (f"`{report['command']}` on {report['device']}, {report['model_family']} family ({report['crops']} "
+            f"crop(s) per image, budgets {report['budget_scope']}), {report['shape']} shape, {report['dtype']}, "
             f"median of {report['repeats']} runs, torch {report['torch']}\n\n{table(report['rows'])}\n")
     selection = report.get("selection_per_image")
     if selection:

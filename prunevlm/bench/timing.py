@@ -54,10 +54,10 @@ class Stopwatch:
 
 
 @torch.inference_mode()
-def measure_once(model, inputs, method: str, budget: int, decode_tokens: int) -> dict:
+def measure_once(model, inputs, method: str, budget: int, decode_tokens: int, budget_scope: str = "per_image") -> dict:
     """One run of one (method, budget) with its pruning attached: a one-token generate (TTFT, prefill,
-    selection, KV cache), then a `decode_tokens` generate (decode ms per token)."""
-    handle = None if method == "none" else prune(model, method, budget)
+    selection and its signal part, KV cache), then a `decode_tokens` generate (decode ms per token)."""
+    handle = None if method == "none" else prune(model, method, budget, budget_scope=budget_scope)
     watch = Stopwatch(model)
     try:
         synchronize(model.device)
@@ -68,6 +68,7 @@ def measure_once(model, inputs, method: str, budget: int, decode_tokens: int) ->
         run = {"ttft_ms": 1000 * ttft, "prefill_ms": 1000 * watch.prefill[-1],
                "selection_ms": handle.stats.selection_ms if handle else 0.0,
                "llm_choice_ms": handle.stats.llm_choice_ms if handle else 0.0,
+               "signal_ms": handle.stats.signal_ms if handle else 0.0,
                "kv_mb": kv_bytes(output_cache(out)) / 2**20,
                "kept": handle.stats.tokens_after[0][0] if handle else get_adapter(model).image_token_counts(inputs)[0]}
         del out
@@ -81,9 +82,11 @@ def measure_once(model, inputs, method: str, budget: int, decode_tokens: int) ->
     return run
 
 
-def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, decode_tokens: int) -> list[dict]:
+def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, decode_tokens: int,
+            budget_scope: str = "per_image") -> list[dict]:
     """Median figures per (method, budget) over `repeats` rounds after a warm-up round; a budget a method
-    cannot reach on this model is a row with the reason under "refused" (found in the warm-up round).
+    cannot reach on this model, or a method the model's family refuses, is a row with the reason under
+    "refused" (found in the warm-up round).
 
     Each round runs every configuration once, so a slow spell of a shared machine spreads over all of
     them instead of landing on the few measured back to back while it lasts."""
@@ -97,8 +100,8 @@ def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, 
                 if (method, budget) in refused:
                     continue
                 try:
-                    run = measure_once(model, inputs, method, budget, decode_tokens)
-                except ValueError as error:
+                    run = measure_once(model, inputs, method, budget, decode_tokens, budget_scope)
+                except (ValueError, NotImplementedError) as error:
                     refused[(method, budget)] = str(error)
                     continue
                 if round_:  # round 0 warms every configuration up

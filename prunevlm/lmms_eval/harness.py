@@ -24,6 +24,8 @@ MODEL_ARGS = {
     "method": "a pruning method (prunevlm methods), or none for the unpruned model",
     "budget": "tokens kept per image (int) or fraction of each image (float in (0, 1]); the config's if omitted",
     "config": "a saved configuration, e.g. from prunevlm calibrate (method options and budget)",
+    "budget_scope": "per_image (the default, or the config's) or per_crop (LLaVA-NeXT/OneVision: the budget counts "
+                    "in each crop)",
     f"{OPTION_PREFIX}NAME": "a method option, e.g. option_eta=0.3 (prunevlm methods --verbose lists them)",
     "positions": "RoPE positions of kept tokens: original (required for Qwen's M-RoPE) or compact",
     "dtype": "auto (the checkpoint's), float32, bfloat16 or float16",
@@ -37,6 +39,7 @@ class Settings:
     pretrained: str
     method: Method | None  # None: the unpruned model
     budget: Budget | None
+    budget_scope: str = "per_image"
     positions: str = "original"
     dtype: str = "auto"
     attn: str = "sdpa"
@@ -68,13 +71,13 @@ def parse_model_args(args: dict) -> Settings:
     if isinstance(budget, str):
         budget = Budget.parse(budget)
     if args["method"] == "none":
-        given = [name for name in ("budget", "config") if name in args] + [f"{OPTION_PREFIX}{o}" for o in options]
+        given = [name for name in ("budget", "config", "budget_scope") if name in args] + [f"{OPTION_PREFIX}{o}" for o in options]
         if given:
             raise ValueError(f"method=none is the unpruned model: drop {', '.join(given)}")
         return Settings(method=None, budget=None, **common)
-    method, budget = resolve(args["method"], budget, args.get("config"), options)
+    method, budget, budget_scope = resolve(args["method"], budget, args.get("config"), options, args.get("budget_scope"))
     given = (*options, *(load_config(args["config"])["options"] if args.get("config") else ()))
-    return Settings(method=method, budget=budget, given=given, **common)
+    return Settings(method=method, budget=budget, budget_scope=budget_scope, given=given, **common)
 
 
 def _option_value(value):
@@ -97,7 +100,8 @@ class PrunedModel:
         self.handle = None
         if settings.method is not None:
             method = with_processor_normalisation(settings.method, self.processor, settings.given)
-            self.handle = prune(self.model, method, settings.budget, positions=settings.positions)
+            self.handle = prune(self.model, method, settings.budget, positions=settings.positions,
+                                 budget_scope=settings.budget_scope)
 
     def _inputs(self, images: list, texts: list[str]) -> dict:
         inputs = prompt_inputs(self.processor, images, texts, self.model.device)

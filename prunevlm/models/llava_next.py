@@ -23,7 +23,7 @@ import inspect
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from ..signals.attention import attention_probs
+from ..signals.attention import attention_probs, received_attention
 from .base import Capture, InstanceAttribute
 from .llava import LlavaAdapter
 
@@ -211,7 +211,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def record_packed(self, capture: Capture, crop_tokens: torch.Tensor, sizes, num_images) -> None:
         """The projector's per-crop output and this encoder call's per-crop signals, packed per image: tokens
-        (with the model's newline, as the LLM receives them), candidates (not newlines), rows, planes."""
+        (with the model's newline, as the LLM receives them), candidates (not newlines), rows, crops, planes."""
         if sum(self.crops(sizes, num_images)) != crop_tokens.shape[0]:
             raise ValueError(f"{self.family}: the vision tower encoded {crop_tokens.shape[0]} crops, which the "
                              f"image_sizes of the call do not account for; pass the processor's output unchanged")
@@ -224,6 +224,7 @@ class LlavaNextAdapter(LlavaAdapter):
         layout = self.layout(sizes, num_images)
         capture.record("candidates", [image[:, CONTENT] > 0.5 for image in layout])
         capture.record("rows", [self.newline_rows(image) for image in layout])
+        capture.record("crops", [image[:, [CROP, ROW]] for image in layout])  # per_crop budgets: crop, row in it
         capture.record("planes", [self.planes(image) for image in layout])
 
     def attention_signals(self, attn, queries, keys, needed) -> dict[str, torch.Tensor]:
@@ -283,9 +284,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             signals["keys"] = keys.float().mean(dim=2)
         if needed & {"saliency", "crop_attention"}:
             queries = queries.reshape(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-            probs = attention_probs(queries, keys.transpose(1, 2), attn.scale)  # [n, T, T]
-            if "saliency" in needed:
-                signals["saliency"] = probs.mean(dim=1)
-            if "crop_attention" in needed:
+            if "crop_attention" in needed:  # VFlowOpt needs the whole map: its column means are the saliency
+                probs = attention_probs(queries, keys.transpose(1, 2), attn.scale)  # [n, T, T]
                 signals["crop_attention"] = crop_attention(probs)
+                if "saliency" in needed:
+                    signals["saliency"] = probs.mean(dim=1)
+            else:  # column means of the head-averaged map, never formed (signals/attention.py)
+                signals["saliency"] = received_attention(queries, keys.transpose(1, 2), attn.scale).div_(length)
         return signals

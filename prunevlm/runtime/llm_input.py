@@ -25,7 +25,7 @@ from functools import cached_property
 
 import torch
 
-from ..budget import Budget
+from ..budget import Budget, check_budget_scope
 from ..methods.base import LAYOUT_SIGNALS, Method, Plan, Selection
 from ..models.base import Adapter, Capture, synchronize
 from .contract import Call, ContractError, check_dynamic, is_prefill, output_cache
@@ -41,7 +41,11 @@ class Stats:
     """What the last prefill did, per batch row and per image in the row (a text-only prefill has no images)."""
 
     tokens_before: list[list[int]] = field(default_factory=list)  # visual tokens per image, per row
-    tokens_after: list[list[int]] = field(default_factory=list)
+    tokens_after: list[list[int]] = field(default_factory=list)  # placeholders that reached the LLM, newlines included
+    budget_scope: str = "per_image"  # how the budget counted (prune's budget_scope)
+    # per row, per image: the tokens its budget granted at the LLM input (per_crop: the sum of its crops'
+    # counts); kept newlines come on top, and an image kept whole grants all its placeholders
+    budget_tokens: list[list[int]] = field(default_factory=list)
     prefill_before: list[int] = field(default_factory=list)  # real (unpadded) prompt tokens per row
     prefill_after: list[int] = field(default_factory=list)
     # for the batch: signal hooks + the whole LLM-input hook (matching, method, gathers) + the in-LLM stages' views
@@ -65,6 +69,8 @@ class Stats:
         for b, row in enumerate(self.stages):
             rows += [f"row {b}: image {i}: {plan.counts} visual tokens from layers {'/'.join(map(str, (0, *plan.layers)))}, "
                      f"layer average {plan.layer_average:.1f}" for i, plan in enumerate(row)]
+        if self.budget_tokens:
+            rows.append(f"budget ({self.budget_scope}) granted {self.budget_tokens} tokens")
         parts = f"signals {self.signal_ms:.2f} ms" + (f", in the LLM {self.llm_choice_ms:.2f} ms" if self.stages else "")
         return "\n".join(rows + [f"selection {self.selection_ms:.2f} ms ({parts})"])
 
@@ -188,11 +194,15 @@ class InputPruning:
     """Attach `method` with a per-image `budget` to a model through `adapter`; see the module docstring."""
 
     def __init__(self, adapter: Adapter, method: Method, budget: Budget, positions: str = "original",
-                 newline: str = "drop"):
+                 newline: str = "drop", budget_scope: str = "per_image"):
         if positions not in ("original", "compact"):
             raise ValueError(f"positions must be 'original' or 'compact', got {positions!r}")
         if newline not in NEWLINE_POLICIES:
             raise ValueError(f"newline must be one of {', '.join(map(repr, NEWLINE_POLICIES))}, got {newline!r}")
+        if check_budget_scope(budget_scope) == "per_crop" and method.prunes_in_llm:
+            raise ValueError(f"budget_scope='per_crop' splits the budget over each image's crops at the LLM input, but "
+                             f"{method.name} prunes inside the LLM, where the tokens of all crops compete; use "
+                             f"budget_scope='per_image' with it")
         if positions == "compact" and not adapter.compact_positions:
             raise ValueError(f"{adapter.family} uses M-RoPE, whose positions encode the image grid; use positions='original'")
         missing = set(method.signals) - adapter.provides
@@ -201,6 +211,7 @@ class InputPruning:
                 f"{method.name} needs signal(s) {sorted(missing)} that the {adapter.family} adapter cannot provide"
             )
         self.adapter, self.method, self.budget, self.positions, self.newline = adapter, method, budget, positions, newline
+        self.budget_scope = budget_scope
         self.num_layers = adapter.num_layers
         self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
         self.capture = Capture()
@@ -368,6 +379,8 @@ class InputPruning:
         self.stats = Stats(
             tokens_before=[[c.columns.numel() for c in row] for row in per_row],
             tokens_after=[[c.placeholders.numel() for c in row] for row in per_row],
+            budget_scope=self.budget_scope,
+            budget_tokens=[[min(c.plan.counts[0], c.columns.numel()) for c in row] for row in per_row],
             prefill_before=real_before.tolist(),
             prefill_after=real_after.tolist(),
             selection_ms=1000 * (signal_seconds + select_seconds),
@@ -396,6 +409,8 @@ class InputPruning:
         candidates = [self._candidates(signals, columns.device) for (_, columns), signals in zip(images, recorded)]
         inputs = [self._signals(tokens, embeds, row, columns, text_per_row[row], signals, selectable)
                   for (row, columns), tokens, signals, (selectable, _) in zip(images, image_tokens, recorded, candidates)]
+        if self.budget_scope == "per_crop":
+            return [self._choose_in_crops(*arguments) for arguments in zip(images, inputs, recorded, candidates)]
         groups: dict[tuple, list[int]] = {}
         for i, signals in enumerate(inputs):
             groups.setdefault((images[i][1].numel(), *self._group_key(signals)), []).append(i)
@@ -416,6 +431,49 @@ class InputPruning:
                 row, columns = images[i]
                 choices[i] = ImageChoice(row, columns, selection, index, plan, *candidates[i], self.newline)
         return choices
+
+    def _choose_in_crops(self, image, signals: dict, recorded: dict, candidates: tuple) -> ImageChoice:
+        """budget_scope="per_crop": the method runs on each crop's candidates alone, with the budget counted on
+        that crop's candidates (an int: min(k, its tokens); a fraction: of its tokens, rounded to nearest, at
+        least one), so each crop keeps exactly its own count, as the papers' per-crop budgets mean. Where the
+        adapter records no "crops" (per placeholder: its crop and its row within the crop), the image is one
+        crop. A method's layout signal ("planes") becomes the
+        crop's own plane: its candidates, row-major, have as many rows as distinct rows within the crop."""
+        row, columns = image
+        num_candidates = signals["image_tokens"].shape[0]
+        crops = recorded.get("crops")
+        if crops is None:
+            crops = torch.zeros(num_candidates, 2)
+        crops = crops.to(columns.device)
+        if candidates[0] is not None:
+            crops = crops.index_select(0, candidates[0])
+        if not torch.equal(crops, crops.round()):
+            raise ValueError("budget_scope='per_crop' needs every token to come from one crop, but this image's tokens "
+                             "mix neighbouring crops (its tile plane was downscaled bilinearly); use "
+                             "budget_scope='per_image' for it")
+        parts = []
+        for crop in crops[:, 0].unique():
+            members = torch.nonzero(crops[:, 0] == crop).flatten()
+            part = {name: value if name in LAYOUT_SIGNALS or name == "text_embeds" else value.index_select(0, members)
+                    for name, value in signals.items()}
+            if "planes" in part:
+                height = crops[members, 1].unique().numel()
+                part["planes"] = ((height, members.numel() // height),)
+            with torch.no_grad():
+                parts.append((members, self.method(Budget(self.budget.tokens_to_keep(members.numel())), **self._stack([part]))))
+        keep = torch.cat([members[selection.keep[0]] for members, selection in parts])
+        order = keep.argsort()
+
+        def joined(name: str) -> torch.Tensor | None:
+            values = [getattr(selection, name) for _, selection in parts]
+            return None if values[0] is None else torch.cat([value[0] for value in values])[order][None]
+
+        selection = Selection(keep=keep[order][None], tokens=joined("tokens"), recycled=joined("recycled"),
+                              importance=joined("importance"))
+        # every crop whole: the image is kept whole, newlines included (the identity, as per_image)
+        count = columns.numel() if keep.numel() == num_candidates else keep.numel()
+        plan = Plan((count,), (), self.num_layers)
+        return ImageChoice(row, columns, selection, 0, plan, *candidates, self.newline)
 
     @staticmethod
     def _candidates(recorded: dict, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:

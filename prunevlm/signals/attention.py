@@ -33,15 +33,33 @@ def attention_map(queries: torch.Tensor, keys: torch.Tensor, scale: float, chunk
                       for start in range(0, queries.shape[-2], chunk)])
 
 
-def received_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
-    """Attention each token receives, Σ_queries of the head-averaged map (docs/flashvlm.md §4, Qwen path).
+# Logits of one block of received_attention (1 MB in fp32): a block of query rows of one head (or whole
+# heads, where they are smaller). At SigLIP-so400m size (729 tokens, 16 heads) on 2 cores this was the fastest
+# of 2^16..2^20, 2x-3x faster than the head-averaged map it replaces (benchmarks/siglip_saliency.py).
+RECEIVED_BLOCK_ELEMENTS = 1 << 18
 
-    queries, keys [H, S, d] -> [S]. Queries are processed in chunks to bound memory at O(H·chunk·S).
+
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention each token receives: the column sums of the head-averaged softmax map, Σ over queries of
+    mean over heads of softmax(q kᵀ · scale), in fp32 (docs/flashvlm.md §4, Qwen path; docs/models.md §4).
+
+    queries [..., H, Q, d], keys [..., H, K, d] -> [..., K]. Neither the map nor its head average is formed:
+    each block of `RECEIVED_BLOCK_ELEMENTS` logits (query rows of one head, or whole heads) gets a fused row
+    softmax and is summed over its rows into that head's column totals at once, so memory stays O(block + H·K).
     """
-    total = torch.zeros(keys.shape[-2], dtype=torch.float32, device=keys.device)
-    for start in range(0, queries.shape[-2], chunk):
-        total += attention_probs(queries[:, start : start + chunk], keys, scale).sum(dim=0)
-    return total
+    *batch, heads, length, dim = queries.shape
+    width = keys.shape[-2]
+    # the scale applied to the queries (Q x d) rather than to the logits (Q x K)
+    queries, keys = queries.reshape(-1, length, dim).float() * scale, keys.reshape(-1, width, dim)
+    entries = max(1, RECEIVED_BLOCK_ELEMENTS // (length * width))
+    rows = min(length, max(1, RECEIVED_BLOCK_ELEMENTS // width))
+    total = torch.zeros(queries.shape[0], width, dtype=torch.float32, device=keys.device)
+    for entry in range(0, queries.shape[0], entries):
+        keys_t = keys[entry : entry + entries].float().transpose(-1, -2)
+        for start in range(0, length, rows):
+            logits = queries[entry : entry + entries, start : start + rows] @ keys_t
+            total[entry : entry + entries] += torch.softmax(logits, dim=-1).sum(dim=-2)
+    return total.view(*batch, heads, width).sum(dim=-2).div_(heads)
 
 
 def pool_groups(values: torch.Tensor, group: int, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
