@@ -139,7 +139,7 @@ def test_bench_writes_a_table_and_json(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("family,scope,kept,refused", [
     # 5 crops of 24 x 24, 8 tokens each; an in-LLM method cannot split its budget over crops
     ("next", "per_crop", 5 * 8, {"vflowopt": "prunes inside the LLM", "fastv": "prunes inside the LLM"}),
-    ("onevision", "per_image", 8, {"vflowopt": "cannot provide", "fastv": "out of reach"}),  # 2 LLM layers
+    ("onevision", "per_image", 8, {"fastv": "out of reach"}),  # 2 LLM layers; vflowopt runs
     ("qwen3vl", "per_image", 8, {"vflowopt": "DeepStack", "fastv": "out of reach"}),
 ])
 def test_bench_runs_each_family_and_records_what_it_refuses(tmp_path, capsys, family, scope, kept, refused):
@@ -170,3 +170,21 @@ def test_methods_verbose_explains_each_option(capsys):
     out = capsys.readouterr().out
     assert "eta (float, in [0, 1]; default 0.5): text weight in the log-domain fusion" in out
     assert "dedup_schedule (str, one of 'fixed', 'geometric'; default 'fixed')" in out
+
+
+def test_bench_records_a_refusal_and_stops_on_any_other_error(monkeypatch):
+    """Only a `Refused` (a budget out of reach, a layer the model does not allow) becomes a refused row; any
+    other error is a fault and stops the run instead of being written down as a refusal."""
+    from prunevlm.bench import timing
+    from prunevlm.methods.base import Refused
+
+    def measure_once(model, inputs, method, budget, *rest):
+        if method == "fastv":
+            raise Refused("fastv: out of reach")
+        raise ValueError("too many values to unpack")
+
+    monkeypatch.setattr(timing, "measure_once", measure_once)
+    assert timing.measure(None, {}, [("fastv", 8)], repeats=1, decode_tokens=1) == [
+        {"method": "fastv", "budget": 8, "refused": "fastv: out of reach"}]
+    with pytest.raises(ValueError, match="unpack"):
+        timing.measure(None, {}, [("flashvlm", 8)], repeats=1, decode_tokens=1)

@@ -13,10 +13,11 @@ import time
 import torch
 
 from .. import prune
+from ..api import resolve
 from ..calibrate.flow import flow_similarity
 from ..demo import accuracy, dataset
-from ..api import resolve
 from ..loading import prompt_inputs, with_processor_normalisation
+from ..methods.base import Refused
 from ..models import get_adapter
 from ..runtime.contract import output_cache
 from .memory import kv_bytes
@@ -44,7 +45,7 @@ def measure(model, processor, items, config: dict, reference: torch.Tensor | Non
     """Accuracy, fidelity, kept tokens and KV cache of one configuration."""
     handle = None
     if config["method"] is not None:  # the processor's pixel normalisation where the options do not set it
-        method, budget = resolve(config["method"], config["budget"], None, config["options"])
+        method, budget, _ = resolve(config["method"], config["budget"], None, config["options"])
         handle = prune(model, with_processor_normalisation(method, processor, config["options"]), budget)
     try:
         start = time.perf_counter()
@@ -137,7 +138,7 @@ def run(args) -> list[dict]:
     for config in configurations(args):
         try:
             row = measure(model, processor, items, config, reference, args)
-        except ValueError as error:  # a budget the method cannot reach on this model: say so, go on
+        except Refused as error:  # a budget the method cannot reach on this model: say so, go on
             refused.append({**{k: config[k] for k in ("name", "method", "budget")}, "reason": str(error)})
             print(f"  {config['name']:22s} {str(config['budget']):>5s}: refused: {error}", file=sys.stderr)
             continue

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from .. import prune
 from ..budget import Budget
 from ..methods import make_method
+from ..methods.base import Refused
 from ..models import get_adapter
 from ..models.base import synchronize
 from ..runtime.contract import output_cache
@@ -101,7 +102,7 @@ def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, 
                     continue
                 try:
                     run = measure_once(model, inputs, method, budget, decode_tokens, budget_scope)
-                except (ValueError, NotImplementedError) as error:
+                except Refused as error:
                     refused[(method, budget)] = str(error)
                     continue
                 if round_:  # round 0 warms every configuration up

@@ -52,6 +52,16 @@ LLM_SIGNALS: dict[str, str] = {
 LAYOUT_SIGNALS = ("grid", "planes")
 
 
+class Refused(ValueError):
+    """A method, budget or budget scope that cannot run on this model as asked (a budget out of reach, stage
+    layers the LLM does not allow): a refusal with what to do, not a fault. `prunevlm eval` and `bench`
+    record its reason and go on; every other error stops them."""
+
+
+class SignalsUnavailable(Refused, NotImplementedError):
+    """The model's adapter cannot give a signal the method needs (e.g. a CLS row on a SigLIP tower)."""
+
+
 @dataclass
 class Selection:
     """What a method chose, per image.

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import Budget
-from .base import Method, Plan, option
+from .base import Method, Plan, Refused, option
 
 REFERENCE_DEPTH = 32  # stage layers below are given for 32-layer LLaMA-7B (Vicuna) and scale to the LLM's depth
 
@@ -26,7 +26,7 @@ def kept_for_average(budget: Budget, num_tokens: int, layer: int, num_layers: in
     target = budget.fraction_of(num_tokens) * num_tokens * num_layers
     floor = layer * num_tokens
     if target < floor + 0.5 * (num_layers - layer) - 1e-9:
-        raise ValueError(
+        raise Refused(
             f"{name}: a layer average of {target / num_layers:.1f} visual tokens is out of reach when layers 0..{layer - 1} "
             f"of {num_layers} hold all {num_tokens} (at least {(floor + num_layers - layer) / num_layers:.1f}); use an "
             f"earlier layer, budget_convention='kept', or a larger budget")

@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import Budget
-from .base import Method, Plan, option
+from .base import Method, Plan, Refused, option
 from .fastv import last_token_scores, scaled_layer, top_ascending
 
 
@@ -23,7 +23,7 @@ def pyramid_counts(num_tokens: int, ratio: float, stages: int) -> tuple[int, ...
 def stage_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
     """Stage layers given for 32 layers, scaled to `num_layers`, kept strictly increasing in [1, L - 1]."""
     if num_layers <= len(layers):
-        raise ValueError(f"pdrop: {len(layers)} stages need an LLM of more than {len(layers)} layers, got {num_layers}")
+        raise Refused(f"pdrop: {len(layers)} stages need an LLM of more than {len(layers)} layers, got {num_layers}")
     scaled = []
     for i, layer in enumerate(layers):
         low = scaled[-1] + 1 if scaled else 1
@@ -70,7 +70,7 @@ class PyramidDrop(Method):
             return Plan((num_tokens,) * 4, layers, num_layers)
         lowest = Plan(pyramid_counts(num_tokens, 0.0, 3), layers, num_layers).layer_average
         if target < lowest - 0.5:
-            raise ValueError(
+            raise Refused(
                 f"pdrop: a layer average of {target:.1f} visual tokens is out of reach with stage layers {layers} of "
                 f"{num_layers} (at least {lowest:.1f}: layers 0..{layers[0] - 1} hold all {num_tokens}); move the first "
                 f"stage earlier, e.g. layers=(2, 8, 16)")

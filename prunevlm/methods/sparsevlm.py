@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import Budget
-from .base import Method, Plan, option
+from .base import Method, Plan, Refused, option
 from .pdrop import stage_layers
 
 # The v1.5 tables (the `main` branch adds 96): budget -> visual tokens after each pruning layer, recycled
@@ -31,7 +31,7 @@ def kept_for_total(alive: int, total: int, recycle: bool) -> int:
     if not recycle or total >= alive:
         return total
     if total < recycled_count(alive):
-        raise ValueError(f"sparsevlm: {total} of {alive} visual tokens is below what recycling alone makes "
+        raise Refused(f"sparsevlm: {total} of {alive} visual tokens is below what recycling alone makes "
                          f"({recycled_count(alive)} cluster means); raise the budget or set recycle=False")
     return next(k for k in range(total, -1, -1) if k + recycled_count(alive - k) == total)
 
@@ -117,7 +117,7 @@ class SparseVLM(Method):
             counts.append(min(alive, max(lowest, 1, wanted)))
         plan = Plan(tuple(counts), layers, num_layers)
         if plan.layer_average > target / num_layers + 0.5:
-            raise ValueError(
+            raise Refused(
                 f"sparsevlm: a layer average of {target / num_layers:.1f} visual tokens is out of reach with stage "
                 f"layers {layers} of {num_layers} (this schedule gives at least {plan.layer_average:.1f}: layers "
                 f"0..{layers[0] - 1} hold all {num_tokens}); move the stages earlier or use a larger budget")

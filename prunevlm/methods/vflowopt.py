@@ -16,7 +16,7 @@ import torch
 
 from ..budget import Budget
 from ..signals.entropy import CLIP_MEAN, CLIP_STD, CODE_CASTS, grey_levels, patch_entropy
-from .base import Method, Plan, Selection, option
+from .base import Method, Plan, Refused, Selection, option
 
 # Released configurations for LLaVA-OneVision-7B (docs/vflowopt.md §3.4): T -> (r_v, r_1, r_2, t, m, alpha).
 RELEASED = {
@@ -220,7 +220,7 @@ class VFlowOpt(Method):
         fraction = budget.fraction_of(num_tokens)
         k1, k2 = self.layers or default_layers(num_layers)
         if k2 >= num_layers:
-            raise ValueError(f"vflowopt: layers {(k1, k2)} must lie below the LLM depth {num_layers}")
+            raise Refused(f"vflowopt: layers {(k1, k2)} must lie below the LLM depth {num_layers}")
         if fraction >= 1.0:
             return Plan((num_tokens,) * 3, (k1, k2), num_layers)
         r_v, r_1 = self.r_v, self.r_1
@@ -237,7 +237,7 @@ class VFlowOpt(Method):
                 r_1 = min(1.0, r_1_for_budget(fraction, r_v, 1.0, (k1, k2), num_layers))
                 r_2 = r_2_for_budget(fraction, r_v, r_1, (k1, k2), num_layers)
             if not 0 < r_2 <= 1 + 1e-9:
-                raise ValueError(
+                raise Refused(
                     f"vflowopt: r_v={r_v:.4f}, r_1={r_1:.4f} cannot meet T={fraction:.4f} (it would need r_2={r_2:.3f}); "
                     f"use a config calibrated for this budget or leave r_v/r_1 unset"
                 )

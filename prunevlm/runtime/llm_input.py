@@ -26,7 +26,7 @@ from functools import cached_property
 import torch
 
 from ..budget import Budget, check_budget_scope
-from ..methods.base import LAYOUT_SIGNALS, Method, Plan, Selection
+from ..methods.base import LAYOUT_SIGNALS, Method, Plan, Refused, Selection, SignalsUnavailable
 from ..models.base import Adapter, Capture, synchronize
 from .contract import Call, ContractError, check_dynamic, is_prefill, output_cache
 from .llm_layers import LayerPruning
@@ -200,14 +200,14 @@ class InputPruning:
         if newline not in NEWLINE_POLICIES:
             raise ValueError(f"newline must be one of {', '.join(map(repr, NEWLINE_POLICIES))}, got {newline!r}")
         if check_budget_scope(budget_scope) == "per_crop" and method.prunes_in_llm:
-            raise ValueError(f"budget_scope='per_crop' splits the budget over each image's crops at the LLM input, but "
+            raise Refused(f"budget_scope='per_crop' splits the budget over each image's crops at the LLM input, but "
                              f"{method.name} prunes inside the LLM, where the tokens of all crops compete; use "
                              f"budget_scope='per_image' with it")
         if positions == "compact" and not adapter.compact_positions:
             raise ValueError(f"{adapter.family} uses M-RoPE, whose positions encode the image grid; use positions='original'")
         missing = set(method.signals) - adapter.provides
         if missing:
-            raise NotImplementedError(
+            raise SignalsUnavailable(
                 f"{method.name} needs signal(s) {sorted(missing)} that the {adapter.family} adapter cannot provide"
             )
         self.adapter, self.method, self.budget, self.positions, self.newline = adapter, method, budget, positions, newline
@@ -419,7 +419,7 @@ class InputPruning:
             num_tokens = images[members[0]][1].numel()
             plan = self.method.plan(self.budget, num_tokens, self.num_layers)
             if plan.layers and min(plan.layers) < self.adapter.first_stage_layer:
-                raise ValueError(
+                raise Refused(
                     f"{self.method.name} would prune at LLM layer {min(plan.layers)}, but {self.adapter.family} still "
                     f"adds vision features to the visual positions up to layer {self.adapter.first_stage_layer - 1} "
                     f"(DeepStack); set the method's layers to {self.adapter.first_stage_layer} or later")
@@ -448,7 +448,7 @@ class InputPruning:
         if candidates[0] is not None:
             crops = crops.index_select(0, candidates[0])
         if not torch.equal(crops, crops.round()):
-            raise ValueError("budget_scope='per_crop' needs every token to come from one crop, but this image's tokens "
+            raise Refused("budget_scope='per_crop' needs every token to come from one crop, but this image's tokens "
                              "mix neighbouring crops (its tile plane was downscaled bilinearly); use "
                              "budget_scope='per_image' for it")
         parts = []

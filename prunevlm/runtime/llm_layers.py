@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..methods.base import Refused
 from ..models.base import synchronize
 from .contract import Call, causal_mask, layer_cache_length, layer_keys
 
@@ -120,7 +121,7 @@ class LayerPruning:
         if self.method.llm_signals:
             lead = self.method.decision_lead
             if any(b - lead < a for a, b in zip((0, *layers), layers)) or layers[0] < lead:
-                raise ValueError(f"{self.method.name}: stage layers {layers} leave no deciding layer {lead} layer(s) "
+                raise Refused(f"{self.method.name}: stage layers {layers} leave no deciding layer {lead} layer(s) "
                                  f"before each stage, after the previous one")
             return {}, {start - lead: (stage, start) for stage, start in enumerate(layers, start=1)}
         views, previous = {}, None
