@@ -201,8 +201,8 @@ class InputPruning:
             raise ValueError(f"newline must be one of {', '.join(map(repr, NEWLINE_POLICIES))}, got {newline!r}")
         if check_budget_scope(budget_scope) == "per_crop" and method.prunes_in_llm:
             raise Refused(f"budget_scope='per_crop' splits the budget over each image's crops at the LLM input, but "
-                             f"{method.name} prunes inside the LLM, where the tokens of all crops compete; use "
-                             f"budget_scope='per_image' with it")
+                          f"{method.name} prunes inside the LLM, where the tokens of all crops compete; use "
+                          f"budget_scope='per_image' with it")
         if positions == "compact" and not adapter.compact_positions:
             raise ValueError(f"{adapter.family} uses M-RoPE, whose positions encode the image grid; use positions='original'")
         missing = set(method.signals) - adapter.provides
@@ -437,8 +437,8 @@ class InputPruning:
         that crop's candidates (an int: min(k, its tokens); a fraction: of its tokens, rounded to nearest, at
         least one), so each crop keeps exactly its own count, as the papers' per-crop budgets mean. Where the
         adapter records no "crops" (per placeholder: its crop and its row within the crop), the image is one
-        crop. A method's layout signal ("planes") becomes the
-        crop's own plane: its candidates, row-major, have as many rows as distinct rows within the crop."""
+        crop. A method's layout signal ("planes") becomes the crop's own plane: its candidates, row-major,
+        have as many rows as distinct rows within the crop."""
         row, columns = image
         num_candidates = signals["image_tokens"].shape[0]
         crops = recorded.get("crops")
@@ -449,8 +449,8 @@ class InputPruning:
             crops = crops.index_select(0, candidates[0])
         if not torch.equal(crops, crops.round()):
             raise Refused("budget_scope='per_crop' needs every token to come from one crop, but this image's tokens "
-                             "mix neighbouring crops (its tile plane was downscaled bilinearly); use "
-                             "budget_scope='per_image' for it")
+                          "mix neighbouring crops (its tile plane was downscaled bilinearly); use "
+                          "budget_scope='per_image' for it")
         parts = []
         for crop in crops[:, 0].unique():
             members = torch.nonzero(crops[:, 0] == crop).flatten()

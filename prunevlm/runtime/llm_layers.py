@@ -122,7 +122,7 @@ class LayerPruning:
             lead = self.method.decision_lead
             if any(b - lead < a for a, b in zip((0, *layers), layers)) or layers[0] < lead:
                 raise Refused(f"{self.method.name}: stage layers {layers} leave no deciding layer {lead} layer(s) "
-                                 f"before each stage, after the previous one")
+                              f"before each stage, after the previous one")
             return {}, {start - lead: (stage, start) for stage, start in enumerate(layers, start=1)}
         views, previous = {}, None
         for stage, start in enumerate(layers, start=1):
