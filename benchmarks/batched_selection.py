@@ -8,7 +8,7 @@ both. The kept indices (and the important/diverse split) must be identical. Also
 batched call, to say where the time goes.
 
     python benchmarks/batched_selection.py [--method flashvlm] [--images 16] [--budget 64] [--repeats 7]
-        [--threads 1] [--out benchmarks/results/batched_selection.md]
+        [--threads 1] [--schedule fixed|geometric] [--out benchmarks/results/batched_selection.md]
 """
 
 from __future__ import annotations
@@ -80,13 +80,16 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=4096, help="LLM width of the image tokens (LLaVA-1.5-7B)")
     parser.add_argument("--feature-width", type=int, default=1024, help="CLIP ViT-L width of the features")
     parser.add_argument("--text", type=int, default=40, help="prompt tokens per image")
+    parser.add_argument("--schedule", choices=("fixed", "geometric"), default="fixed",
+                        help="the diversity partition's dedup_schedule (flashvlm, vispruner)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="markdown file for the result")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    method = METHODS[args.method]()
+    options = {"dedup_schedule": args.schedule} if "dedup_schedule" in METHODS[args.method].options() else {}
+    method = METHODS[args.method](**options)
     signals = llava_signals(args.images, args.tokens, args.width, args.feature_width, args.text)
     signals = {name: value for name, value in signals.items() if name in method.signals + method.optional_signals}
     budget = prunevlm.Budget(args.budget)
