@@ -75,7 +75,7 @@ def main() -> None:
     queries, keys = kept["q"], kept["k"]
     cases = {f"{n} crop{'s' if n > 1 else ''}": n for n in (1, crops)}
     impls = {"before (head-averaged map, column mean)": lambda q, k: head_averaged_map_mean(attn, q, k),
-             "after (adapter: blockwise column sums)": lambda q, k: adapter.attention_signals(attn, q, k, {"saliency"})["saliency"][..., 0]}
+             "after (adapter: blockwise column sums)": lambda q, k: adapter.attention_signals(attn, q, k, {"saliency"})["saliency"]}
     times = {(case, impl): [] for case in cases for impl in impls}
     times.update({("pipeline hook, all crops", "after"): []})
     difference = {}
