@@ -21,14 +21,8 @@ GENERATE = dict(max_new_tokens=4, **tiny.GREEDY)
 
 
 def row_alone(inputs: dict, row: int) -> dict:
-    """The inputs of one row, unpadded, with its own images."""
-    real = inputs["attention_mask"][row].bool()
-    single = {"input_ids": inputs["input_ids"][row][real][None], "attention_mask": inputs["attention_mask"][row][real][None]}
-    first, count = sum(len(sizes) for sizes in SIZES[:row]), len(SIZES[row])
-    if count:
-        single["pixel_values"] = inputs["pixel_values"][first : first + count]
-        single["image_sizes"] = inputs["image_sizes"][first : first + count]
-    return single
+    """The inputs of one row of SIZES, unpadded, with its own images."""
+    return tiny.row_inputs(inputs, row, sum(len(sizes) for sizes in SIZES[:row]), len(SIZES[row]), "anyres")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -210,8 +210,10 @@ def row_inputs(inputs: dict, row: int, images_before: int, images_in_row: int, f
         single["mm_token_type_ids"] = inputs["mm_token_type_ids"][row][real][None]
     if not images_in_row:
         return single
-    if family == "llava":
+    if family in ("llava", "anyres"):  # one pixel_values entry per image (AnyRes: its crops, and its size)
         single["pixel_values"] = inputs["pixel_values"][images_before : images_before + images_in_row]
+        if family == "anyres":
+            single["image_sizes"] = inputs["image_sizes"][images_before : images_before + images_in_row]
     else:
         grid = inputs["image_grid_thw"]
         sizes = grid.prod(dim=-1)
