@@ -2,6 +2,7 @@
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,15 +136,39 @@ def test_a_static_cache_is_refused(case):
             model.generate(**inputs, max_new_tokens=2, cache_implementation="static", **tiny.GREEDY)
 
 
+@pytest.fixture
+def transformers_messages(monkeypatch):
+    """Every message transformers logs through `warning_once` (a logger method cached per message, so a
+    message printed by an earlier test would not print again: recorded before that cache)."""
+    from transformers.utils import generic
+
+    logged = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *args, **kwargs: logged.append(str(message)))
+    return logged
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("method", ["flashvlm", "vflowopt"])
-def test_no_deprecation_warning_from_the_hooks(case, method):
+def test_no_deprecation_warning_from_the_hooks(case, method, transformers_messages):
+    """A pruned generate() and a pruned forward without a cache (calibration's) print no deprecation: neither
+    the warnings module's nor transformers' own message for the renamed cache keyword."""
     model, inputs = case
     with prunevlm.prune(model, method, budget=0.5, **({"layers": (1, 1)} if method == "vflowopt" else {})):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model.generate(**inputs, **GENERATE)
+            model(**inputs, use_cache=False)
     assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    assert [message for message in transformers_messages if "deprecated" in message] == []
+
+
+def test_output_cache_reads_no_deprecated_name(transformers_messages):
+    """An output without a cache (use_cache=False) is read without touching the old key name, which logs."""
+    model = tiny.llava()
+    with torch.no_grad():
+        output = model(**tiny.llava_inputs([1]), use_cache=False)
+    assert output_cache(output) is None
+    assert transformers_messages == []
 
 
 def test_positional_arguments_are_bound_to_their_names():
@@ -158,7 +183,35 @@ def test_positional_arguments_are_bound_to_their_names():
         assert handle.stats.prefill_after == expected
 
 
-def test_an_untested_transformers_release_is_named(monkeypatch):
+def test_a_release_newer_than_the_newest_tested_warns_once(monkeypatch):
+    """Allowed by pip (<6) but never run by CI: prune() runs and warns once per process, naming the newest
+    tested release (docs/transformers.md section 5)."""
     monkeypatch.setattr(contract, "transformers_version", lambda: "5.99.0")
-    with pytest.warns(UserWarning, match="tested with transformers.*not 5.99.0"):
+    with pytest.warns(UserWarning, match=f"5.99.0 is newer than {contract.NEWEST_TESTED}, the newest release"):
         prunevlm.prune(tiny.llava(), "flashvlm", budget=3).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prunevlm.prune(tiny.llava(), "flashvlm", budget=3).remove()  # once per process
+
+
+@pytest.mark.parametrize("version", [contract.NEWEST_TESTED, "5.23.0"])
+def test_a_tested_release_does_not_warn(monkeypatch, version):
+    monkeypatch.setattr(contract, "transformers_version", lambda: version)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prunevlm.prune(tiny.llava(), "flashvlm", budget=3).remove()
+
+
+def test_a_release_outside_the_declared_range_warns(monkeypatch):
+    monkeypatch.setattr(contract, "transformers_version", lambda: "5.22.0")
+    with pytest.warns(UserWarning, match="5.22.0 is outside the range prunevlm declares"):
+        prunevlm.prune(tiny.llava(), "flashvlm", budget=3).remove()
+
+
+def test_the_newest_tested_release_is_the_one_locked_and_documented():
+    """One number, three places: the warning's constant, the lock the set-up installs, the README."""
+    root = Path(__file__).resolve().parents[1]
+    lock = (root / "requirements.lock").read_text().split()
+    assert f"transformers=={contract.NEWEST_TESTED}" in lock
+    assert f"newest tested: {contract.NEWEST_TESTED}" in (root / "README.md").read_text()
+    assert contract.supported_range() == ">=5.23,<6"

@@ -17,10 +17,17 @@ from importlib import metadata
 
 import torch
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import Version
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
 CACHE_KEYWORDS = ("cache", "past_key_values")  # current name first; 5.24 renamed past_key_values to cache
+
+
+# The newest transformers release CI has run the whole suite on (requirements.lock pins it; README says it).
+# Releases up to the next major are allowed: every assumption of the hooks raises ContractError when broken,
+# and CI's newest-release run is what catches a break (docs/transformers.md, "Which releases").
+NEWEST_TESTED = "5.25.0"
 
 
 def transformers_version() -> str:
@@ -28,7 +35,7 @@ def transformers_version() -> str:
 
 
 def supported_range() -> str:
-    """The transformers range this installation of prunevlm declares (pyproject.toml, tested by CI)."""
+    """The transformers range this installation of prunevlm declares (pyproject.toml)."""
     try:
         requirements = metadata.requires("prunevlm") or []
     except metadata.PackageNotFoundError:
@@ -41,15 +48,24 @@ def supported_range() -> str:
 
 
 def warn_if_untested() -> None:
-    """A warning when the installed transformers lies outside the declared range; the hooks still check the
-    contract on every call and raise if it does not hold."""
+    """Warn, once per process, when the installed transformers is newer than NEWEST_TESTED or outside the
+    declared range; the hooks still check the contract on every call and raise if it does not hold."""
+    _warn_once(transformers_version())
+
+
+@lru_cache(maxsize=None)
+def _warn_once(installed: str) -> None:
     try:
-        tested = SpecifierSet(supported_range())
+        declared = SpecifierSet(supported_range())
     except InvalidSpecifier:
+        declared = SpecifierSet()
+    newer = Version(installed) > Version(NEWEST_TESTED)
+    if declared.contains(installed, prereleases=True) and not newer:
         return
-    if transformers_version() not in tested:
-        warnings.warn(f"prunevlm is tested with transformers{tested}, not {transformers_version()}; the hooks raise "
-                      f"ContractError if this release calls them differently", stacklevel=3)
+    reason = (f"newer than {NEWEST_TESTED}, the newest release prunevlm was tested with" if newer
+              else f"outside the range prunevlm declares (transformers{declared})")
+    warnings.warn(f"transformers {installed} is {reason}; pruning runs, and raises ContractError if this release "
+                  f"calls the hooks differently", stacklevel=4)
 
 
 class ContractError(RuntimeError):
@@ -58,7 +74,7 @@ class ContractError(RuntimeError):
     def __init__(self, what: str):
         super().__init__(
             f"{what}. prunevlm cannot prune safely under transformers {transformers_version()} (supported: "
-            f"transformers{supported_range()}). Install a supported release (pip install 'transformers"
+            f"transformers{supported_range()}, newest tested {NEWEST_TESTED}). Install a supported release (pip install 'transformers"
             f"{supported_range()}'), or remove the pruning handle to run the model unpruned."
         )
 
@@ -128,9 +144,11 @@ def check_dynamic(cache: Cache | None) -> None:
 
 
 def output_cache(output) -> Cache | None:
-    """The cache a forward returned (read by key: the old attribute name warns on 5.24)."""
-    for name in CACHE_KEYWORDS:
-        if name in output:
+    """The cache a forward returned, found among the keys the output really holds: on 5.24 both the old
+    attribute and even a membership test under the old name (`"past_key_values" in output`) print
+    transformers' deprecation warning."""
+    for name in output.keys():
+        if name in CACHE_KEYWORDS:
             return output[name]
     return None
 
