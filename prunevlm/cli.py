@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from .budget import BUDGET_SCOPES, Budget
 
 from . import DEMO_CONFIGS, DEMO_MODEL
+from .budget import BUDGET_SCOPES, Budget
+from .defaults import BENCH_FAMILIES, RESULTS
 
-RESULTS = "prunevlm-results"  # commands write under this folder of the working directory by default
-BENCH_FAMILIES = ("llava", "next", "onevision", "qwen3vl")  # prunevlm bench --model-family (bench/models.py)
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # loading.DTYPES' names (that module imports torch)
 
 

@@ -22,7 +22,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ..cli import BENCH_FAMILIES
+from ..defaults import BENCH_FAMILIES
 
 IMAGE_TOKEN = 32000
 
@@ -147,7 +147,7 @@ def selection_signals(shape: str, images: int, text_tokens: int, seed: int = 0) 
     }
 
 
-# The bench's families (`prunevlm bench --model-family`, cli.BENCH_FAMILIES). Each shape keeps the tower's real width, heads and
+# The bench's families (`prunevlm bench --model-family`, defaults.BENCH_FAMILIES). Each shape keeps the tower's real width, heads and
 # tokens per crop, so the signals cost what they cost in the released models; "small" cuts the tower to
 # SMALL_TOWER_LAYERS layers (every crop goes through it: 5 crops of a 24-layer tower take about a minute per
 # generate on 2 cores) and the LLM to the LLaVA bench's h1024 x 8 layers; "7b" is the released model's shape
