@@ -16,6 +16,7 @@ from .. import prune
 from ..api import resolve
 from ..calibrate.flow import flow_similarity
 from ..demo import accuracy, dataset
+from ..errors import InvalidConfig
 from ..loading import prompt_inputs, with_processor_normalisation
 from ..methods.base import Refused
 from ..models import get_adapter
@@ -31,7 +32,7 @@ def configurations(args) -> list[dict]:
         configs += [{"name": method, "method": method, "budget": b, "options": {}} for b in budgets]
     for config in args.vflowopt:
         if config["method"] != "vflowopt":
-            raise ValueError(f"--vflowopt {config['path']} is a {config['method']!r} config, not a vflowopt one")
+            raise InvalidConfig(f"--vflowopt {config['path']} is a {config['method']!r} config, not a vflowopt one")
         configs.append({"name": "vflowopt (calibrated)", "method": "vflowopt", "budget": config["budget"].value,
                         "options": config["options"], "config": os.path.basename(config["path"])})
         layers = config["options"].get("layers")

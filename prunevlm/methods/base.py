@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import Budget
+from ..errors import PruneError
 
 # Every signal a method may ask for, with its shape. B images, N tokens each, L text rows. The layout signals
 # are plain tuples, one per call (the images of a call share it); every other signal is a tensor.
@@ -52,7 +53,7 @@ LLM_SIGNALS: dict[str, str] = {
 LAYOUT_SIGNALS = ("grid", "planes")
 
 
-class Refused(ValueError):
+class Refused(PruneError, ValueError):
     """A method, budget or budget scope that cannot run on this model as asked (a budget out of reach, stage
     layers the LLM does not allow): a refusal with what to do, not a fault. `prunevlm eval` and `bench`
     record its reason and go on; every other error stops them."""

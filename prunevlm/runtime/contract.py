@@ -20,6 +20,8 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
+from ..errors import PruneError
+
 CACHE_KEYWORDS = ("cache", "past_key_values")  # current name first; 5.24 renamed past_key_values to cache
 
 
@@ -52,7 +54,7 @@ def warn_if_untested() -> None:
                       f"ContractError if this release calls them differently", stacklevel=3)
 
 
-class ContractError(RuntimeError):
+class ContractError(PruneError, RuntimeError):
     """transformers called a hooked module in a way prunevlm does not know; pruning cannot be applied."""
 
     def __init__(self, what: str):
