@@ -68,8 +68,20 @@ def load(model_id: str, dtype: str = "auto", device: str = "auto", attn: str = "
             f"could not load the processor of {model_id!r}: {error}. A local folder needs the processor files "
             f"(save them with processor.save_pretrained); Qwen video processors also need torchvision."
         ) from error
-    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch_dtype, attn_implementation=attn)
+    model = from_pretrained(AutoModelForImageTextToText, model_id, dtype=torch_dtype, attn_implementation=attn)
     return model.to(target).eval(), processor
+
+
+def from_pretrained(model_class, model_id, **kwargs):
+    """`model_class.from_pretrained(model_id, **kwargs)`, with a LoadError that says so where a weights file
+    is damaged (truncated by an interrupted download or copy, or not safetensors at all)."""
+    from safetensors import SafetensorError
+
+    try:
+        return model_class.from_pretrained(model_id, **kwargs)
+    except SafetensorError as error:
+        raise LoadError(f"the weights of {str(model_id)!r} are damaged ({error}): a .safetensors file is truncated or "
+                        f"is not safetensors; download or save_pretrained the model again") from None
 
 
 def pixel_normalisation(processor) -> dict:

@@ -141,12 +141,13 @@ def run(args) -> list[dict]:
             row = measure(model, processor, items, config, reference, args)
         except Refused as error:  # a budget the method cannot reach on this model: say so, go on
             refused.append({**{k: config[k] for k in ("name", "method", "budget")}, "reason": str(error)})
-            print(f"  {config['name']:22s} {str(config['budget']):>5s}: refused: {error}", file=sys.stderr)
+            print(f"  {config['name']:22s} {config['budget']!s:>5s}: refused: {error}", file=sys.stderr)
             continue
         if reference is None:
             reference = row["states"]
         rows.append(row)
-        print(f"  {row['name']:22s} {str(row['budget']):>5s}: accuracy {100 * row['accuracy']['overall']:.1f} %, "
+        budget = "" if row["budget"] is None else row["budget"]  # the unpruned model has none
+        print(f"  {row['name']:22s} {budget!s:>5s}: accuracy {100 * row['accuracy']['overall']:.1f} %, "
               f"fidelity {row['fidelity'] or 1:.4f}, {row['seconds']:.0f} s", file=sys.stderr)
     for row in rows:
         del row["states"]
