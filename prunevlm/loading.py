@@ -144,10 +144,12 @@ def jsonl_rows(path: str) -> list[tuple[list[str], str]]:
             try:
                 record = json.loads(line)
                 images, prompt = record.get("image"), record["prompt"]
-            except (json.JSONDecodeError, KeyError, AttributeError) as error:
+            except (ValueError, RecursionError, KeyError, AttributeError) as error:  # ValueError: not JSON
                 raise InvalidInput(f"{path}:{number}: expected {{\"image\": path or [paths] or null, \"prompt\": text}}: "
-                                 f"{error!r}") from None
-            images = [] if images is None else [images] if isinstance(images, str) else list(images)
+                                   f"{str(error)[:200]}") from None
+            images = [] if images is None else [images] if isinstance(images, str) else images
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+                raise InvalidInput(f"{path}:{number}: image must be a path, a list of paths or null, got {images!r}")
             missing = [p for p in images if not (folder / p).is_file()]
             if missing or not isinstance(prompt, str):
                 raise InvalidInput(f"{path}:{number}: " + (f"no image file(s) {missing} (relative to {folder})" if missing

@@ -268,6 +268,21 @@ def test_caught_as_prune_errors_and_as_before():
         prunevlm.prune(tiny.llava(), config={"method": "flashvlm", "budget": 8, "options": {}})
 
 
+@pytest.mark.parametrize("line,message", [
+    ("[" * 100_000 + "]" * 100_000, "maximum recursion depth exceeded"),
+    ('{"image": null, "prompt": "w", "n": 1' + "0" * 5000 + "}", "Exceeds the limit"),
+    ('{"image": 7, "prompt": "w"}', "image must be a path, a list of paths or null, got 7"),
+    ('{"image": ["a.png", 7], "prompt": "w"}', r"image must be a path, a list of paths or null, got \['a.png', 7\]"),
+])
+def test_bad_jsonl_rows_are_named_by_line(tmp_path, line, message):
+    from prunevlm.loading import jsonl_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"image": null, "prompt": "w"}\n' + line + "\n")
+    with pytest.raises(prunevlm.InvalidInput, match=f"{re.escape(str(path))}:2: .*{message}"):
+        jsonl_rows(str(path))
+
+
 def test_a_saved_config_lists_every_option_and_loads_back(tmp_path):
     path = tmp_path / "new" / "folder" / "vflowopt.json"
     save_config(str(path), "vflowopt", 0.1, CALIBRATED)
