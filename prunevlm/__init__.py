@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-__all__ = ["DEMO_CONFIGS", "DEMO_MODEL", "Budget", "PruneHandle", "Selection", "list_methods", "prune", "select"]
+# the errors prunevlm raises on purpose (docs/errors.md)
+_ERRORS = ("PruneError", "InvalidSetting", "InvalidBudget", "InvalidOption", "InvalidConfig", "InvalidInput", "Unsupported",
+          "LoadError", "Refused", "SignalsUnavailable", "ContractError")
+__all__ = ["DEMO_CONFIGS", "DEMO_MODEL", "Budget", "PruneHandle", "Selection", "list_methods", "prune", "select", *_ERRORS]
 __version__ = "0.1.0"
 
 _DEMO = Path(__file__).parent / "demo"
@@ -18,7 +21,8 @@ DEMO_MODEL = str(_DEMO / "model")  # the bundled demo VLM: a LLaVA-format save_p
 DEMO_CONFIGS = {t: str(_DEMO / "configs" / f"vflowopt-T{t}.json") for t in (0.1, 0.25)}
 
 _WHERE = {"Budget": ".budget", "PruneHandle": ".api", "Selection": ".methods", "list_methods": ".api",
-          "prune": ".api", "select": ".api"}
+          "prune": ".api", "select": ".api", **dict.fromkeys(_ERRORS, ".errors"), "Refused": ".methods.base",
+          "SignalsUnavailable": ".methods.base", "ContractError": ".runtime.contract"}
 
 
 def __getattr__(name: str):

@@ -21,6 +21,7 @@ class PruneHandle:
                  budget_scope: str):
         self.model, self.method, self.budget, self.budget_scope = model, method, budget, budget_scope
         self.adapter = get_adapter(model)
+        method.plan(Budget(1.0), 1, self.adapter.num_layers)  # refuses stage layers this LLM lacks (docs/errors.md)
         warn_if_untested()
         self.runtime = InputPruning(self.adapter, method, budget, positions, newline, budget_scope)
         setattr(model, _ATTACHED, self)
@@ -61,17 +62,19 @@ class PruneHandle:
                 f"{self.adapter.family}, {state})")
 
 
-def resolve(method: str | Method, budget: int | float | Budget | None = None, config=None,
+def resolve(method: str | Method | None = None, budget: int | float | Budget | None = None, config=None,
             options: dict | None = None, budget_scope: str | None = None) -> tuple[Method, Budget, str]:
     """The method instance, budget and budget scope `prune` attaches, from its arguments, checked without a
     model (so a caller about to load one can refuse bad settings first): a config's method, budget, budget
-    scope and options must agree with the ones given. No scope given: the config's, else "per_image"."""
+    scope and options must agree with the ones given. No method or scope given: the config's, else "flashvlm" and
+    "per_image"."""
     options = dict(options or {})
     budget = None if budget is None else Budget.of(budget)
     if budget_scope is not None:
         check_budget_scope(budget_scope)
     if config is not None:
         loaded = load_config(config)
+        method = loaded["method"] if method is None else method
         name = method if isinstance(method, str) else method.name
         if name != loaded["method"]:
             raise ValueError(f"the config is for {loaded['method']!r}, not {name!r}")
@@ -89,13 +92,14 @@ def resolve(method: str | Method, budget: int | float | Budget | None = None, co
         budget, options, budget_scope = loaded["budget"], {**loaded["options"], **options}, loaded["budget_scope"]
     if budget is None:
         raise TypeError("prune() needs a budget: tokens per image (int) or a fraction of each image (float in (0, 1])")
-    return make_method(method, **options), budget, budget_scope or "per_image"
+    return make_method("flashvlm" if method is None else method, **options), budget, budget_scope or "per_image"
 
 
-def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | float | Budget | None = None, *,
+def prune(model: nn.Module, method: str | Method | None = None, budget: int | float | Budget | None = None, *,
           config=None, positions: str = "original", newline: str = "drop", budget_scope: str | None = None,
           **options) -> PruneHandle:
-    """Attach a pruning method to a stock Hugging Face VLM.
+    """Attach a pruning method to a stock Hugging Face VLM: `method` (a name or a Method; default the config's,
+    else "flashvlm") with its options.
 
     budget: an int (Python or NumPy) is the number of visual tokens kept per image (an image with fewer stays
     whole); a float in (0, 1] is the fraction of each image's tokens; a `Budget` is either. For methods that

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import InvalidBudget, InvalidInput
+
 # how a budget counts (prune(budget_scope=...), docs/models.md §3): over all of an image's crops, or in each
 # crop on its own unpadded tokens (the image's total is then the sum over its crops)
 BUDGET_SCOPES = ("per_image", "per_crop")
@@ -27,16 +29,16 @@ class Budget:
     def __post_init__(self):
         budget = self.value
         if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-            raise TypeError(f"budget must be {ALLOWED}, got {budget!r} of type {type(budget).__name__}")
+            raise InvalidBudget(f"budget must be {ALLOWED}, got {budget!r} of type {type(budget).__name__}")
         if isinstance(budget, numbers.Integral):
             value = int(budget)
             if value < 1:
-                raise ValueError(f"budget={budget!r} keeps no visual token; use {ALLOWED}")
+                raise InvalidBudget(f"budget={budget!r} keeps no visual token; use {ALLOWED}")
         else:
             # np.float32(0.1) means 0.1, not 0.10000000149: a NumPy float is read as the decimal it prints as
             value = float(str(budget)) if isinstance(budget, np.floating) else float(budget)
             if not 0.0 < value <= 1.0:  # also refuses NaN
-                raise ValueError(
+                raise InvalidBudget(
                     f"a float budget is the fraction of each image's tokens to keep and must lie in (0, 1], got "
                     f"{budget!r}; use an int >= 1 for a number of tokens per image"
                 )
@@ -54,7 +56,7 @@ class Budget:
         try:
             number = float(text) if any(c in text for c in ".eE") else int(text)
         except ValueError:
-            raise ValueError(
+            raise InvalidBudget(
                 f"budget must be an int, read as tokens kept per image (e.g. 64), or a decimal number, read as the "
                 f"fraction in (0, 1] of each image's tokens (e.g. 0.25), got {text!r}"
             ) from None
@@ -64,7 +66,7 @@ class Budget:
         """Tokens kept out of `num_tokens`: a count is capped at the image's size (the image stays whole),
         a fraction is rounded to the nearest count and keeps at least one token."""
         if num_tokens < 1:
-            raise ValueError(f"an image must have at least one visual token, got {num_tokens}")
+            raise InvalidInput(f"an image must have at least one visual token, got {num_tokens}")
         if self.is_count:
             return min(self.value, num_tokens)
         return min(num_tokens, max(1, round(self.value * num_tokens)))
@@ -80,6 +82,6 @@ class Budget:
 def check_budget_scope(scope) -> str:
     """`scope` if it is one of BUDGET_SCOPES, else a clear error."""
     if scope not in BUDGET_SCOPES:
-        raise ValueError(f"budget_scope must be 'per_image' (the budget counts over all of an image's crops) or "
+        raise InvalidBudget(f"budget_scope must be 'per_image' (the budget counts over all of an image's crops) or "
                          f"'per_crop' (it counts in each crop, on the crop's unpadded tokens), got {scope!r}")
     return scope

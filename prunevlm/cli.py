@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from .budget import BUDGET_SCOPES, Budget
 
 from . import DEMO_CONFIGS, DEMO_MODEL
+from .budget import BUDGET_SCOPES, Budget
+from .defaults import BENCH_FAMILIES, RESULTS
+from .errors import PruneError
 
-RESULTS = "prunevlm-results"  # commands write under this folder of the working directory by default
-BENCH_FAMILIES = ("llava", "next", "onevision", "qwen3vl")  # prunevlm bench --model-family (bench/models.py)
+DEMO_TYPE = "llava"  # the model_type of a demo-format folder (prunevlm/demo/build.py)
+SEEDS = 2**32  # a calibration seed seeds Optuna's sampler, which takes [0, 2**32)
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # loading.DTYPES' names (that module imports torch)
 
 
@@ -42,7 +44,9 @@ def parse_option(text: str) -> tuple[str, object]:
     key, value = text.split("=", 1)
     try:
         return key, json.loads(value)
-    except json.JSONDecodeError:
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"option {key}: its JSON value is nested too deeply") from None
+    except ValueError:  # not JSON: the text itself
         return key, value
 
 
@@ -75,7 +79,7 @@ def config_file(text: str) -> dict:
 
     try:
         return {**load_config(existing_file(text)), "path": text}
-    except ValueError as error:
+    except PruneError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
@@ -98,6 +102,27 @@ def model_source(text: str) -> str:
     return os.path.expanduser(text) if looks_local else text
 
 
+def demo_model(text: str) -> str:
+    """A local folder of a demo-format model: its config.json read here (no torch) says a LLaVA, so that a
+    text-only LLM or another family is refused before from_pretrained fills in a 7B default around it."""
+    folder = os.path.expanduser(text)
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{text!r} holds no config.json: give a demo-format model folder "
+                                         f"(python -m prunevlm.demo.train --out DIR writes one)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+    except (OSError, ValueError, RecursionError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {error}") from None
+    if model_type != DEMO_TYPE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds a {model_type!r} model, not a demo-format {DEMO_TYPE!r} one (a LLaVA written by "
+            f"prunevlm.demo.train); for other vision-language models use prunevlm generate --model")
+    return folder
+
+
 def positive(text: str) -> int:
     try:
         value = int(text)
@@ -105,6 +130,16 @@ def positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < SEEDS:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32) (Optuna's sampler takes no other), got {text!r}")
     return value
 
 
@@ -126,7 +161,7 @@ def add_machine_flags(parser, dtype_default: str = "auto") -> None:
 
 
 def demo_model_folder(parser) -> None:
-    parser.add_argument("--model", type=model_source, default=DEMO_MODEL,
+    parser.add_argument("--model", type=demo_model, default=DEMO_MODEL,
                         help="a demo-format model folder (default: the bundled demo model)")
 
 
@@ -212,8 +247,19 @@ def version() -> str:
         return "unknown (not installed: pip install -e .)"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help where the help does not say its default itself and there is one to
+    say (not None, [] or False, nor a required flag's)."""
+
+    def _get_help_string(self, action) -> str:
+        help = action.help or ""
+        if "(default" in help or action.required or action.default is None or action.default is False or action.default == []:
+            return help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = HelpFormatter
     parser = argparse.ArgumentParser(prog="prunevlm", description="Visual token pruning for Hugging Face VLMs",
                                      formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"prunevlm {version()}")
@@ -253,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="per_image: the budget counts over all of an image's crops; per_crop: in each crop, on its "
                           "unpadded tokens (LLaVA-NeXT/OneVision) (default: the config's, else per_image)")
     gen.add_argument("--batch-size", type=positive, default=8, help="rows per generate() call")
-    gen.add_argument("--max-new-tokens", type=positive, default=64)
+    gen.add_argument("--max-new-tokens", type=positive, default=64, help="tokens generated per answer, at most")
     gen.add_argument("--save-picture", default=None, metavar="PATH",
                      help="PNG of the kept tokens of the first batch (its folder is created)")
     gen.add_argument("--attn", default="sdpa", help="attn_implementation of the model")
@@ -274,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budgets", type=parse_budgets, default="576,192,128,64,32",
                        help="comma-separated tokens per image (per crop with --budget-scope per_crop)")
     bench.add_argument("--repeats", type=positive, default=3, help="timed rounds after one warm-up round (medians)")
-    bench.add_argument("--decode-tokens", type=positive, default=16)
+    bench.add_argument("--decode-tokens", type=positive, default=16,
+                       help="tokens generated per timed run; decode_ms is the median step")
     bench.add_argument("--text-tokens", type=positive, default=40, help="prompt tokens around the image")
     bench.add_argument("--attn", default="sdpa", help="attn_implementation of the model")
     bench.add_argument("--diversity-tokens", type=not_negative, default=4608,
@@ -293,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--vflowopt", type=config_files, default=",".join(DEMO_CONFIGS.values()),
                             help="calibrated VFlowOpt configs, comma-separated (default: the two shipped for the demo "
                                  "model); each also runs with the default options at its budget; '' skips")
-    evaluation.add_argument("--batch-size", type=positive, default=48)
+    evaluation.add_argument("--batch-size", type=positive, default=48, help="questions per generate() call")
     evaluation.add_argument("--kv-samples", type=positive, default=16, help="single-sample runs for the KV-cache size")
     evaluation.add_argument("--out", default=f"{RESULTS}/eval", help="prefix of the .json, .md and .png files")
     add_machine_flags(evaluation)
@@ -309,12 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="T, the layer-averaged fraction of visual tokens, in (0, 1)")
     calibrate.add_argument("--trials", type=positive, default=300, help="completed trials to reach in the study (official code: 300)")
     calibrate.add_argument("--initial", type=positive, default=27, help="random trials before the GP (official code: 27)")
-    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--seed", type=seed, default=0,
+                           help="seeds the sampler of the search and the demo questions drawn, in [0, 2**32)")
     calibrate.add_argument("--storage", default=None,
                            help="Optuna storage URL or SQLite file (default: next to --out, .db); share it across workers")
     calibrate.add_argument("--study", default=None, help="study name (default: vflowopt-T<budget>)")
     calibrate.add_argument("--out", default=None, help=f"config JSON to write (default: {RESULTS}/vflowopt-T<budget>.json)")
-    calibrate.add_argument("--batch-size", type=positive, default=16)
+    calibrate.add_argument("--batch-size", type=positive, default=16, help="samples per forward while scoring a trial")
     add_machine_flags(calibrate)
 
     lmms = command("export-lmms-tasks", "write the demo test split as lmms-eval tasks (docs/lmms-eval.md)",
@@ -327,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
 def check(args, parser) -> None:
     """Checks across flags, before anything is loaded."""
     if args.command == "generate":
+        if args.method and len(args.method) > 1:
+            parser.error(f"generate: give one --method, got {','.join(args.method)}")
+        given = (("--budget", args.budget), ("--option", args.option), ("--config", args.config),
+                 ("--budget-scope", args.budget_scope), ("--save-picture", args.save_picture))
+        unused = [flag for flag, value in given if value]
+        if args.method == ["none"] and unused:
+            parser.error(f"generate: --method none runs the unpruned model, so {', '.join(unused)} would do nothing; "
+                         f"drop {'it' if len(unused) == 1 else 'them'}, or give a pruning method")
         if args.jsonl and (args.image or args.prompt):
             parser.error("generate: give --jsonl, or --image/--prompt, not both")
         if not args.jsonl and args.prompt is None:
@@ -342,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     check(args, parser)
     try:
         args.run(args)
-    except (ValueError, TypeError, NotImplementedError, RuntimeError, OSError) as error:
+    except (PruneError, ValueError, TypeError, NotImplementedError, RuntimeError, OSError) as error:
         raise SystemExit(f"prunevlm {args.command}: {error}")
 
 

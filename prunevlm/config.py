@@ -7,15 +7,25 @@ import json
 import os
 
 from .budget import Budget, check_budget_scope
+from .errors import InvalidConfig
 from .methods import get_method, make_method
 
 FORMAT = "prunevlm-config/1"
+FIELDS = ("format", "method", "budget", "budget_scope", "options")  # what prune() reads; budget_scope may be absent
+# what `prunevlm calibrate` records beside them, for people (prune() reads none of it)
+PROVENANCE = ("model", "study", "storage", "trials", "seed", "best_trial", "objective", "default_objective", "samples",
+              "holdout", "versions")
 
 
 def save_config(path: str, method: str, budget, options: dict, budget_scope: str = "per_image", **provenance) -> dict:
     """Write a configuration with every option of the method (the given ones, defaults for the rest), so the
     file means the same after a release changes a default. The budget is stored as a plain number, with the
-    scope it counts in (prune's budget_scope)."""
+    scope it counts in (prune's budget_scope). `provenance` takes the PROVENANCE keys, which load_config
+    accepts back."""
+    unknown = sorted(set(provenance) - set(PROVENANCE))
+    if unknown:
+        raise InvalidConfig(f"save_config: {unknown} are not provenance fields a config may carry; use {', '.join(PROVENANCE)} "
+                            f"(or add the name to config.PROVENANCE)")
     built = make_method(method, **options)
     complete = {f.name: getattr(built, f.name) for f in dataclasses.fields(built) if f.init}
     data = {"format": FORMAT, "method": method, "budget": Budget.of(budget).value,
@@ -29,10 +39,11 @@ def save_config(path: str, method: str, budget, options: dict, budget_scope: str
 
 
 def load_config(config: str | os.PathLike | dict) -> dict:
-    """Read and validate a configuration (a path or an already loaded dict), field by field: the format, the
-    method, the budget, and each option against the method's declared type and range; the options a
-    calibration sets (`option(calibrated=True)`) must be present. Its budget comes back as a Budget, and its
-    budget_scope as written ("per_image" where a config from before the option has none)."""
+    """Read and validate a configuration (a path or an already loaded dict), field by field (docs/errors.md):
+    the format, no unknown key, the method, the budget, and each option against the method's declared type
+    and range; the options a calibration sets (`option(calibrated=True)`) must be present. Its budget comes
+    back as a Budget, and its budget_scope as written ("per_image" where a config from before the option has
+    none). Every fault is an InvalidConfig naming the config."""
     source = "the pruning config" if isinstance(config, dict) else f"the pruning config {os.fspath(config)!r}"
     if isinstance(config, dict):
         data = config
@@ -40,28 +51,38 @@ def load_config(config: str | os.PathLike | dict) -> dict:
         try:
             with open(config) as f:
                 data = json.load(f)
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read {source}: {error}") from error
+        except RecursionError:
+            raise InvalidConfig(f"cannot read {source}: its JSON is nested too deeply; a config is one object of "
+                                f"{', '.join(FIELDS)}") from None
+        except (OSError, ValueError) as error:  # ValueError: not JSON, or an int of more digits than Python reads
+            raise InvalidConfig(f"cannot read {source}: {error}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: must be a JSON object with format, method, budget and options")
-    if data.get("format", FORMAT) != FORMAT:
-        raise ValueError(f"{source}: has format {data['format']!r}; this prunevlm reads {FORMAT!r} "
-                         f"(re-save it with this version, or install the prunevlm that wrote it)")
+        raise InvalidConfig(f"{source}: must be a JSON object with format, method, budget and options")
+    if "format" not in data:
+        raise InvalidConfig(f"{source}: lacks format: a config written by save_config starts with "
+                            f'"format": "{FORMAT}"; add it if the rest was written for this version')
+    if data["format"] != FORMAT:
+        raise InvalidConfig(f"{source}: has format {data['format']!r}; this prunevlm reads {FORMAT!r} "
+                            f"(re-save it with this version, or install the prunevlm that wrote it)")
     missing = [key for key in ("method", "budget", "options") if key not in data]
     if missing:
-        raise ValueError(f"{source}: lacks {', '.join(missing)}: a config holds format, method, budget and options")
+        raise InvalidConfig(f"{source}: lacks {', '.join(missing)}: a config holds format, method, budget and options")
+    unknown = [key for key in data if key not in FIELDS + PROVENANCE]
+    if unknown:
+        raise InvalidConfig(f"{source}: has unknown key(s) {unknown}: a config holds {', '.join(FIELDS)} and the "
+                            f"provenance calibrate writes ({', '.join(PROVENANCE)}); fix or remove them")
     try:
         cls = get_method(data["method"])
         budget = Budget.of(data["budget"])
         budget_scope = check_budget_scope(data.get("budget_scope", "per_image"))
         options = data["options"]
         if not isinstance(options, dict):
-            raise ValueError(f"options must be an object of option names to values, got {options!r}")
+            raise InvalidConfig(f"options must be an object of option names to values, got {options!r}")
         required = [h["name"] for h in cls.option_help() if h["calibrated"] and h["name"] not in options]
         if required:
-            raise ValueError(f"{cls.name} options {required} are missing: they are what a calibration sets; "
-                             f"give them (prunevlm methods --verbose lists each) or calibrate again")
+            raise InvalidConfig(f"{cls.name} options {required} are missing: they are what a calibration sets; "
+                                f"give them (prunevlm methods --verbose lists each) or calibrate again")
         make_method(cls.name, **options)
     except (ValueError, TypeError) as error:
-        raise type(error)(f"{source}: {error}") from None
+        raise InvalidConfig(f"{source}: {error}") from None
     return {**data, "budget": budget, "budget_scope": budget_scope}

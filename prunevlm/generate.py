@@ -1,8 +1,9 @@
-"""`prunevlm generate`: answers for (images, prompt) rows, in batches, pruned or not; optionally a picture of
-the kept tokens of the first batch."""
+"""`prunevlm generate`: answers for (images, prompt) rows, in batches, pruned or not, each printed after its
+row number and image names; optionally a picture of the kept tokens of the first batch."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -24,17 +25,16 @@ def run(args) -> list[str]:
     from .api import resolve
     from .loading import jsonl_rows, load, prompt_inputs, read_image, with_processor_normalisation
 
-    if args.method and len(args.method) > 1:
-        raise ValueError(f"generate takes one --method, got {','.join(args.method)}")
     rows = jsonl_rows(args.jsonl) if args.jsonl else (
         [([path], args.prompt) for path in args.image] if args.image else [([], args.prompt)])
     method, budget, options, config = pruning_settings(args)
+    if method != "none":  # the settings are checked before the model is loaded
+        chosen, budget, budget_scope = resolve(method, budget, config, options, args.budget_scope)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load(args.model, args.dtype, args.device, args.attn)
     handle = None
     if method != "none":
-        chosen, budget, budget_scope = resolve(method, budget, config, options, args.budget_scope)
         given = {*options, *(args.config["options"] if args.config else ())}
         handle = prune(model, with_processor_normalisation(chosen, processor, given), budget,
                        positions=args.positions, budget_scope=budget_scope)
@@ -49,13 +49,11 @@ def run(args) -> list[str]:
                 output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
             seconds = time.perf_counter() - began
             decoded = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            for answer in decoded:
-                print(answer.strip())
+            for row, ((paths, _), answer) in enumerate(zip(batch, decoded), start):
+                print(f"row {row} ({', '.join(map(os.path.basename, paths)) or 'no image'}): {answer.strip()}")
             answers += [a.strip() for a in decoded]
             report(handle, method, inputs, seconds, start)
             if args.save_picture and start == 0:
-                if handle is None:
-                    raise ValueError("--save-picture draws the kept tokens: give a pruning --method, not none")
                 handle.draw(inputs, processor, path=args.save_picture)
                 print(f"wrote {args.save_picture} (kept tokens bright, pruned dark)", file=sys.stderr)
     finally:

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .errors import InvalidInput, InvalidSetting, LoadError, Unsupported
+
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -20,15 +22,15 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...): {error}") from None
+        raise InvalidSetting(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...): {error}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: this torch sees no CUDA device; use --device cpu")
+        raise InvalidSetting(f"--device {device!r}: this torch sees no CUDA device; use --device cpu")
     return resolved
 
 
 def resolve_dtype(dtype: str):
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        raise InvalidSetting(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -43,10 +45,10 @@ def check_supported(model_id: str) -> None:
     try:
         config = AutoConfig.from_pretrained(model_id)
     except Exception as error:  # transformers raises many types here; say what failed and why
-        raise RuntimeError(f"could not read the model config of {model_id!r}: {error}") from error
+        raise LoadError(f"could not read the model config of {model_id!r}: {error}") from error
     model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
     if model_class is None:
-        raise NotImplementedError(
+        raise Unsupported(
             f"{model_id!r} holds a {config.model_type!r} model ({', '.join(config.architectures or ['?'])}), not a "
             f"vision-language model; prunevlm supports {', '.join(supported_models())}"
         )
@@ -62,12 +64,24 @@ def load(model_id: str, dtype: str = "auto", device: str = "auto", attn: str = "
     try:
         processor = AutoProcessor.from_pretrained(model_id)
     except Exception as error:  # transformers raises many types here; say what failed and why
-        raise RuntimeError(
+        raise LoadError(
             f"could not load the processor of {model_id!r}: {error}. A local folder needs the processor files "
             f"(save them with processor.save_pretrained); Qwen video processors also need torchvision."
         ) from error
-    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch_dtype, attn_implementation=attn)
+    model = from_pretrained(AutoModelForImageTextToText, model_id, dtype=torch_dtype, attn_implementation=attn)
     return model.to(target).eval(), processor
+
+
+def from_pretrained(model_class, model_id, **kwargs):
+    """`model_class.from_pretrained(model_id, **kwargs)`, with a LoadError that says so where a weights file
+    is damaged (truncated by an interrupted download or copy, or not safetensors at all)."""
+    from safetensors import SafetensorError
+
+    try:
+        return model_class.from_pretrained(model_id, **kwargs)
+    except SafetensorError as error:
+        raise LoadError(f"the weights of {str(model_id)!r} are damaged ({error}): a .safetensors file is truncated or "
+                        f"is not safetensors; download or save_pretrained the model again") from None
 
 
 def pixel_normalisation(processor) -> dict:
@@ -96,7 +110,7 @@ def prompt_inputs(processor, images: list, questions: list[str], device) -> dict
     for row, (entry, question) in enumerate(zip(images, questions)):
         row_images = [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
         if image_token in question:
-            raise ValueError(
+            raise InvalidInput(
                 f"row {row}: the question contains the image placeholder {image_token!r}; pass the question as "
                 f"plain text: the chat template adds one placeholder per image ({len(row_images)} here)"
             )
@@ -116,7 +130,7 @@ def read_image(path: str | Path) -> Image.Image:
     try:
         return Image.open(path).convert("RGB")
     except OSError as error:
-        raise ValueError(f"cannot read image {str(path)!r}: {error}") from None
+        raise InvalidInput(f"cannot read image {str(path)!r}: {error}") from None
 
 
 def jsonl_rows(path: str) -> list[tuple[list[str], str]]:
@@ -130,15 +144,17 @@ def jsonl_rows(path: str) -> list[tuple[list[str], str]]:
             try:
                 record = json.loads(line)
                 images, prompt = record.get("image"), record["prompt"]
-            except (json.JSONDecodeError, KeyError, AttributeError) as error:
-                raise ValueError(f"{path}:{number}: expected {{\"image\": path or [paths] or null, \"prompt\": text}}: "
-                                 f"{error!r}") from None
-            images = [] if images is None else [images] if isinstance(images, str) else list(images)
+            except (ValueError, RecursionError, KeyError, AttributeError) as error:  # ValueError: not JSON
+                raise InvalidInput(f"{path}:{number}: expected {{\"image\": path or [paths] or null, \"prompt\": text}}: "
+                                   f"{str(error)[:200]}") from None
+            images = [] if images is None else [images] if isinstance(images, str) else images
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+                raise InvalidInput(f"{path}:{number}: image must be a path, a list of paths or null, got {images!r}")
             missing = [p for p in images if not (folder / p).is_file()]
             if missing or not isinstance(prompt, str):
-                raise ValueError(f"{path}:{number}: " + (f"no image file(s) {missing} (relative to {folder})" if missing
+                raise InvalidInput(f"{path}:{number}: " + (f"no image file(s) {missing} (relative to {folder})" if missing
                                                         else f"prompt must be text, got {prompt!r}"))
             rows.append(([str(folder / p) for p in images], prompt))
     if not rows:
-        raise ValueError(f"{path} holds no rows")
+        raise InvalidInput(f"{path} holds no rows")
     return rows

@@ -50,6 +50,14 @@ def test_methods_import_neither_transformers_nor_models():
             assert not name.startswith(("transformers", "prunevlm.models")), f"{path.name} imports {name}"
 
 
+def test_nothing_imports_the_command_line():
+    """cli.py is the top of the house: the commands it starts import what they share from below it
+    (defaults.py), never from it; only `python -m prunevlm` (__main__.py) runs it."""
+    for path in sources(PACKAGE):
+        if path.name != "__main__.py" and path != PACKAGE / "cli.py":
+            assert "prunevlm.cli" not in imported_modules(path), f"{path.relative_to(PACKAGE)} imports prunevlm.cli"
+
+
 def test_only_adapters_walk_a_model_or_read_family_config_fields():
     for path in outside_models():
         for number, line in enumerate(path.read_text().splitlines(), start=1):

@@ -15,7 +15,7 @@ from prunevlm.bench.evaluation import configurations
 from prunevlm.budget import Budget
 from prunevlm import DEMO_CONFIGS
 from prunevlm.cli import build_parser, main, parse_budget
-from prunevlm.config import load_config, save_config
+from prunevlm.config import FORMAT, load_config, save_config
 from prunevlm.methods import METHODS
 from prunevlm.methods.vflowopt import VFlowOpt
 
@@ -116,9 +116,9 @@ def test_configs_carry_the_budget_scope(tmp_path):
     with pytest.raises(ValueError, match="calibrated with budget_scope='per_crop'; pass that"):
         prunevlm.prune(model, "flashvlm", config=str(path), budget_scope="per_image")
     # a config written before the option counts per image
-    assert load_config({"method": "flashvlm", "budget": 64, "options": {}})["budget_scope"] == "per_image"
+    assert load_config({"format": FORMAT, "method": "flashvlm", "budget": 64, "options": {}})["budget_scope"] == "per_image"
     with pytest.raises(ValueError, match="pruning config: budget_scope must be 'per_image'.*got 'crops'"):
-        load_config({"method": "flashvlm", "budget": 64, "budget_scope": "crops", "options": {}})
+        load_config({"format": FORMAT, "method": "flashvlm", "budget": 64, "budget_scope": "crops", "options": {}})
     with pytest.raises(ValueError, match="budget_scope must be"):
         save_config(str(path), "flashvlm", 64, {}, budget_scope="image")
 
@@ -135,13 +135,13 @@ def test_calibrated_results_still_load(path):
 
 def test_a_config_budget_is_checked_when_loaded():
     with pytest.raises(TypeError, match="got True of type bool"):
-        load_config({"method": "flashvlm", "budget": True, "options": {}})
+        load_config({"format": FORMAT, "method": "flashvlm", "budget": True, "options": {}})
     with pytest.raises(ValueError, match=r"must lie in \(0, 1\], got 1.5"):
-        prunevlm.prune(tiny.llava(), "flashvlm", config={"method": "flashvlm", "budget": 1.5, "options": {}})
+        prunevlm.prune(tiny.llava(), "flashvlm", config={"format": FORMAT, "method": "flashvlm", "budget": 1.5, "options": {}})
 
 
 def test_a_count_does_not_match_a_config_for_the_whole_image():
-    config = {"method": "flashvlm", "budget": 1.0, "options": {}}
+    config = {"format": FORMAT, "method": "flashvlm", "budget": 1.0, "options": {}}
     with pytest.raises(ValueError, match="calibrated for budget 1.0"):
         prunevlm.prune(tiny.llava(), "flashvlm", 1, config=config)
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from PIL import Image
 import prunevlm.config
 import tiny
 from prunevlm.bench import timing
-from prunevlm.cli import main
+from prunevlm.cli import build_parser, check, main
 
 
 def test_methods_lists_methods_and_models(capsys):
@@ -47,7 +48,7 @@ def test_generate_batches_images_and_jsonl_rows(folder, tmp_path, capsys):
     main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--image", str(folder / "red.png"),
           "--image", str(folder / "red.png"), "--prompt", "w3", "--budget", "4", "--batch-size", "2", "--max-new-tokens", "2"])
     captured = capsys.readouterr()
-    assert len(captured.out.splitlines()) == 3  # one answer per image
+    assert [line.split(":")[0] for line in captured.out.splitlines()] == [f"row {i} (red.png)" for i in range(3)]
     assert "rows 0-1: visual tokens per image [[16], [16]] -> [[4], [4]]" in captured.err
     assert "rows 2-2:" in captured.err
     rows = tmp_path / "rows.jsonl"
@@ -55,7 +56,9 @@ def test_generate_batches_images_and_jsonl_rows(folder, tmp_path, capsys):
     rows.write_text(json.dumps({"image": [str(folder / "red.png"), "green.png"], "prompt": "w3"}) + "\n"
                     + json.dumps({"image": None, "prompt": "w4 w5"}) + "\n")
     main(["generate", "--model", str(folder), "--jsonl", str(rows), "--budget", "0.25", "--max-new-tokens", "2"])
-    assert "visual tokens per image [[16, 16], []] -> [[4, 4], []]" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "visual tokens per image [[16, 16], []] -> [[4, 4], []]" in captured.err
+    assert [line.split(":")[0] for line in captured.out.splitlines()] == ["row 0 (red.png, green.png)", "row 1 (no image)"]
 
 
 def test_generate_with_a_config_and_a_picture(folder, tmp_path, capsys):
@@ -91,11 +94,75 @@ def test_generate_explains_bad_input(folder, tmp_path):
     (["eval", "--methods", "flashvlm,nope"], r"unknown method\(s\) \['nope'\]"),
     (["demo", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["generate", "--model", "M", "--prompt", "w", "--budget-scope", "crop"], "argument --budget-scope: invalid choice: 'crop'"),
+    (["generate", "--model", "M", "--prompt", "w", "--method", "none", "--budget", "4", "--option", "eta=0.1"],
+     "--method none runs the unpruned model, so --budget, --option would do nothing"),
+    (["generate", "--model", "M", "--prompt", "w", "--method", "none", "--save-picture", "p.png"], "so --save-picture would do nothing"),
+    (["generate", "--model", "M", "--prompt", "w", "--method", "flashvlm,vispruner"], "give one --method, got flashvlm,vispruner"),
 ])
 def test_bad_flags_are_refused_while_parsing(argv, message, capsys):
     with pytest.raises(SystemExit) as raised:
         main(argv)
     assert raised.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_a_config_with_an_unknown_option_is_named_while_parsing(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"format": prunevlm.config.FORMAT, "method": "flashvlm", "budget": 8, "options": {"speed": 1}}))
+    with pytest.raises(SystemExit) as raised:
+        main(["generate", "--model", "M", "--prompt", "w", "--config", str(config)])
+    assert raised.value.code == 2 and r"flashvlm has no option(s) ['speed']" in capsys.readouterr().err
+
+
+def test_a_seed_the_sampler_cannot_take_is_refused_while_parsing(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        check(parser.parse_args(["calibrate", "--budget", "0.1", "--seed", str(2**70)]), parser)
+    assert "argument --seed: must be an int in [0, 2**32)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "demo"])
+def test_eval_and_demo_refuse_a_model_of_another_kind_before_loading_it(tmp_path, capsys, monkeypatch, command):
+    """A text-only LLM folder used to be loaded as a LLaVA, which filled in a 7B model around it (#26 item 6)."""
+    from transformers import LlamaConfig
+
+    from prunevlm.demo import accuracy
+
+    LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2).save_pretrained(tmp_path)
+    monkeypatch.setattr(accuracy, "load", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as raised:
+        main([command, "--model", str(tmp_path)])
+    assert raised.value.code == 2
+    assert "holds a 'llama' model, not a demo-format 'llava' one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_weights_file_is_named(folder, tmp_path, damage):
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    weights = copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"garbage" * 100)
+    with pytest.raises(SystemExit, match="the weights of .* are damaged .* download or save_pretrained the model again"):
+        main(["generate", "--model", str(copy), "--prompt", "w3", "--max-new-tokens", "1"])
+
+
+def test_help_says_each_default_once_and_explains_every_flag():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            assert action.help, f"prunevlm {name} {action.option_strings or action.dest} has no help"
+        flat = " ".join(text.split())
+        assert not re.search(r"\(default[^)]*\) \(default", flat), f"prunevlm {name} --help says a default twice"
+        assert "(default: None)" not in flat and "(default: [])" not in flat
+
+
+def test_eval_names_the_unpruned_row_without_a_budget(tmp_path, capsys):
+    main(["eval", "--images", "1", "--methods", "uniform", "--budgets", "16", "--vflowopt", "", "--kv-samples", "1",
+          "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert re.search(r"unpruned +: accuracy", err) and "None" not in err
 
 
 def test_a_folder_of_an_unsupported_model_gets_prunevlm_s_message(tmp_path):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import prunevlm
 import tiny
 import prunevlm.methods
-from prunevlm.config import load_config, save_config
+from prunevlm.config import FORMAT, load_config, save_config
 
 
 def signals(tokens=16):
@@ -160,26 +161,126 @@ def test_labels_are_refused_while_pruning():
 
 
 CALIBRATED = {"r_v": 0.2, "r_1": 0.9, "t": 1.0, "m": 10.0, "alpha": 0.0}
+V = {"format": FORMAT, "method": "vflowopt", "budget": 0.1}
+F = {"format": FORMAT, "method": "flashvlm", "budget": 8}
 
 
 @pytest.mark.parametrize("config,error,message", [
-    ({"method": "vflowopt", "budget": 0.1, "options": {**CALIBRATED, "layers": 3}}, ValueError,
+    ({**V, "options": {**CALIBRATED, "layers": 3}}, ValueError,
      r"option layers must be tuple\[int, int\] \| None, got 3 \(int\)"),
-    ({"method": "vflowopt", "budget": 0.1, "options": {**CALIBRATED, "m": "seventeen"}}, ValueError,
+    ({**V, "options": {**CALIBRATED, "m": "seventeen"}}, ValueError,
      r"option m must be float > 0, got 'seventeen' \(str\)"),
-    ({"method": "vflowopt", "budget": 0.1, "options": {k: v for k, v in CALIBRATED.items() if k != "r_v"}}, ValueError,
+    ({**V, "options": {k: v for k, v in CALIBRATED.items() if k != "r_v"}}, ValueError,
      r"vflowopt options \['r_v'\] are missing: they are what a calibration sets"),
-    ({"format": "prunevlm-config/9", "method": "flashvlm", "budget": 8, "options": {}}, ValueError,
+    ({**F, "format": "prunevlm-config/9", "options": {}}, ValueError,
      r"has format 'prunevlm-config/9'; this prunevlm reads 'prunevlm-config/1'"),
-    ({"method": "flashvlm", "options": {}}, ValueError, "lacks budget"),
-    ({"method": "flashvlm", "budget": 8, "options": {"speed": 1}}, TypeError, r"flashvlm has no option\(s\) \['speed'\]"),
-    ({"method": "flashvlm", "budget": 8, "options": {"eta": True}}, ValueError, r"option eta must be float in \[0, 1\], got True"),
+    ({"format": FORMAT, "method": "flashvlm", "options": {}}, ValueError, "lacks budget"),
+    ({**F, "options": {"speed": 1}}, TypeError, r"flashvlm has no option\(s\) \['speed'\]"),
+    ({**F, "options": {"eta": True}}, ValueError, r"option eta must be float in \[0, 1\], got True"),
+    # silently accepted before (#26 item 10): no format, an unknown key, infinite or overflowing numbers
+    ({"method": "flashvlm", "budget": 8, "options": {}}, ValueError, 'lacks format: .* starts with "format": "prunevlm-config/1"'),
+    ({**F, "budjet": 4, "options": {}}, ValueError, r"has unknown key\(s\) \['budjet'\]: a config holds format, method"),
+    ({**V, "options": {**CALIBRATED, "m": math.inf}}, ValueError, "option m must be float > 0, got inf .* numbers must be finite"),
+    ({**V, "options": {**CALIBRATED, "m": 10**400}}, ValueError, "option m must be float > 0, got 1000.* numbers must be finite"),
+    ({"format": FORMAT, "method": "random", "budget": 8, "options": {"seed": 2**70}}, ValueError,
+     "option seed must be int, got 1180591620717411303424 .* ints within 64 bits"),
 ])
 def test_configs_are_checked_field_by_field(tmp_path, config, error, message):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     with pytest.raises(error, match=f"the pruning config '{re.escape(str(path))}': .*{message}"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[" * 100_000 + "]" * 100_000, "its JSON is nested too deeply"),
+    ('{"format": "prunevlm-config/1", "method": "random", "budget": 8, "options": {"seed": 1' + "0" * 5000 + "}}",
+     "Exceeds the limit"),
+    ("{not json", "Expecting property name"),
+])
+def test_unreadable_configs_are_refused_with_their_path(tmp_path, text, message):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(prunevlm.InvalidConfig, match=f"cannot read the pruning config '{re.escape(str(path))}': {message}"):
+        load_config(str(path))
+
+
+def test_save_config_writes_only_known_provenance(tmp_path):
+    save_config(str(tmp_path / "ok.json"), "flashvlm", 8, {}, seed=3, model="m")
+    assert load_config(str(tmp_path / "ok.json"))["seed"] == 3
+    with pytest.raises(prunevlm.InvalidConfig, match=r"\['sede'\] are not provenance fields a config may carry"):
+        save_config(str(tmp_path / "bad.json"), "flashvlm", 8, {}, sede=3)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"m": math.inf}, "option m must be float > 0, got inf"),
+    ({"t": math.nan}, "option t must be float >= 0, got nan"),
+    ({"layers": (1, 2**64)}, r"option layers must be tuple\[int, int\] \| None"),
+])
+def test_option_values_must_be_finite_and_fit_64_bits(options, message):
+    with pytest.raises(ValueError, match=message):
+        prunevlm.prune(tiny.llava(layers=4), "vflowopt", 0.5, **options)
+    with pytest.raises(ValueError, match="option seed must be int, got 1180591620717411303424 .*ints within 64 bits"):
+        prunevlm.prune(tiny.llava(), "random", 0.5, seed=2**70)
+
+
+def test_prune_takes_the_method_from_its_config(tmp_path):
+    path = tmp_path / "vflowopt.json"
+    save_config(str(path), "vflowopt", 0.25, CALIBRATED)
+    with prunevlm.prune(tiny.llava(layers=4), config=str(path)) as handle:
+        assert handle.method.name == "vflowopt" and handle.method.r_v == 0.2
+    with prunevlm.prune(tiny.llava(layers=4), budget=8) as handle:
+        assert handle.method.name == "flashvlm"
+
+
+@pytest.mark.parametrize("method,options,message", [
+    ("vflowopt", {"layers": (1, 100)}, r"vflowopt: layers \(1, 100\) must lie below the LLM depth 4"),
+    ("pdrop", {}, "pdrop: 3 stages need an LLM of more than 3 layers, got 2"),
+])
+def test_stage_layers_the_llm_lacks_are_refused_at_prune(method, options, message):
+    model = tiny.llava(layers=4 if options else 2)
+    with pytest.raises(prunevlm.Refused, match=message):
+        prunevlm.prune(model, method, 0.5, **options)
+    assert prunevlm.prune(model, "flashvlm", 4).attached  # nothing was left attached
+
+
+ERRORS = {"InvalidSetting": ValueError, "InvalidBudget": (ValueError, TypeError), "InvalidOption": (ValueError, TypeError),
+          "InvalidConfig": (ValueError, TypeError), "InvalidInput": ValueError, "Unsupported": NotImplementedError,
+          "LoadError": RuntimeError, "Refused": ValueError, "SignalsUnavailable": (ValueError, NotImplementedError),
+          "ContractError": RuntimeError}
+
+
+@pytest.mark.parametrize("name", ERRORS)
+def test_every_error_is_a_prune_error_and_the_builtin_it_replaces(name):
+    error = getattr(prunevlm, name)
+    assert issubclass(error, prunevlm.PruneError) and issubclass(error, ERRORS[name])
+    assert name in prunevlm.__all__ and f"`{name}`" in (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+
+
+def test_caught_as_prune_errors_and_as_before():
+    with pytest.raises(prunevlm.InvalidBudget) as raised:
+        prunevlm.select("flashvlm", 0, **signals())
+    assert isinstance(raised.value, ValueError)
+    with pytest.raises(prunevlm.InvalidBudget) as raised:
+        prunevlm.select("flashvlm", "64", **signals())
+    assert isinstance(raised.value, TypeError)
+    with pytest.raises(prunevlm.PruneError, match="lacks format"):
+        prunevlm.prune(tiny.llava(), config={"method": "flashvlm", "budget": 8, "options": {}})
+
+
+@pytest.mark.parametrize("line,message", [
+    ("[" * 100_000 + "]" * 100_000, "maximum recursion depth exceeded"),
+    ('{"image": null, "prompt": "w", "n": 1' + "0" * 5000 + "}", "Exceeds the limit"),
+    ('{"image": 7, "prompt": "w"}', "image must be a path, a list of paths or null, got 7"),
+    ('{"image": ["a.png", 7], "prompt": "w"}', r"image must be a path, a list of paths or null, got \['a.png', 7\]"),
+])
+def test_bad_jsonl_rows_are_named_by_line(tmp_path, line, message):
+    from prunevlm.loading import jsonl_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"image": null, "prompt": "w"}\n' + line + "\n")
+    with pytest.raises(prunevlm.InvalidInput, match=f"{re.escape(str(path))}:2: .*{message}"):
+        jsonl_rows(str(path))
 
 
 def test_a_saved_config_lists_every_option_and_loads_back(tmp_path):

@@ -256,7 +256,7 @@ def test_config_round_trip_and_validation(tmp_path):
     with pytest.raises(ValueError, match="is for 'vflowopt'"):
         prunevlm.prune(model, "flashvlm", config=str(path))
     bad = tmp_path / "bad.json"
-    bad.write_text('{"method": "vflowopt", "budget": 0.25, "options": {"r_v": 3, "r_1": 0.5, "t": 1, "m": 10, "alpha": 0}}')
+    bad.write_text('{"format": "prunevlm-config/1", "method": "vflowopt", "budget": 0.25, "options": {"r_v": 3, "r_1": 0.5, "t": 1, "m": 10, "alpha": 0}}')
     with pytest.raises(ValueError, match="option r_v must be in"):
         prunevlm.prune(model, "vflowopt", config=str(bad))
 

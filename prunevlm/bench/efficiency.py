@@ -37,7 +37,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from ..cli import RESULTS
+from ..defaults import RESULTS
 from ..loading import resolve_device, resolve_dtype
 from ..models import get_adapter
 from .diversity_partition import diversity_timing

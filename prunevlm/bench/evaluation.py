@@ -16,6 +16,7 @@ from .. import prune
 from ..api import resolve
 from ..calibrate.flow import flow_similarity
 from ..demo import accuracy, dataset
+from ..errors import InvalidConfig
 from ..loading import prompt_inputs, with_processor_normalisation
 from ..methods.base import Refused
 from ..models import get_adapter
@@ -31,7 +32,7 @@ def configurations(args) -> list[dict]:
         configs += [{"name": method, "method": method, "budget": b, "options": {}} for b in budgets]
     for config in args.vflowopt:
         if config["method"] != "vflowopt":
-            raise ValueError(f"--vflowopt {config['path']} is a {config['method']!r} config, not a vflowopt one")
+            raise InvalidConfig(f"--vflowopt {config['path']} is a {config['method']!r} config, not a vflowopt one")
         configs.append({"name": "vflowopt (calibrated)", "method": "vflowopt", "budget": config["budget"].value,
                         "options": config["options"], "config": os.path.basename(config["path"])})
         layers = config["options"].get("layers")
@@ -140,12 +141,13 @@ def run(args) -> list[dict]:
             row = measure(model, processor, items, config, reference, args)
         except Refused as error:  # a budget the method cannot reach on this model: say so, go on
             refused.append({**{k: config[k] for k in ("name", "method", "budget")}, "reason": str(error)})
-            print(f"  {config['name']:22s} {str(config['budget']):>5s}: refused: {error}", file=sys.stderr)
+            print(f"  {config['name']:22s} {config['budget']!s:>5s}: refused: {error}", file=sys.stderr)
             continue
         if reference is None:
             reference = row["states"]
         rows.append(row)
-        print(f"  {row['name']:22s} {str(row['budget']):>5s}: accuracy {100 * row['accuracy']['overall']:.1f} %, "
+        budget = "" if row["budget"] is None else row["budget"]  # the unpruned model has none
+        print(f"  {row['name']:22s} {budget!s:>5s}: accuracy {100 * row['accuracy']['overall']:.1f} %, "
               f"fidelity {row['fidelity'] or 1:.4f}, {row['seconds']:.0f} s", file=sys.stderr)
     for row in rows:
         del row["states"]

@@ -22,7 +22,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ..cli import BENCH_FAMILIES
+from ..defaults import BENCH_FAMILIES
+from ..errors import InvalidSetting
 
 IMAGE_TOKEN = 32000
 
@@ -45,7 +46,7 @@ SHAPES = tuple(TEXT)
 
 def llava_config(shape: str) -> LlavaConfig:
     if shape not in TEXT:
-        raise ValueError(f"shape must be one of {list(TEXT)}, got {shape!r}")
+        raise InvalidSetting(f"shape must be one of {list(TEXT)}, got {shape!r}")
     vision = CLIP_L_336
     if shape == "tiny":
         vision = dict(CLIP_L_336, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
@@ -147,7 +148,7 @@ def selection_signals(shape: str, images: int, text_tokens: int, seed: int = 0) 
     }
 
 
-# The bench's families (`prunevlm bench --model-family`, cli.BENCH_FAMILIES). Each shape keeps the tower's real width, heads and
+# The bench's families (`prunevlm bench --model-family`, defaults.BENCH_FAMILIES). Each shape keeps the tower's real width, heads and
 # tokens per crop, so the signals cost what they cost in the released models; "small" cuts the tower to
 # SMALL_TOWER_LAYERS layers (every crop goes through it: 5 crops of a 24-layer tower take about a minute per
 # generate on 2 cores) and the LLM to the LLaVA bench's h1024 x 8 layers; "7b" is the released model's shape
@@ -192,9 +193,9 @@ def _tower(base: dict, shape: str) -> dict:
 def family_config(family: str, shape: str):
     """The config of a `family` bench model of `shape` (tiny, small or 7b)."""
     if family not in BENCH_FAMILIES:
-        raise ValueError(f"model family must be one of {', '.join(BENCH_FAMILIES)}, got {family!r}")
+        raise InvalidSetting(f"model family must be one of {', '.join(BENCH_FAMILIES)}, got {family!r}")
     if shape not in TEXT:
-        raise ValueError(f"shape must be one of {list(TEXT)}, got {shape!r}")
+        raise InvalidSetting(f"shape must be one of {list(TEXT)}, got {shape!r}")
     if family == "llava":
         return llava_config(shape)
     if family == "next":  # LLaVA-NeXT-7B: CLIP ViT-L/14-336, Vicuna-7B, the default pinpoints (2 to 4 tiles)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..cli import RESULTS
+from ..defaults import RESULTS
 from ..config import save_config
 from ..loading import jsonl_rows, pixel_normalisation, read_image
 from ..methods.vflowopt import default_layers

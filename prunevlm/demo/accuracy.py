@@ -30,7 +30,7 @@ def load(folder: str | Path = MODEL_DIR, dtype: torch.dtype | str = torch.float3
     ``dtype`` and ``device`` may be the CLI's names ('auto', 'bfloat16', 'cuda', ...)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from ..loading import resolve_device, resolve_dtype
+    from ..loading import from_pretrained, resolve_device, resolve_dtype
 
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
 
@@ -38,7 +38,7 @@ def load(folder: str | Path = MODEL_DIR, dtype: torch.dtype | str = torch.float3
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {folder}; train one with "
                                 "`python -m prunevlm.demo.train --out DIR`")
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(resolve_device(device)).eval()
+    model = from_pretrained(LlavaForConditionalGeneration, folder, dtype=dtype).to(resolve_device(device)).eval()
     return model, AutoProcessor.from_pretrained(folder)
 
 

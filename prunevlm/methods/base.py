@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import Budget
+from ..errors import PruneError
 
 # Every signal a method may ask for, with its shape. B images, N tokens each, L text rows. The layout signals
 # are plain tuples, one per call (the images of a call share it); every other signal is a tensor.
@@ -52,7 +54,7 @@ LLM_SIGNALS: dict[str, str] = {
 LAYOUT_SIGNALS = ("grid", "planes")
 
 
-class Refused(ValueError):
+class Refused(PruneError, ValueError):
     """A method, budget or budget scope that cannot run on this model as asked (a budget out of reach, stage
     layers the LLM does not allow): a refusal with what to do, not a fault. `prunevlm eval` and `bench`
     record its reason and go on; every other error stops them."""
@@ -272,7 +274,8 @@ def check_option(method: str, spec: dataclasses.Field, annotation, value):
     if converted is _WRONG:
         limits = allowed(spec)
         raise ValueError(f"{method}: option {spec.name} must be {type_name(annotation)}"
-                         f"{' ' + limits if limits else ''}, got {value!r} ({type(value).__name__})")
+                         f"{' ' + limits if limits else ''}, got {value!r} ({type(value).__name__})"
+                         + ("; numbers must be finite, ints within 64 bits" if isinstance(value, numbers.Number) else ""))
     if converted is None or isinstance(converted, tuple):
         return converted
     meta = spec.metadata
@@ -311,10 +314,11 @@ def _as_type(annotation, value):
         return _WRONG if any(item is _WRONG for item in items) else items
     if annotation is bool:
         return value if isinstance(value, bool) else _WRONG
-    if annotation is int:
-        return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else _WRONG
-    if annotation is float:
-        return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else _WRONG
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if annotation is int:  # within 64 bits, as torch holds it
+        return int(value) if number and isinstance(value, numbers.Integral) and -2**63 <= value < 2**63 else _WRONG
+    if annotation is float:  # finite (10**400 is no float)
+        return float(value) if number and abs(value) <= sys.float_info.max else _WRONG
     if annotation is str:
         return value if isinstance(value, str) else _WRONG
     raise TypeError(f"option type {annotation!r} is not one check_option knows; add it to methods/base.py::_as_type")

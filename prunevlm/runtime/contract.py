@@ -21,6 +21,8 @@ from packaging.version import Version
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
+from ..errors import PruneError
+
 CACHE_KEYWORDS = ("cache", "past_key_values")  # current name first; 5.24 renamed past_key_values to cache
 
 
@@ -68,7 +70,7 @@ def _warn_once(installed: str) -> None:
                   f"calls the hooks differently", stacklevel=4)
 
 
-class ContractError(RuntimeError):
+class ContractError(PruneError, RuntimeError):
     """transformers called a hooked module in a way prunevlm does not know; pruning cannot be applied."""
 
     def __init__(self, what: str):
