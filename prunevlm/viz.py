@@ -163,8 +163,8 @@ def legend(recycling: bool) -> list[tuple[Image.Image, str]]:
     keys = [(draw_tokens(sample, (1, 1), one), "kept: reaches the LLM (pixels as they were)"),
             (draw_tokens(sample, (1, 1), none), "pruned: removed (darkened, hatched)")]
     if recycling:
-        keys.append((draw_tokens(sample, (1, 1), one, one), "orange box: a kept slot holding a recycled token, the "
-                                                              "weighted mean of pruned tokens near it"))
+        keys.append((draw_tokens(sample, (1, 1), one, one), "orange box: the slot holds a token merged from pruned "
+                                                              "ones (recycled), not its own"))
     return keys
 
 
@@ -173,9 +173,9 @@ def check_picture_path(path: str | None) -> None:
     if path is None:
         return
     extension = os.path.splitext(str(path))[1].lower()
-    if extension not in Image.registered_extensions():
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
         raise ValueError(f"cannot tell which image format to write {str(path)!r} in: "
-                         + ("it has no file extension" if not extension else f"{extension!r} is not an image format")
+                         + (f"{extension!r} is not an image format Pillow writes" if extension else "it has no file extension")
                          + "; give a file name ending in .png (or .jpg, .webp, ...)")
 
 
