@@ -37,12 +37,15 @@ class PruneHandle:
         return getattr(self.model, _ATTACHED, None) is self
 
     def draw(self, inputs: dict, processor, path: str | None = None):
-        """A picture of the last prefill's kept tokens: one panel per image of `inputs` (the processor's output
-        that was generated from), kept tokens bright, pruned dark, recycled ones outlined. Saved to `path` if
-        given (its folder is created); returns the PIL image."""
+        """A picture of the last prefill's kept tokens: each image of `inputs` (the processor's output that
+        was generated from; `processor` made it) as the model saw it, beside the same picture with the pruned
+        tokens darkened and hatched and recycled ones outlined, at its own aspect ratio, under a legend, with
+        its row, its place in the row and what its count means. Saved to `path` if given (an image file name
+        such as kept.png; its folder is created); returns the PIL image."""
         from .viz import kept_tokens_picture
 
-        return kept_tokens_picture(self.adapter, inputs, processor, self.stats, path)
+        title = f"{self.method.name} at budget {self.budget} ({self.budget_scope.replace('_', ' ')})"
+        return kept_tokens_picture(self.adapter, inputs, processor, self.stats, path, title)
 
     def remove(self) -> None:
         """Detach every hook; the model is exactly as it was."""

@@ -1,4 +1,5 @@
-"""Kept and recycled visual tokens drawn over the image the model saw."""
+"""Kept and recycled visual tokens drawn over the image the model saw, beside it (`handle.draw`); the adapters
+give the pixels and token grids (docs/architecture.md, "An adapter owns a model family")."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 PRUNED_SHADE = 0.72  # how much a pruned token's cell is darkened
+HATCH = (160, 160, 160)  # the diagonal lines over pruned cells, so that they show on dark images too
+HATCH_PERIOD = 6  # pixels between two hatch lines
 RECYCLED = (255, 150, 0)  # outline of cells holding a recycled token
+SIDE = 200  # the longer side of a drawn picture, px, unless its grid needs more (MIN_CELL px per token)
+MIN_CELL, MAX_SIDE = 6, 600
+LINE, GAP = 14, 8  # px per line of text, px between the parts of a sheet
+INK = (0, 0, 0)
+CAPTION_WIDTH, SHEET_WIDTH = 150, 600  # the least width of a picture's caption, of a sheet
 
 
 def model_view(pixel_values: torch.Tensor, mean, std) -> Image.Image:
@@ -21,7 +29,8 @@ def model_view(pixel_values: torch.Tensor, mean, std) -> Image.Image:
 
 
 def draw_tokens(image: Image.Image, grid: tuple[int, int], kept: torch.Tensor, recycled: torch.Tensor | None = None) -> Image.Image:
-    """Darken the cells of pruned tokens; outline cells that hold a recycled token."""
+    """Darken and hatch the cells of pruned tokens (kept ones stay as they are); outline cells that hold a
+    recycled token."""
     rows, cols = grid
     width, height = image.size
     keep = np.zeros(rows * cols, dtype=bool)
@@ -29,9 +38,11 @@ def draw_tokens(image: Image.Image, grid: tuple[int, int], kept: torch.Tensor, r
     cell_h, cell_w = height / rows, width / cols
     ys = (np.arange(height) / cell_h).astype(int).clip(0, rows - 1)
     xs = (np.arange(width) / cell_w).astype(int).clip(0, cols - 1)
-    kept_pixels = keep.reshape(rows, cols)[ys][:, xs]
+    pruned = ~keep.reshape(rows, cols)[ys][:, xs]
     pixels = np.asarray(image.convert("RGB")).astype(np.float32)
-    pixels[~kept_pixels] *= 1 - PRUNED_SHADE
+    pixels[pruned] *= 1 - PRUNED_SHADE
+    on_hatch = (np.arange(height)[:, None] + np.arange(width)[None, :]) % HATCH_PERIOD == 0
+    pixels[pruned & on_hatch] = HATCH
     out = Image.fromarray(pixels.round().astype(np.uint8))
     if recycled is not None and recycled.numel():
         draw = ImageDraw.Draw(out)
@@ -39,6 +50,16 @@ def draw_tokens(image: Image.Image, grid: tuple[int, int], kept: torch.Tensor, r
             r, c = divmod(index, cols)
             draw.rectangle([c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1], outline=RECYCLED, width=2)
     return out
+
+
+def fit(image: Image.Image, grid: tuple[int, int]) -> Image.Image:
+    """`image` at its own aspect ratio, its longer side SIDE px (more where its grid would leave a token less
+    than MIN_CELL px, up to MAX_SIDE): sharp token blocks when enlarged, averaged pixels when shrunk."""
+    width, height = image.size
+    side = min(max(SIDE, MIN_CELL * max(grid)), MAX_SIDE)
+    scale = side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BOX)
 
 
 def wrap(text: str, font, width: float) -> list[str]:
@@ -72,37 +93,155 @@ def panel(cells: list[list[tuple[Image.Image, str]]], column_titles: list[str], 
         top = title_h + r * (size + caption_h + gap)
         for c, (image, caption) in enumerate(row):
             left = gap + c * (size + gap)
-            sheet.paste(image.resize((size, size), Image.Resampling.NEAREST), (left, top))
+            sheet.paste(image.resize((size, size), Image.Resampling.BOX), (left, top))
             for line, text in enumerate(wrap(caption, font, size)[:3]):
                 draw.text((left, top + size + 2 + 12 * line), text, fill=(0, 0, 0), font=font)
     return sheet
 
 
-def kept_tokens_picture(adapter, inputs: dict, processor, stats, path: str | None = None) -> Image.Image:
-    """Every image of `inputs` as the model saw it (an image of several planes, LLaVA-NeXT/OneVision: each
-    plane), with the kept tokens of `stats` (the prefill of these inputs) drawn over it, side by side; saved
-    to `path` when given."""
-    from .loading import pixel_normalisation
+class Sheet:
+    """A white page built top to bottom: lines of text wrapped to its width, and rows of captioned pictures."""
 
-    kept = [indices for row in stats.kept for indices in row]
-    recycled = [indices for row in stats.recycled for indices in row] or [None] * len(kept)
+    def __init__(self, width: int, gap: int = GAP):
+        self.width, self.gap = width, gap
+        self.font = ImageFont.load_default(size=12)
+        self.items: list[tuple[int, object]] = []  # (height, painter(page, draw, top))
+
+    def text(self, text: str) -> None:
+        lines = wrap(text, self.font, self.width - 2 * self.gap)
+
+        def paint(page, draw, top):
+            for number, line in enumerate(lines):
+                draw.text((self.gap, top + LINE * number), line, fill=INK, font=self.font)
+
+        self.items.append((LINE * len(lines) + 2, paint))
+
+    def pictures(self, pictures: list[tuple[Image.Image, str]], column: int) -> None:
+        """Pictures left to right, each in a column at least `column` px wide with its caption below."""
+        widths = [max(image.width, column) for image, _ in pictures]
+        captions = [wrap(caption, self.font, w) for (_, caption), w in zip(pictures, widths)]
+        height = max(image.height for image, _ in pictures) + 4 + LINE * max(map(len, captions))
+
+        def paint(page, draw, top):
+            left = self.gap
+            for (image, _), lines, w in zip(pictures, captions, widths):
+                page.paste(image, (left, top))
+                for number, line in enumerate(lines):
+                    draw.text((left, top + image.height + 4 + LINE * number), line, fill=INK, font=self.font)
+                left += w + self.gap
+
+        self.items.append((height + self.gap, paint))
+
+    def keys(self, keys: list[tuple[Image.Image, str]]) -> None:
+        """A legend: swatches left to right, each with its meaning wrapped beside it."""
+        column = (self.width - self.gap) // len(keys) - self.gap
+        texts = [wrap(text, self.font, column - swatch.width - self.gap) for swatch, text in keys]
+        height = max(max(swatch.height for swatch, _ in keys), LINE * max(map(len, texts)))
+
+        def paint(page, draw, top):
+            for number, ((swatch, _), lines) in enumerate(zip(keys, texts)):
+                left = self.gap + number * (column + self.gap)
+                page.paste(swatch, (left, top))
+                for line, text in enumerate(lines):
+                    draw.text((left + swatch.width + self.gap, top + LINE * line), text, fill=INK, font=self.font)
+
+        self.items.append((height + self.gap, paint))
+
+    def render(self) -> Image.Image:
+        page = Image.new("RGB", (self.width, self.gap + sum(h for h, _ in self.items) + self.gap), (255, 255, 255))
+        draw, top = ImageDraw.Draw(page), self.gap
+        for height, paint in self.items:
+            paint(page, draw, top)
+            top += height
+        return page
+
+
+def legend(recycling: bool) -> list[tuple[Image.Image, str]]:
+    """Swatches drawn by `draw_tokens` itself, with what each means."""
+    sample = Image.new("RGB", (28, 28), (90, 150, 210))
+    one, none = torch.tensor([0]), torch.tensor([], dtype=torch.long)
+    keys = [(draw_tokens(sample, (1, 1), one), "kept: reaches the LLM (pixels as they were)"),
+            (draw_tokens(sample, (1, 1), none), "pruned: removed (darkened, hatched)")]
+    if recycling:
+        keys.append((draw_tokens(sample, (1, 1), one, one), "orange box: the slot holds a token merged from pruned "
+                                                              "ones (recycled), not its own"))
+    return keys
+
+
+def check_picture_path(path: str | None) -> None:
+    """A clear error for a file name Pillow cannot pick a format for, before any drawing."""
+    if path is None:
+        return
+    extension = os.path.splitext(str(path))[1].lower()
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        raise ValueError(f"cannot tell which image format to write {str(path)!r} in: "
+                         + (f"{extension!r} is not an image format Pillow writes" if extension else "it has no file extension")
+                         + "; give a file name ending in .png (or .jpg, .webp, ...)")
+
+
+def normalisation(processor) -> tuple[list, list]:
+    """The image mean and std of a processor (or of an image processor given directly)."""
+    image_processor = getattr(processor, "image_processor", processor)
+    mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
+    if mean is None or std is None:
+        raise ValueError(f"draw needs the processor that made the inputs (its image_mean and image_std turn the "
+                         f"pixel values back into the picture the model saw); got {type(processor).__name__}, "
+                         f"which has none: pass the processor, e.g. AutoProcessor.from_pretrained(model_id)")
+    return list(mean), list(std)
+
+
+def count_text(stats, row: int, index: int, kept: int, total: int) -> str:
+    """What the kept count of one image means: tokens at the LLM input, and for in-LLM methods (VFlowOpt)
+    the counts its later stages keep and their layer average, which is what the budget sets."""
+    newlines = stats.tokens_after[row][index] - kept if stats.tokens_after else 0
+    extra = f", plus {newlines} row-end newline token(s)" if newlines > 0 else ""
+    if not stats.stages:
+        return f"{kept} of its {total} visual tokens reach the LLM{extra}."
+    plan = stats.stages[row][index]
+    later = ", ".join(f"{count} from layer {layer}" for count, layer in zip(plan.counts[1:], plan.layers))
+    return (f"{kept} of its {total} visual tokens enter the LLM{extra} (drawn); fewer stay deeper in: {later}. "
+            f"Averaged over the {plan.num_layers} layers that is {plan.layer_average:.1f} tokens, what the budget "
+            f"counts for this method.")
+
+
+def kept_tokens_picture(adapter, inputs: dict, processor, stats, path: str | None = None, title: str = "") -> Image.Image:
+    """Every image of `inputs` (each plane of an image of several, LLaVA-NeXT/OneVision) as the model saw it,
+    beside the same picture with the kept tokens of `stats` (the prefill of these inputs) marked, at its own
+    aspect ratio, under a legend; saved to `path` when given."""
+    check_picture_path(path)
+    mean, std = normalisation(processor)
+    if inputs.get("pixel_values") is None:
+        raise ValueError("the inputs hold no images (no pixel_values): draw the processor's output for a prompt "
+                         "with images, the one generate() just ran on")
+    places = [(row, index) for row, images in enumerate(stats.kept) for index in range(len(images))]
+    kept = [indices for images in stats.kept for indices in images]
+    recycled = [indices for images in stats.recycled for indices in images] or [None] * len(kept)
     grids, cells = adapter.image_grids(inputs), adapter.picture_cells(inputs)
-    images = len({image for image, _ in cells})
+    images = len({image for image, _, _ in cells})
     if len(kept) != images:
         raise ValueError(f"the stats hold {len(kept)} image(s) but the inputs {images}: draw right after the "
                          f"generate() call on these inputs")
-    normalisation = pixel_normalisation(processor)
-    views = [model_view(v, normalisation["pixel_mean"], normalisation["pixel_std"]) for v in adapter.pixel_views(inputs)]
-    pictures = [image for image, _ in cells]  # an image drawn in several pictures: one per plane
-    drawn, titles = [], []
-    for number, (view, grid, (image, shown)) in enumerate(zip(views, grids, cells)):
+    views = adapter.pixel_views(inputs)
+    blocks: list[list[tuple[Image.Image, str]]] = [[] for _ in range(images)]
+    drawn, shown = [0] * images, [0] * images
+    for view, grid, (image, name, tokens) in zip(views, grids, cells):
         # the picture's cells that show a kept (recycled) token of its image
-        on = torch.nonzero(torch.isin(shown, kept[image].to(shown.device))).flatten()
-        merged = None if recycled[image] is None else torch.nonzero(torch.isin(shown, recycled[image].to(shown.device))).flatten()
-        drawn.append((draw_tokens(view, grid, on, merged), f"kept {on.numel()} of {grid[0] * grid[1]}"))
-        plane = f", plane {pictures[:number].count(image)}" if pictures.count(image) > 1 else ""
-        titles.append(f"image {image}{plane}")
-    picture = panel([drawn], titles)
+        on = torch.nonzero(torch.isin(tokens, kept[image].to(tokens.device))).flatten()
+        merged = None if recycled[image] is None else torch.nonzero(torch.isin(tokens, recycled[image].to(tokens.device))).flatten()
+        seen = fit(model_view(view, mean, std), grid)
+        blocks[image] += [(seen, f"{name} as the model saw it ({view.shape[2]}x{view.shape[1]} px)"),
+                          (draw_tokens(seen, grid, on, merged), f"{on.numel()} of {grid[0] * grid[1]} tokens kept")]
+        drawn[image] += on.numel()
+        shown[image] += grid[0] * grid[1]
+    width = max(SHEET_WIDTH, max(GAP + sum(max(p.width, CAPTION_WIDTH) + GAP for p, _ in block) for block in blocks))
+    sheet = Sheet(width)
+    sheet.text("Visual tokens kept" + (f": {title}" if title else ""))
+    sheet.keys(legend(any(r is not None and r.numel() for r in recycled)))
+    for image, block in enumerate(blocks):
+        row, index = places[image]
+        sheet.text(f"Row {row}, image {index} of the row: " + count_text(stats, row, index, drawn[image], shown[image]))
+        sheet.pictures(block, CAPTION_WIDTH)
+    picture = sheet.render()
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         picture.save(path)

@@ -168,10 +168,11 @@ class Adapter:
         (`image_grids`) covering it evenly (for drawing the kept tokens)."""
         raise NotImplementedError
 
-    def picture_cells(self, inputs: dict) -> list[tuple[int, torch.Tensor]]:
-        """Per picture: the image it shows and, per cell of its grid (row-major), the index within the image
-        of the token drawn there. Default: one picture per image, cell i showing token i."""
-        return [(image, torch.arange(rows * cols)) for image, (rows, cols) in enumerate(self.image_grids(inputs))]
+    def picture_cells(self, inputs: dict) -> list[tuple[int, str, torch.Tensor]]:
+        """Per picture: the image it shows, what part of it the picture is (for its caption) and, per cell of
+        its grid (row-major), the index within the image of the token drawn there. Default: one picture per
+        image, cell i showing token i."""
+        return [(image, "the image", torch.arange(rows * cols)) for image, (rows, cols) in enumerate(self.image_grids(inputs))]
 
     def check_inputs(self, kwargs: dict) -> None:
         """Refuse inputs the adapter cannot prune (e.g. video) with a clear error."""

@@ -30,6 +30,8 @@ from .llava import LlavaAdapter
 # channels of the packed coordinate tensor; a newline packs as all zeros (content 0)
 CROP, ROW, COLUMN, CONTENT = range(4)
 UNPACKED = "per crop "  # prefix of a signal recorded per crop, packed per image at the projector
+# what each plane of a picture is (handle.draw's captions)
+PLANE_NAMES = ("the base crop (the whole image, resized)", "the tile plane (its tiles stitched, padding cut)")
 
 
 def crop_attention(attention: torch.Tensor) -> torch.Tensor:
@@ -131,12 +133,12 @@ class LlavaNextAdapter(LlavaAdapter):
         """Per picture: each image's base crop, then (tiled images) its unpadded tile plane."""
         return [plane for layout in self._layouts(inputs) for plane in self.planes(layout)]
 
-    def picture_cells(self, inputs: dict) -> list[tuple[int, torch.Tensor]]:
+    def picture_cells(self, inputs: dict) -> list[tuple[int, str, torch.Tensor]]:
         cells = []
         for image, layout in enumerate(self._layouts(inputs)):
             content = torch.nonzero(layout[:, CONTENT] > 0.5).flatten()
-            for plane in content.split([h * w for h, w in self.planes(layout)]):
-                cells.append((image, plane))
+            for name, plane in zip(PLANE_NAMES, content.split([h * w for h, w in self.planes(layout)])):
+                cells.append((image, name, plane))
         return cells
 
     def pixel_views(self, inputs: dict) -> list[torch.Tensor]:
