@@ -24,12 +24,14 @@ def run(args) -> list[str]:
     from . import prune
     from .api import resolve
     from .loading import jsonl_rows, load, prompt_inputs, read_image, with_processor_normalisation
+    from .viz import check_picture_path
 
     rows = jsonl_rows(args.jsonl) if args.jsonl else (
         [([path], args.prompt) for path in args.image] if args.image else [([], args.prompt)])
     method, budget, options, config = pruning_settings(args)
     if method != "none":  # the settings are checked before the model is loaded
         chosen, budget, budget_scope = resolve(method, budget, config, options, args.budget_scope)
+    check_picture_path(args.save_picture)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load(args.model, args.dtype, args.device, args.attn)
@@ -55,7 +57,7 @@ def run(args) -> list[str]:
             report(handle, method, inputs, seconds, start)
             if args.save_picture and start == 0:
                 handle.draw(inputs, processor, path=args.save_picture)
-                print(f"wrote {args.save_picture} (kept tokens bright, pruned dark)", file=sys.stderr)
+                print(f"wrote {args.save_picture} (each image beside its kept tokens, legend on top)", file=sys.stderr)
     finally:
         if handle is not None:
             handle.remove()

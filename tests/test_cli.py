@@ -71,6 +71,15 @@ def test_generate_with_a_config_and_a_picture(folder, tmp_path, capsys):
     assert Image.open(picture).size[0] > 0
 
 
+def test_a_picture_path_without_a_format_is_refused_before_the_model_loads(folder, monkeypatch):
+    import prunevlm.loading
+
+    monkeypatch.setattr(prunevlm.loading, "load", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match="no file extension"):
+        main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt", "w3",
+              "--save-picture", "kept"])
+
+
 def test_generate_explains_bad_input(folder, tmp_path):
     with pytest.raises(SystemExit, match="no option"):
         main(["generate", "--model", str(folder), "--image", str(folder / "red.png"), "--prompt", "w3",
