@@ -20,174 +20,18 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
 from ..budget import Budget, check_budget_scope
 from ..methods.base import LAYOUT_SIGNALS, Method, Plan, Refused, Selection, SignalsUnavailable
 from ..models.base import Adapter, Capture, synchronize
+from .choice import NEWLINE_POLICIES, ImageChoice
 from .contract import Call, ContractError, check_dynamic, is_prefill, output_cache
+from .decoding import fix_decode
 from .llm_layers import LayerPruning
-
-
-# what becomes of placeholders that are no candidates (LLaVA-NeXT/OneVision newlines): ImageChoice
-NEWLINE_POLICIES = ("drop", "keep_nonempty_rows", "keep_all")
-
-
-@dataclass
-class Stats:
-    """What the last prefill did, per batch row and per image in the row (a text-only prefill has no images)."""
-
-    tokens_before: list[list[int]] = field(default_factory=list)  # visual tokens per image, per row
-    tokens_after: list[list[int]] = field(default_factory=list)  # placeholders that reached the LLM, newlines included
-    budget_scope: str = "per_image"  # how the budget counted (prune's budget_scope)
-    # per row, per image: the tokens its budget granted at the LLM input (per_crop: the sum of its crops'
-    # counts); kept newlines come on top, and an image kept whole grants all its placeholders
-    budget_tokens: list[list[int]] = field(default_factory=list)
-    prefill_before: list[int] = field(default_factory=list)  # real (unpadded) prompt tokens per row
-    prefill_after: list[int] = field(default_factory=list)
-    # for the batch: signal hooks + the whole LLM-input hook (matching, method, gathers) + the in-LLM stages' views
-    selection_ms: float = 0.0
-    signal_ms: float = 0.0  # of which: computing signals in the vision hooks
-    llm_choice_ms: float = 0.0  # of which: in-LLM stages' views (for LLM-signal methods: signals at the deciding layers and `choose`)
-    stages: list[list[Plan]] = field(default_factory=list)  # in-LLM methods: per row, per image, its Plan
-    kept: list[list] = field(default_factory=list)  # per row, per image: kept token indices within the image
-    recycled: list[list] = field(default_factory=list)  # per row, per image: which kept indices hold recycled tokens
-
-    @property
-    def layer_average(self) -> list[list[float]]:
-        """Visual tokens per image averaged over the LLM's layers (= tokens_after without in-LLM stages)."""
-        if not self.stages:
-            return [[float(n) for n in row] for row in self.tokens_after]
-        return [[plan.layer_average for plan in row] for row in self.stages]
-
-    def __str__(self) -> str:
-        rows = [f"row {b}: images {before} -> {after} tokens, prompt {pb} -> {pa}"
-                for b, (before, after, pb, pa) in enumerate(zip(self.tokens_before, self.tokens_after, self.prefill_before, self.prefill_after))]
-        for b, row in enumerate(self.stages):
-            rows += [f"row {b}: image {i}: {plan.counts} visual tokens from layers {'/'.join(map(str, (0, *plan.layers)))}, "
-                     f"layer average {plan.layer_average:.1f}" for i, plan in enumerate(row)]
-        if self.budget_tokens:
-            rows.append(f"budget ({self.budget_scope}) granted {self.budget_tokens} tokens")
-        parts = f"signals {self.signal_ms:.2f} ms" + (f", in the LLM {self.llm_choice_ms:.2f} ms" if self.stages else "")
-        return "\n".join(rows + [f"selection {self.selection_ms:.2f} ms ({parts})"])
-
-
-@dataclass
-class KeptImage:
-    """One image of a pruned prompt, as its in-LLM stages need it."""
-
-    columns: torch.Tensor  # its kept columns in the pruned sequence, ascending
-    importance: torch.Tensor | None  # per kept column, carried from the method's selection
-    plan: Plan
-
-
-@dataclass
-class Prefill:
-    """What a pruned prefill leaves for its decoding steps and for the in-LLM stages."""
-
-    prompt_length: int  # L, the unpruned prompt length (with the caller's padding)
-    pruned_length: int  # L', after pruning and re-padding
-    prompt_mask: torch.Tensor  # [B, L'] 1 for real tokens
-    removed: torch.Tensor  # [B, 1] tokens removed per row (for compact positions)
-    images: list[list[KeptImage]]  # per row
-    cache: weakref.ref | None = None  # the language model's cache, once the prefill returned it
-    views: dict | None = None  # in-LLM stages: stage-start layer -> the columns kept from there (llm_layers.View)
-
-
-@dataclass
-class ImageChoice:
-    """What the method chose for one image of the batch: row `index` of its group's selection.
-
-    Where the adapter marks some placeholders as no candidates (LLaVA-NeXT/OneVision newlines), the method
-    chose among `candidates` only, and the others are kept by the `newline` policy: "drop" none, "keep_all"
-    every one, "keep_nonempty_rows" those whose row (`rows`) kept a token; an image kept whole keeps all.
-    """
-
-    row: int
-    columns: torch.Tensor  # the image's columns in the unpruned sequence
-    selection: Selection  # the selection of the image's group (images of one token count, selected at once)
-    index: int
-    plan: Plan
-    candidates: torch.Tensor | None = None  # indices within the image the method chose from; None: all
-    rows: torch.Tensor | None = None  # per placeholder, the row whose newline ends it
-    newline: str = "drop"
-
-    @cached_property
-    def keep(self) -> torch.Tensor:
-        """Kept candidate indices within the image, ascending (aligned with `tokens` and `importance`)."""
-        keep = self.selection.keep[self.index]
-        return keep if self.candidates is None else self.candidates[keep]
-
-    @cached_property
-    def newlines(self) -> torch.Tensor:
-        """Kept placeholders that were no candidates, indices within the image, ascending."""
-        if self.candidates is None:
-            return self.keep[:0]
-        others = torch.ones(self.columns.numel(), dtype=torch.bool, device=self.columns.device)
-        others[self.candidates] = False
-        others = torch.nonzero(others).flatten()
-        if self.newline == "keep_all" or self.plan.counts[0] >= self.columns.numel():
-            return others
-        if self.newline == "drop":
-            return others[:0]
-        return others[torch.isin(self.rows[others], self.rows[self.keep])]
-
-    @cached_property
-    def placeholders(self) -> torch.Tensor:
-        """Every kept placeholder of the image (content and newlines), indices within the image, ascending."""
-        return torch.cat([self.keep, self.newlines]).sort().values
-
-    @cached_property
-    def chosen(self) -> torch.Tensor:
-        """The kept columns in the unpruned sequence (read several times per prefill, computed once)."""
-        return self.columns[self.keep]
-
-    @property
-    def tokens(self) -> torch.Tensor | None:
-        """Values for the kept slots instead of the originals (recycled tokens), or None."""
-        return None if self.selection.tokens is None else self.selection.tokens[self.index]
-
-    @property
-    def importance(self) -> torch.Tensor | None:
-        return None if self.selection.importance is None else self.selection.importance[self.index]
-
-    @property
-    def recycled(self) -> torch.Tensor:
-        """Kept indices (within the image) whose slot holds a recycled token."""
-        return self.keep[:0] if self.selection.recycled is None else self.keep[self.selection.recycled[self.index]]
-
-
-def locate_images(image_mask: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
-    """Split each row's placeholder columns into consecutive images of the given token counts.
-
-    Returns one (row, columns) per image, in order. Raises if the placeholders and the images disagree.
-    """
-    per_row = image_mask.sum(dim=1).tolist()
-    images: list[tuple[int, torch.Tensor]] = []
-    remaining = list(counts)
-    for row, columns in enumerate(image_mask):
-        columns = torch.nonzero(columns).flatten()
-        start = 0
-        while start < columns.numel() and remaining:
-            count = remaining.pop(0)
-            if start + count > columns.numel():
-                break
-            images.append((row, columns[start : start + count]))
-            start += count
-        if start != columns.numel():
-            remaining = [None]
-            break
-    if remaining or len(images) != len(counts):
-        raise ValueError(
-            f"the prompt's image placeholders do not match the images: rows hold {per_row} placeholder tokens "
-            f"(total {sum(per_row)}) but the {len(counts)} image(s) give {counts} tokens (total {sum(counts)}). "
-            f"Build the inputs with the model's processor (processor(images=..., text=...)), one image "
-            f"placeholder per image, so that each placeholder expands to its image's tokens."
-        )
-    return images
+from .placeholders import image_mask, locate_images
+from .record import KeptImage, Prefill, Stats
 
 
 class InputPruning:
@@ -258,26 +102,17 @@ class InputPruning:
                     "generation with all images in the prompt, or remove the pruning handle"
                 )
             return
-        image_mask = self._image_mask(call.get("input_ids"), call.get("inputs_embeds"))
-        if image_mask is None or (not image_mask.any() and not counts):
+        placeholders = image_mask(self.adapter, call.get("input_ids"), call.get("inputs_embeds"))
+        if placeholders is None or (not placeholders.any() and not counts):
             self.images = []
             return
-        self.images = locate_images(image_mask, counts)
+        self.images = locate_images(placeholders, counts)
 
     def _after_base(self, module, args, kwargs, output):
         pending, self.images = self.images, None
         if pending:
             raise ContractError(f"the prompt's {len(pending)} image(s) were located, but the language model's pruning "
                                 f"hook never received them as a prefill")
-
-    def _image_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
-        if input_ids is not None:
-            return input_ids == self.adapter.image_token_id
-        if inputs_embeds is None:
-            return None
-        table = self.adapter.base.get_input_embeddings()
-        image_row = table(torch.tensor(self.adapter.image_token_id, device=inputs_embeds.device))
-        return (inputs_embeds == image_row).all(dim=-1)
 
     def _before_llm(self, module, args, kwargs):
         call = Call(module, args, kwargs)
@@ -309,7 +144,7 @@ class InputPruning:
                 "a decoding step continues a KV cache that the last pruned prefill did not produce (two generations "
                 "interleaved on one handle, or a cache transformers copied)"
             )
-        return self._fix_decode(call, cache)
+        return fix_decode(self.prefill, call, cache, self.positions)
 
     def _after_llm(self, module, args, kwargs, output):
         prefill = self.prefill
@@ -541,36 +376,3 @@ class InputPruning:
             tokens_before=[[] for _ in lengths], tokens_after=[[] for _ in lengths],
             prefill_before=lengths, prefill_after=lengths,
         )
-
-    # -- decoding ---------------------------------------------------------------------------------------
-
-    def _fix_decode(self, call: Call, past) -> tuple[tuple, dict]:
-        prefill = self.prefill
-        embeds = call["inputs_embeds"]
-        steps = embeds.shape[1]
-        past_length = past.get_seq_length()
-        generated = past_length - prefill.pruned_length + steps  # tokens after the prompt, this step included
-        if generated < steps:
-            raise ContractError(f"a decoding step's cache holds {past_length} tokens, fewer than the "
-                                f"{prefill.pruned_length} the pruned prefill left")
-        mask = call.get("attention_mask")
-        if mask is not None:
-            if isinstance(mask, dict) or mask.dim() != 2:
-                raise NotImplementedError("pruning needs 2D attention masks while decoding (use the dynamic cache)")
-            if mask.shape[1] != prefill.prompt_length + generated:
-                raise ValueError(
-                    f"decoding mask has {mask.shape[1]} columns; expected the unpruned prompt ({prefill.prompt_length}) "
-                    f"plus {generated} generated tokens"
-                )
-            call.update(attention_mask=torch.cat([prefill.prompt_mask.to(mask.dtype), mask[:, prefill.prompt_length:]], dim=1))
-        elif not bool(prefill.prompt_mask.all()):
-            ones = torch.ones(prefill.prompt_mask.shape[0], generated, dtype=prefill.prompt_mask.dtype, device=prefill.prompt_mask.device)
-            call.update(attention_mask=torch.cat([prefill.prompt_mask, ones], dim=1))
-        positions = call.get("position_ids")
-        if self.positions == "compact":
-            if positions is not None:
-                call.update(position_ids=positions - prefill.removed.to(positions.device))
-        elif positions is None:
-            start = past_length + prefill.prompt_length - prefill.pruned_length
-            call.update(position_ids=torch.arange(start, start + steps, device=embeds.device).expand(embeds.shape[0], -1))
-        return call.update()
