@@ -21,9 +21,14 @@ class PruneHandle:
                  budget_scope: str):
         self.model, self.method, self.budget, self.budget_scope = model, method, budget, budget_scope
         self.adapter = get_adapter(model)
+        # marked on the base model, which the generation class and its .model share: one handle for both
+        existing = getattr(self.adapter.base, _ATTACHED, None)
+        if existing is not None:
+            raise RuntimeError(f"{existing!r} is already attached to this model (or to the model it wraps, or to its "
+                               f".model); call .remove() on it first")
         warn_if_untested()
         self.runtime = InputPruning(self.adapter, method, budget, positions, newline, budget_scope)
-        setattr(model, _ATTACHED, self)
+        setattr(self.adapter.base, _ATTACHED, self)
 
     @property
     def stats(self) -> Stats:
@@ -33,7 +38,7 @@ class PruneHandle:
 
     @property
     def attached(self) -> bool:
-        return getattr(self.model, _ATTACHED, None) is self
+        return getattr(self.adapter.base, _ATTACHED, None) is self
 
     def draw(self, inputs: dict, processor, path: str | None = None):
         """A picture of the last prefill's kept tokens: one panel per image of `inputs` (the processor's output
@@ -47,7 +52,7 @@ class PruneHandle:
         """Detach every hook; the model is exactly as it was."""
         if self.attached:
             self.runtime.remove()
-            delattr(self.model, _ATTACHED)
+            delattr(self.adapter.base, _ATTACHED)
 
     def __enter__(self) -> "PruneHandle":
         return self
@@ -112,9 +117,6 @@ def prune(model: nn.Module, method: str | Method = "flashvlm", budget: int | flo
     options.
     """
     method, budget, budget_scope = resolve(method, budget, config, options, budget_scope)
-    existing = getattr(model, _ATTACHED, None)
-    if existing is not None:
-        raise RuntimeError(f"{existing!r} is already attached to this model; call .remove() on it first")
     return PruneHandle(model, method, budget, positions, newline, budget_scope)
 
 
