@@ -18,6 +18,7 @@ is pruned, so the layer stages always see the pruned prompt.
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 
@@ -51,26 +52,38 @@ class InputPruning:
             raise ValueError(f"{adapter.family} uses M-RoPE, whose positions encode the image grid; use positions='original'")
         missing = set(method.signals) - adapter.provides
         if missing:
-            raise SignalsUnavailable(
-                f"{method.name} needs signal(s) {sorted(missing)} that the {adapter.family} adapter cannot provide"
-            )
+            why = adapter.why_unavailable(missing)
+            raise SignalsUnavailable(f"{method.name} needs signal(s) {sorted(missing)} that the {adapter.family} adapter "
+                                     f"cannot provide" + (f" for this model: {why}" if why else ""))
         self.adapter, self.method, self.budget, self.positions, self.newline = adapter, method, budget, positions, newline
         self.budget_scope = budget_scope
         self.num_layers = adapter.num_layers
         self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
         self.capture = Capture()
+        self.records: dict[int, tuple[weakref.ref, Prefill | None]] = {}  # per KV cache: its prefill's record
+        self.local = threading.local()  # per thread: its last prefill's Stats
+        self.lock = threading.RLock()  # one forward of the base model at a time (docs/architecture.md, threads)
         self.images: list[tuple[int, torch.Tensor]] | None = None  # located by the base-model hook, for one forward
-        self.prefill: Prefill | None = None
-        self.stats = Stats()
+        self.caller_positions = False  # whether this forward's caller passed position ids
+        self.pending: tuple[Prefill | None] | None = None  # this forward's prefill, until its cache is known
         self.layers = LayerPruning(adapter, method) if method.prunes_in_llm else None
         self.handles = adapter.install(self.needed, self.capture)
         self.handles.append(adapter.base.register_forward_pre_hook(self._before_base, with_kwargs=True))
-        self.handles.append(adapter.base.register_forward_hook(self._after_base, with_kwargs=True))
+        self.handles.append(adapter.base.register_forward_hook(self._after_base, with_kwargs=True, always_call=True))
         lm = adapter.language_model
         self.handles.append(lm.register_forward_pre_hook(self._before_llm, with_kwargs=True))
         self.handles.append(lm.register_forward_hook(self._after_llm, with_kwargs=True))
         if adapter.model is not adapter.base:
             self.handles.append(adapter.model.register_forward_pre_hook(self._before_outer, with_kwargs=True))
+
+    @property
+    def stats(self) -> Stats:
+        """The calling thread's last prefill."""
+        return getattr(self.local, "stats", None) or Stats()
+
+    @stats.setter
+    def stats(self, stats: Stats) -> None:
+        self.local.stats = stats
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -79,7 +92,14 @@ class InputPruning:
             self.layers.remove()
         self.handles = []
         self.capture.clear()
-        self.prefill = self.images = None
+        self.records.clear()
+        self.images = self.pending = None
+
+    def __deepcopy__(self, memo):
+        raise TypeError(
+            "a model under a pruning handle cannot be deep-copied: the copy would carry the handle's hooks, still "
+            "bound to the original model's records, and its own images would never be found. Call handle.remove(), "
+            "copy the model, then prune each copy")
 
     # -- hooks ------------------------------------------------------------------------------------------
 
@@ -91,10 +111,13 @@ class InputPruning:
             )
 
     def _before_base(self, module, args, kwargs):
+        self.lock.acquire()  # released by _after_base, which runs even when the forward raises
+        self.local.held = getattr(self.local, "held", 0) + 1
         call = Call(module, args, kwargs)
         self.adapter.check_inputs(call.kwargs)
         counts = self.adapter.image_token_counts(call.kwargs)
-        self.images = None
+        self.images, self.pending = None, None
+        self.caller_positions = call.get("position_ids") is not None
         if not is_prefill(call.cache(required=False)):
             if counts:
                 raise NotImplementedError(
@@ -103,14 +126,18 @@ class InputPruning:
                 )
             return
         placeholders = image_mask(self.adapter, call.get("input_ids"), call.get("inputs_embeds"))
-        if placeholders is None or (not placeholders.any() and not counts):
+        if placeholders is None or not counts:  # no image: placeholder ids in the text are text, as unhooked
             self.images = []
             return
         self.images = locate_images(placeholders, counts)
 
     def _after_base(self, module, args, kwargs, output):
+        if not getattr(self.local, "held", 0):
+            return  # an earlier pre-hook raised before ours took the lock
         pending, self.images = self.images, None
-        if pending:
+        self.local.held -= 1
+        self.lock.release()
+        if pending and output is not None:
             raise ContractError(f"the prompt's {len(pending)} image(s) were located, but the language model's pruning "
                                 f"hook never received them as a prefill")
 
@@ -119,48 +146,55 @@ class InputPruning:
         cache = call.cache(required=True)
         check_dynamic(cache)
         prefill = is_prefill(cache)
-        result = self._start_prefill(call) if prefill else self._continue_decoding(call, cache)
+        if prefill:
+            record, result = self._start_prefill(call)
+            self.pending = (record,)
+        else:
+            record, result = self._continue_decoding(call, cache)
         if self.layers is not None:  # after the input pruning: the stages see the pruned prompt and mask
-            self.layers.begin_forward(self.prefill, prefill, call.get("attention_mask"), self.stats)
+            self.layers.begin_forward(record, prefill, call.get("attention_mask"), self.stats)
         return result
 
-    def _start_prefill(self, call: Call):
+    def _start_prefill(self, call: Call) -> tuple[Prefill | None, tuple | None]:
         images, self.images = self.images, None
-        self.prefill = None
         if not images:
             self.capture.clear()
             self._record_unpruned(call)
-            return None
+            return None, None
         return self._prune_prefill(call, images)
 
-    def _continue_decoding(self, call: Call, cache):
+    def _continue_decoding(self, call: Call, cache) -> tuple[Prefill | None, tuple | None]:
         if self.images:
             raise ContractError("the base model saw a prefill with images, but its language model received a "
                                 "non-empty cache")
-        if self.prefill is None:
-            return None  # this generation's prefill had no image: nothing to narrow
-        if self.prefill.cache is None or self.prefill.cache() is not cache:
+        found = self.records.get(id(cache))
+        if found is None or found[0]() is not cache:
             raise ContractError(
-                "a decoding step continues a KV cache that the last pruned prefill did not produce (two generations "
-                "interleaved on one handle, or a cache transformers copied)"
-            )
-        return fix_decode(self.prefill, call, cache, self.positions)
+                "a decoding step continues a KV cache that the prefills under this pruning handle did not produce (a copy of "
+                "a cache, a cache filled before prune() was attached, or transformers copying the cache); continue "
+                "the cache the prefill returned, or start the generation again under the handle")
+        record = found[1]
+        if record is None or not record.rewritten:
+            return record, None  # the prompt reached the language model unchanged: nothing to narrow
+        return record, fix_decode(record, call, cache, self.caller_positions)
 
     def _after_llm(self, module, args, kwargs, output):
-        prefill = self.prefill
-        if prefill is None or prefill.cache is not None:
-            return
+        pending, self.pending = self.pending, None
         cache = output_cache(output)
-        if cache is None:
+        if pending is None or cache is None:
             return
-        if cache.get_seq_length() != prefill.pruned_length:
-            raise ContractError(f"a prefill pruned to {prefill.pruned_length} tokens left {cache.get_seq_length()} in "
+        (record,) = pending
+        if record is not None and cache.get_seq_length() != record.pruned_length:
+            raise ContractError(f"a prefill pruned to {record.pruned_length} tokens left {cache.get_seq_length()} in "
                                 f"the language model's cache")
-        prefill.cache = weakref.ref(cache)
+        key = id(cache)
+        self.records[key] = (weakref.ref(cache, lambda _, key=key: self.records.pop(key, None)), record)
 
     # -- prefill --------------------------------------------------------------------------------------
 
-    def _prune_prefill(self, call: Call, images: list[tuple[int, torch.Tensor]]) -> tuple[tuple, dict]:
+    def _prune_prefill(self, call: Call, images: list[tuple[int, torch.Tensor]]) -> tuple[Prefill, tuple | None]:
+        """The prefill's record and the language model's shortened call; where no image loses a token, the
+        call is left as it came (the identity, padding and shapes included: docs/architecture.md)."""
         embeds = call["inputs_embeds"]
         synchronize(embeds.device)
         start = time.perf_counter()
@@ -182,6 +216,50 @@ class InputPruning:
         image_tokens = [embeds[row].detach().index_select(0, columns) for row, columns in images]
         signals, signal_seconds = self.capture.match(image_tokens)
         choices = self._choose(images, image_tokens, embeds.detach(), text_per_row, signals)
+        per_row = [[c for c in choices if c.row == row] for row in range(batch)]
+        caller_positions = call.get("position_ids")
+        whole = all(c.placeholders.numel() == c.columns.numel() and c.tokens is None for c in choices)
+        if whole:
+            source, new_mask = torch.arange(length, device=embeds.device).expand(batch, length), real.long()
+            update = None
+        else:
+            source, new_mask, update = self._shortened(call, choices, text_per_row, real)
+        synchronize(embeds.device)
+        select_seconds = time.perf_counter() - start
+
+        record = Prefill(
+            prompt_length=length,
+            pruned_length=source.shape[1],
+            prompt_mask=new_mask,
+            images=[[KeptImage(torch.searchsorted(source[row], c.chosen), c.importance, c.plan) for c in row_choices]
+                    for row, row_choices in enumerate(per_row)],
+            rewritten=not whole,
+        )
+        if not whole:
+            self._record_positions(record, caller_positions, new_mask, batch, length, embeds.device)
+        real_before = real.sum(dim=1)
+        self.stats = Stats(
+            tokens_before=[[c.columns.numel() for c in row] for row in per_row],
+            tokens_after=[[c.placeholders.numel() for c in row] for row in per_row],
+            budget_scope=self.budget_scope,
+            budget_tokens=[[min(c.plan.counts[0], c.columns.numel()) for c in row] for row in per_row],
+            prefill_before=real_before.tolist(),
+            prefill_after=real_before.tolist() if whole else new_mask.sum(dim=1).tolist(),
+            selection_ms=1000 * (signal_seconds + select_seconds),
+            signal_ms=1000 * signal_seconds,
+            stages=[[c.plan for c in row] for row in per_row] if self.method.prunes_in_llm else [],
+            kept=[[c.placeholders for c in row] for row in per_row],
+            recycled=[[c.recycled for c in row] for row in per_row],
+            input_columns=source.clone(),
+        )
+        return record, update
+
+    def _shortened(self, call: Call, choices: list[ImageChoice], text_per_row: list[torch.Tensor], real: torch.Tensor):
+        """The kept columns (source [B, L'], -1 for padding), the new padding mask, and the language model's call
+        gathered to them: embeddings (recycled tokens at their slots), mask, positions, family inputs. A kept
+        placeholder the caller's mask hides stays hidden."""
+        embeds = call["inputs_embeds"]
+        batch, length, _ = embeds.shape
         kept = list(text_per_row)
         for choice in choices:
             kept[choice.row] = torch.cat([kept[choice.row], choice.chosen, choice.columns[choice.newlines]])
@@ -193,38 +271,12 @@ class InputPruning:
             if choice.tokens is not None:  # recycled tokens replace the values at their slots
                 slots = torch.searchsorted(source[choice.row], choice.chosen)
                 new_embeds[choice.row, slots] = choice.tokens.to(new_embeds.dtype)
-        new_mask = (source >= 0).long()
+        new_mask = ((source >= 0) & real.gather(1, source.clamp_min(0))).long()
         new_embeds.masked_fill_(~new_mask.bool()[..., None], 0)
         family_inputs = self.adapter.narrow_llm_inputs(call.kwargs, flat_source, new_mask.bool().flatten())
-        synchronize(embeds.device)
-        select_seconds = time.perf_counter() - start
-
         positions = self._prefill_positions(call.get("position_ids"), source, new_mask, batch, length, embeds.device)
-        real_before, real_after = real.sum(dim=1), new_mask.sum(dim=1)
-        per_row = [[c for c in choices if c.row == row] for row in range(batch)]
-        self.prefill = Prefill(
-            prompt_length=length,
-            pruned_length=source.shape[1],
-            prompt_mask=new_mask,
-            removed=(real_before - real_after)[:, None],
-            images=[[KeptImage(torch.searchsorted(source[row], c.chosen), c.importance, c.plan) for c in row_choices]
-                    for row, row_choices in enumerate(per_row)],
-        )
-        self.adapter.after_prefill(length - source.shape[1])
-        self.stats = Stats(
-            tokens_before=[[c.columns.numel() for c in row] for row in per_row],
-            tokens_after=[[c.placeholders.numel() for c in row] for row in per_row],
-            budget_scope=self.budget_scope,
-            budget_tokens=[[min(c.plan.counts[0], c.columns.numel()) for c in row] for row in per_row],
-            prefill_before=real_before.tolist(),
-            prefill_after=real_after.tolist(),
-            selection_ms=1000 * (signal_seconds + select_seconds),
-            signal_ms=1000 * signal_seconds,
-            stages=[[c.plan for c in row] for row in per_row] if self.method.prunes_in_llm else [],
-            kept=[[c.placeholders for c in row] for row in per_row],
-            recycled=[[c.recycled for c in row] for row in per_row],
-        )
-        return call.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions, **family_inputs)
+        update = call.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions, **family_inputs)
+        return source, new_mask, update
 
     def _choose(self, images, image_tokens, embeds, text_per_row, recorded) -> list[ImageChoice]:
         """Run the method once per group of images that can share one call, for the whole batch.
@@ -366,6 +418,18 @@ class InputPruning:
         index = source.clamp_min(0).expand(*positions.shape[:-2], -1, -1)
         return positions.gather(-1, index).masked_fill(source < 0, 0)
 
+    def _record_positions(self, record: Prefill, positions, new_mask, batch, length, device) -> None:
+        """The prompt's next position in the caller's coordinates (its last position + 1, as generate() extends
+        it; arange(L) where it passed none, as the model counts) and, for compact positions, the shift to the
+        pruned model's (decoding.py)."""
+        if positions is None:
+            positions = torch.arange(length, device=device).expand(batch, length)
+        record.next_position = (positions[..., -1] + 1).expand(*positions.shape[:-2], batch)
+        shift = torch.zeros(batch, dtype=torch.long, device=device)
+        if self.positions == "compact":
+            shift = record.next_position - new_mask.sum(dim=1)
+        record.shift = shift
+
     def _record_unpruned(self, call: Call):
         embeds = call.get("inputs_embeds")
         mask = call.get("attention_mask")
@@ -375,4 +439,5 @@ class InputPruning:
         self.stats = Stats(
             tokens_before=[[] for _ in lengths], tokens_after=[[] for _ in lengths],
             prefill_before=lengths, prefill_after=lengths,
+            input_columns=torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1).clone(),
         )

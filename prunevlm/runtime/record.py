@@ -3,7 +3,6 @@ steps and in-LLM stages continue from (docs/transformers.md §1)."""
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +29,10 @@ class Stats:
     stages: list[list[Plan]] = field(default_factory=list)  # in-LLM methods: per row, per image, its Plan
     kept: list[list] = field(default_factory=list)  # per row, per image: kept token indices within the image
     recycled: list[list] = field(default_factory=list)  # per row, per image: which kept indices hold recycled tokens
+    # [B, L'] per position of the sequence the language model received (so of the logits a forward returns), the
+    # column of the caller's input it holds; -1 where re-padding the shortened rows added a pad
+    # (docs/architecture.md, what a forward returns)
+    input_columns: torch.Tensor | None = None
 
     @property
     def layer_average(self) -> list[list[float]]:
@@ -61,12 +64,19 @@ class KeptImage:
 
 @dataclass
 class Prefill:
-    """What a pruned prefill leaves for its decoding steps and for the in-LLM stages."""
+    """What a prefill with images leaves for its decoding steps and for the in-LLM stages (one per KV cache).
+
+    `rewritten` is False where no image lost a token at the LLM input: the call went through unchanged, so its
+    decoding steps need nothing (the in-LLM stages may still prune). Positions are kept in the caller's
+    coordinates, those of the unpruned model: `next_position` is the position generate() gives the first token
+    after the prompt (the prompt's last position + 1, per position row), and `shift` what is subtracted from
+    such a position to get the one the pruned model uses (non-zero for positions="compact" only)."""
 
     prompt_length: int  # L, the unpruned prompt length (with the caller's padding)
     pruned_length: int  # L', after pruning and re-padding
     prompt_mask: torch.Tensor  # [B, L'] 1 for real tokens
-    removed: torch.Tensor  # [B, 1] tokens removed per row (for compact positions)
     images: list[list[KeptImage]]  # per row
-    cache: weakref.ref | None = None  # the language model's cache, once the prefill returned it
+    rewritten: bool = True
+    next_position: torch.Tensor | None = None  # [..., B] (the leading dims of the caller's position ids)
+    shift: torch.Tensor | None = None  # [B]
     views: dict | None = None  # in-LLM stages: stage-start layer -> the columns kept from there (llm_layers.View)
