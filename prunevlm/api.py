@@ -15,7 +15,11 @@ _ATTACHED = "_prunevlm_handle"
 
 
 class PruneHandle:
-    """A pruning method attached to a model through hooks. Use as a context manager or call `.remove()`."""
+    """A pruning method attached to a model through hooks. Use as a context manager or call `.remove()`.
+
+    One handle per model (its generation class and `.model` count as one); a model under a handle cannot be
+    deep-copied. Several threads may generate through one handle: the model's forwards then run one at a
+    time, and `stats` is each thread's own (docs/architecture.md)."""
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, positions: str, newline: str,
                  budget_scope: str):
@@ -32,8 +36,9 @@ class PruneHandle:
 
     @property
     def stats(self) -> Stats:
-        """The last prefill: visual tokens before/after per image, the tokens each image's budget granted,
-        prompt lengths, selection time."""
+        """The calling thread's last prefill: visual tokens before/after per image, the tokens each image's
+        budget granted, prompt lengths, selection time, and `input_columns`, the input column each position of
+        the returned sequence holds (docs/architecture.md, what a forward returns)."""
         return self.runtime.stats
 
     @property

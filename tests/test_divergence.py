@@ -229,24 +229,30 @@ def test_a_deep_copy_under_a_handle_is_refused_and_works_after_remove():
 
 @torch.no_grad()
 def test_one_handle_serves_generate_from_two_threads():
-    """Two threads generate at once on one handle: each gets what it gets alone, and its own stats. The first
-    thread to reach the vision tower waits (at most 1 s) for the other to get there too, so without the
-    handle's one-forward-at-a-time lock the second prefill's images would reach the first one's hook."""
+    """Two threads generate at once on one handle: each gets what it gets alone, and its own stats. Each thread
+    waits (at most 1 s, once) for the other at two points: the vision tower, which generate() runs before the
+    model's forward (so both record signals at once), and the language model, inside the forward (where,
+    without the handle's one-forward-at-a-time lock, the other prefill's images would reach this one's hook)."""
     model = tiny.llava()
     prompts = [tiny.llava_inputs([1], seed=1), tiny.llava_inputs([2], seed=2)]
     options = dict(max_new_tokens=4, **tiny.GREEDY)
     with prunevlm.prune(model, "flashvlm", 3) as handle:
         alone = [model.generate(**inputs, **options) for inputs in prompts]
-        arrived = [threading.Event(), threading.Event()]
         names = {}
 
-        def meet(module, args):
-            me = names.get(threading.get_ident())
-            if me is not None and not arrived[me].is_set():
-                arrived[me].set()
-                arrived[1 - me].wait(timeout=1)
+        def meeting_point():
+            arrived = [threading.Event(), threading.Event()]
 
-        meeting = model.model.vision_tower.register_forward_pre_hook(meet)
+            def meet(*_):
+                me = names.get(threading.get_ident())
+                if me is not None and not arrived[me].is_set():
+                    arrived[me].set()
+                    arrived[1 - me].wait(timeout=1)
+
+            return meet
+
+        meetings = [model.model.vision_tower.register_forward_pre_hook(meeting_point()),
+                    model.model.language_model.register_forward_pre_hook(meeting_point(), prepend=True)]
         results, stats, errors = [None, None], [None, None], []
 
         def run(index):
@@ -263,7 +269,8 @@ def test_one_handle_serves_generate_from_two_threads():
             thread.start()
         for thread in threads:
             thread.join()
-        meeting.remove()
+        for meeting in meetings:
+            meeting.remove()
     if errors:
         raise errors[0]
     assert all(torch.equal(result, expected) for result, expected in zip(results, alone))

@@ -2,18 +2,20 @@
 
 Three hooks cooperate:
 - a pre-hook on the base model (e.g. `LlavaModel`) finds each image's placeholder columns in `input_ids`
-  and checks them against the images before anything runs;
+  and checks them against the images before anything runs (`placeholders.py`);
 - the adapter's vision hooks record the signals the method needs (`models/`);
 - a pre-hook on the language model receives the merged `inputs_embeds` at prefill, asks the method which
   visual tokens to keep, and gathers embeddings, position ids and the attention mask. Rows are re-padded
-  on the left to a common length. On decoding steps it narrows the caller's mask (which still has the
-  unpruned prompt length) and, where the caller passes no position ids, supplies them.
+  on the left to a common length. Where no image loses a token the call goes through unchanged. Decoding
+  steps are fixed up in `decoding.py`.
 
 Kept tokens keep their original position ids by default (required for M-RoPE, and what `generate()`
 assumes when it extends positions by last + 1); `positions="compact"` renumbers them contiguously.
-Nothing is carried from one prefill to the next: each prefill replaces the `Prefill` record. Methods with
-in-LLM stages get a `LayerPruning` (`llm_layers.py`), started by the language-model hook after the input
-is pruned, so the layer stages always see the pruned prompt.
+Each prefill with images leaves a `Prefill` record for the KV cache it fills (`record.py`); its decoding
+steps continue from that record, so generations may interleave. Forwards of the base model run one at a
+time per handle (docs/architecture.md, threads). Methods with in-LLM stages get a `LayerPruning`
+(`llm_layers.py`), started by the language-model hook after the input is pruned, so the layer stages
+always see the pruned prompt.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class InputPruning:
         self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
         self.capture = Capture()
         self.records: dict[int, tuple[weakref.ref, Prefill | None]] = {}  # per KV cache: its prefill's record
-        self.local = threading.local()  # per thread: its last prefill's Stats
+        self.local = threading.local()  # per thread: its last prefill's Stats, and its hold on the lock
         self.lock = threading.RLock()  # one forward of the base model at a time (docs/architecture.md, threads)
         self.images: list[tuple[int, torch.Tensor]] | None = None  # located by the base-model hook, for one forward
         self.caller_positions = False  # whether this forward's caller passed position ids
