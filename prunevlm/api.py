@@ -15,26 +15,36 @@ _ATTACHED = "_prunevlm_handle"
 
 
 class PruneHandle:
-    """A pruning method attached to a model through hooks. Use as a context manager or call `.remove()`."""
+    """A pruning method attached to a model through hooks. Use as a context manager or call `.remove()`.
+
+    One handle per model (its generation class and `.model` count as one); a model under a handle cannot be
+    deep-copied. Several threads may generate through one handle: the model's forwards then run one at a
+    time, and `stats` is each thread's own (docs/architecture.md)."""
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, positions: str, newline: str,
                  budget_scope: str):
         self.model, self.method, self.budget, self.budget_scope = model, method, budget, budget_scope
         self.adapter = get_adapter(model)
+        # marked on the base model, which the generation class and its .model share: one handle for both
+        existing = getattr(self.adapter.base, _ATTACHED, None)
+        if existing is not None:
+            raise RuntimeError(f"{existing!r} is already attached to this model (or to the model it wraps, or to its "
+                               f".model); call .remove() on it first")
         method.plan(Budget(1.0), 1, self.adapter.num_layers)  # refuses stage layers this LLM lacks (docs/errors.md)
         warn_if_untested()
         self.runtime = InputPruning(self.adapter, method, budget, positions, newline, budget_scope)
-        setattr(model, _ATTACHED, self)
+        setattr(self.adapter.base, _ATTACHED, self)
 
     @property
     def stats(self) -> Stats:
-        """The last prefill: visual tokens before/after per image, the tokens each image's budget granted,
-        prompt lengths, selection time."""
+        """The calling thread's last prefill: visual tokens before/after per image, the tokens each image's
+        budget granted, prompt lengths, selection time, and `input_columns`, the input column each position of
+        the returned sequence holds (docs/architecture.md, what a forward returns)."""
         return self.runtime.stats
 
     @property
     def attached(self) -> bool:
-        return getattr(self.model, _ATTACHED, None) is self
+        return getattr(self.adapter.base, _ATTACHED, None) is self
 
     def draw(self, inputs: dict, processor, path: str | None = None):
         """A picture of the last prefill's kept tokens: each image of `inputs` (the processor's output that
@@ -51,7 +61,7 @@ class PruneHandle:
         """Detach every hook; the model is exactly as it was."""
         if self.attached:
             self.runtime.remove()
-            delattr(self.model, _ATTACHED)
+            delattr(self.adapter.base, _ATTACHED)
 
     def __enter__(self) -> "PruneHandle":
         return self
@@ -119,9 +129,6 @@ def prune(model: nn.Module, method: str | Method | None = None, budget: int | fl
     options.
     """
     method, budget, budget_scope = resolve(method, budget, config, options, budget_scope)
-    existing = getattr(model, _ATTACHED, None)
-    if existing is not None:
-        raise RuntimeError(f"{existing!r} is already attached to this model; call .remove() on it first")
     return PruneHandle(model, method, budget, positions, newline, budget_scope)
 
 

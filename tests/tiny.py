@@ -144,12 +144,14 @@ def qwen2_vl(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> Qwen2VLForCo
     return _build(Qwen2VLForConditionalGeneration, config, attn)
 
 
-def qwen2_5_vl(attn: str = "sdpa", seed: int = 0, layers: int = 2) -> Qwen2_5_VLForConditionalGeneration:
-    """Three vision blocks, windows of 2x2 merged tokens, block 1 full attention, block 2 windowed."""
+def qwen2_5_vl(attn: str = "sdpa", seed: int = 0, layers: int = 2, depth: int = 3,
+               fullatt_block_indexes: tuple[int, ...] = (1,)) -> Qwen2_5_VLForConditionalGeneration:
+    """Three vision blocks, windows of 2x2 merged tokens, block 1 full attention, block 2 windowed (by default)."""
     torch.manual_seed(seed)
-    config = _qwen_configs(Qwen2_5_VLConfig, dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4,
+    config = _qwen_configs(Qwen2_5_VLConfig, dict(depth=depth, hidden_size=32, intermediate_size=64, num_heads=4,
                                                   out_hidden_size=64, patch_size=8, spatial_merge_size=2,
-                                                  temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1]),
+                                                  temporal_patch_size=2, window_size=32,
+                                                  fullatt_block_indexes=list(fullatt_block_indexes)),
                            layers)
     return _build(Qwen2_5_VLForConditionalGeneration, config, attn)
 

@@ -7,6 +7,7 @@ which position policy the family needs.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import ClassVar
 
@@ -23,11 +24,39 @@ class Capture:
     Matching by content makes the records follow whatever generate() does with encoder outputs: reuse them at
     every uncached step, repeat them for beams or several returned sequences, or drop an encoding that never
     reached the LLM. After each prefill only the records it used are kept.
+
+    The state is per thread: generate() encodes the images outside the model's forward, so several threads
+    generating on one handle each see only their own encoder calls and records (docs/architecture.md, threads).
+    `scratch` is where one hook hands a value to a later hook of the same encoder call.
     """
 
     def __init__(self):
-        self.calls: list[dict[str, list]] = []
-        self.seconds = 0.0  # time spent computing signals in hooks since the last match()
+        self.local = threading.local()
+
+    @property
+    def calls(self) -> list[dict[str, list]]:
+        if not hasattr(self.local, "calls"):
+            self.local.calls = []
+        return self.local.calls
+
+    @calls.setter
+    def calls(self, calls: list[dict[str, list]]) -> None:
+        self.local.calls = calls
+
+    @property
+    def seconds(self) -> float:
+        """Time spent computing signals in hooks since the last match()."""
+        return getattr(self.local, "seconds", 0.0)
+
+    @seconds.setter
+    def seconds(self, seconds: float) -> None:
+        self.local.seconds = seconds
+
+    @property
+    def scratch(self) -> dict:
+        if not hasattr(self.local, "scratch"):
+            self.local.scratch = {}
+        return self.local.scratch
 
     def start_call(self) -> None:
         self.calls.append({})
@@ -134,6 +163,10 @@ class Adapter:
     def check_supported(self) -> None:
         """Raise if this instance has a configuration the adapter does not handle."""
 
+    def why_unavailable(self, names: set[str]) -> str:
+        """Why this instance cannot give the signals `names` although its family can (for the refusal), or ""."""
+        return ""
+
     @property
     def config(self):
         return self.base.config
@@ -181,9 +214,6 @@ class Adapter:
         """Register vision-side hooks recording, per image, its projected tokens and the needed signals;
         return the hook handles."""
         raise NotImplementedError
-
-    def after_prefill(self, removed_tokens: int) -> None:
-        """Family-specific bookkeeping after the prompt lost `removed_tokens` columns (e.g. M-RoPE deltas)."""
 
     @property
     def first_stage_layer(self) -> int:

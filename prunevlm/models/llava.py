@@ -96,14 +96,12 @@ class LlavaAdapter(Adapter):
         """Hooks that hand the feature layer's own query and key projections, as they are computed (no
         recomputation), to `use(attention module, queries, keys)`, timed as signal time."""
         attention = self.base.vision_tower.encoder.layers[self.feature_layer].self_attn
-        queries = {}
-
         def keep_queries(module, args, output):
-            queries["q"] = output
+            capture.scratch["queries"] = output
 
         def use_keys(module, args, keys):
             with torch.no_grad(), Timer(capture, keys.device):
-                use(attention, queries.pop("q"), keys)
+                use(attention, capture.scratch.pop("queries"), keys)
 
         return [attention.q_proj.register_forward_hook(keep_queries), attention.k_proj.register_forward_hook(use_keys)]
 

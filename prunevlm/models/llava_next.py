@@ -173,22 +173,21 @@ class LlavaNextAdapter(LlavaAdapter):
         tower = self.base.vision_tower
         projector = self.base.multi_modal_projector
         encode = self.base.get_image_features
-        sizes: dict = {}
 
         @functools.wraps(encode)
         def encode_noting_sizes(*args, **kwargs):
             arguments = inspect.signature(encode).bind(*args, **kwargs).arguments
-            sizes["call"] = arguments["image_sizes"], arguments.get("batch_num_images")
+            capture.scratch["sizes"] = arguments["image_sizes"], arguments.get("batch_num_images")
             try:
                 return encode(*args, **kwargs)
             finally:
-                sizes.pop("call", None)
+                capture.scratch.pop("sizes", None)
 
         def record_tokens(module, args, output):
-            if "call" not in sizes:
+            if "sizes" not in capture.scratch:
                 raise ValueError(f"{self.family}: the projector ran outside get_image_features, so the image sizes "
                                  f"that place its tokens are unknown; encode images through the model")
-            self.record_packed(capture, output, *sizes["call"])
+            self.record_packed(capture, output, *capture.scratch["sizes"])
 
         def start(module, args, kwargs):
             capture.start_call()

@@ -18,8 +18,22 @@ class QwenVLAdapter(Adapter):
         "Qwen2_5_VLForConditionalGeneration",
         "Qwen2_5_VLModel",
     )
-    provides = frozenset({"image_tokens", "text_embeds", "text_mask", "saliency", "attention", "keys", "patches", "grid", "planes"})
+    family_signals = frozenset({"image_tokens", "text_embeds", "text_mask", "saliency", "attention", "keys", "patches", "grid", "planes"})
+    attention_signals = frozenset({"saliency", "attention", "keys"})  # read from a full-attention vision block
     compact_positions = False  # M-RoPE positions encode the image grid; they must stay original
+
+    @property
+    def provides(self) -> frozenset[str]:
+        """Every signal, but those read from a full-attention block where the tower has none (see below)."""
+        return self.family_signals if self.full_attention_blocks else self.family_signals - self.attention_signals
+
+    def why_unavailable(self, names: set[str]) -> str:
+        if names & self.attention_signals and not self.full_attention_blocks:
+            return (f"its vision tower windows every block: fullatt_block_indexes "
+                    f"{list(self.visual.fullatt_block_indexes)} name none of its {len(self.visual.blocks)} blocks "
+                    f"(transformers skips such indexes), so no attention over a whole image exists to read; use a "
+                    f"method without attention signals (random, uniform, divprune)")
+        return ""
 
     @property
     def visual(self):
@@ -30,10 +44,18 @@ class QwenVLAdapter(Adapter):
         return self.visual.spatial_merge_size
 
     @property
+    def full_attention_blocks(self) -> list[int]:
+        """The vision blocks that attend over whole images: every block of Qwen2-VL and Qwen3-VL; on Qwen2.5-VL
+        those of `fullatt_block_indexes` within the tower's depth, as transformers reads them (an index past
+        the depth names no block: transformers' own tiny test config names 7, 15, 23, 31 on a depth of 2)."""
+        depth = len(self.visual.blocks)
+        full = getattr(self.visual, "fullatt_block_indexes", None)
+        return list(range(depth)) if full is None else sorted(i for i in full if 0 <= i < depth)
+
+    @property
     def saliency_block(self) -> int:
         """The last full-attention vision block (Qwen2.5-VL windows the others; docs/flashvlm.md §4)."""
-        full = getattr(self.visual, "fullatt_block_indexes", None)
-        return max(full) if full else len(self.visual.blocks) - 1
+        return max(self.full_attention_blocks)
 
     def image_token_counts(self, kwargs: dict) -> list[int]:
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
@@ -64,36 +86,34 @@ class QwenVLAdapter(Adapter):
             )
 
     def install(self, needed: set[str], capture: Capture) -> list:
-        state = {}
-
         def start(module, args, kwargs):
             grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
-            state["grid_thw"] = grid_thw
+            capture.scratch["grid_thw"] = grid_thw
             capture.start_call()
             grids = self.image_grids({"image_grid_thw": grid_thw})
             capture.record("grid", grids)
             capture.record("planes", [(grid,) for grid in grids])
 
         def record_tokens(module, args, kwargs, output):
-            counts = (state["grid_thw"].prod(dim=-1) // self.merge**2).tolist()
+            counts = (capture.scratch["grid_thw"].prod(dim=-1) // self.merge**2).tolist()
             capture.record("tokens", list(output.pooler_output.split(counts)))
 
         handles = [self.visual.register_forward_pre_hook(start, with_kwargs=True),
                    self.visual.register_forward_hook(record_tokens, with_kwargs=True)]
         if "patches" in needed:
             handles.append(self.visual.register_forward_pre_hook(
-                lambda module, args, kwargs: capture.record("patches", self._patches(args[0], state["grid_thw"])),
+                lambda module, args, kwargs: capture.record("patches", self._patches(args[0], capture.scratch["grid_thw"])),
                 with_kwargs=True))
         if needed & {"saliency", "attention", "keys"}:
             attention = self.visual.blocks[self.saliency_block].attn
 
             def keep_layout(module, args, kwargs):
-                state["cu_seqlens"], state["rotary"] = kwargs["cu_seqlens"], kwargs["position_embeddings"]
+                capture.scratch["cu_seqlens"], capture.scratch["rotary"] = kwargs["cu_seqlens"], kwargs["position_embeddings"]
 
             def record(module, args, qkv):
                 # the block's own q/k projections, read as they are computed: no recomputation
                 with torch.no_grad(), Timer(capture, qkv.device):
-                    signals = self._attention_signals(attention, qkv, state, needed)
+                    signals = self._attention_signals(attention, qkv, capture.scratch, needed)
                 for name, per_image in signals.items():
                     capture.record(name, per_image)
 
@@ -160,12 +180,6 @@ official code mixes images (docs/flashvlm.md §8)."""
             grid_thw, spatial_merge_size=self.merge, window_size=self.visual.window_size, patch_size=self.visual.patch_size
         )
         return torch.argsort(window_index.to(grid_thw.device))
-
-    def after_prefill(self, removed_tokens: int) -> None:
-        # A caller that decodes without position ids gets them from the cache length + rope_deltas; the cache
-        # is shorter by the pruned count, so the delta grows by it (docs/transformers.md §1, M-RoPE bookkeeping).
-        if self.base.rope_deltas is not None:
-            self.base.rope_deltas = self.base.rope_deltas + removed_tokens
 
 
 class Qwen3VLAdapter(QwenVLAdapter):

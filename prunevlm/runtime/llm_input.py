@@ -2,192 +2,39 @@
 
 Three hooks cooperate:
 - a pre-hook on the base model (e.g. `LlavaModel`) finds each image's placeholder columns in `input_ids`
-  and checks them against the images before anything runs;
+  and checks them against the images before anything runs (`placeholders.py`);
 - the adapter's vision hooks record the signals the method needs (`models/`);
 - a pre-hook on the language model receives the merged `inputs_embeds` at prefill, asks the method which
   visual tokens to keep, and gathers embeddings, position ids and the attention mask. Rows are re-padded
-  on the left to a common length. On decoding steps it narrows the caller's mask (which still has the
-  unpruned prompt length) and, where the caller passes no position ids, supplies them.
+  on the left to a common length. Where no image loses a token the call goes through unchanged. Decoding
+  steps are fixed up in `decoding.py`.
 
 Kept tokens keep their original position ids by default (required for M-RoPE, and what `generate()`
 assumes when it extends positions by last + 1); `positions="compact"` renumbers them contiguously.
-Nothing is carried from one prefill to the next: each prefill replaces the `Prefill` record. Methods with
-in-LLM stages get a `LayerPruning` (`llm_layers.py`), started by the language-model hook after the input
-is pruned, so the layer stages always see the pruned prompt.
+Each prefill with images leaves a `Prefill` record for the KV cache it fills (`record.py`); its decoding
+steps continue from that record, so generations may interleave. Forwards of the base model run one at a
+time per handle (docs/architecture.md, threads). Methods with in-LLM stages get a `LayerPruning`
+(`llm_layers.py`), started by the language-model hook after the input is pruned, so the layer stages
+always see the pruned prompt.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
-from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
 from ..budget import Budget, check_budget_scope
 from ..methods.base import LAYOUT_SIGNALS, Method, Plan, Refused, Selection, SignalsUnavailable
 from ..models.base import Adapter, Capture, synchronize
+from .choice import NEWLINE_POLICIES, ImageChoice
 from .contract import Call, ContractError, check_dynamic, is_prefill, output_cache
+from .decoding import fix_decode
 from .llm_layers import LayerPruning
-
-
-# what becomes of placeholders that are no candidates (LLaVA-NeXT/OneVision newlines): ImageChoice
-NEWLINE_POLICIES = ("drop", "keep_nonempty_rows", "keep_all")
-
-
-@dataclass
-class Stats:
-    """What the last prefill did, per batch row and per image in the row (a text-only prefill has no images)."""
-
-    tokens_before: list[list[int]] = field(default_factory=list)  # visual tokens per image, per row
-    tokens_after: list[list[int]] = field(default_factory=list)  # placeholders that reached the LLM, newlines included
-    budget_scope: str = "per_image"  # how the budget counted (prune's budget_scope)
-    # per row, per image: the tokens its budget granted at the LLM input (per_crop: the sum of its crops'
-    # counts); kept newlines come on top, and an image kept whole grants all its placeholders
-    budget_tokens: list[list[int]] = field(default_factory=list)
-    prefill_before: list[int] = field(default_factory=list)  # real (unpadded) prompt tokens per row
-    prefill_after: list[int] = field(default_factory=list)
-    # for the batch: signal hooks + the whole LLM-input hook (matching, method, gathers) + the in-LLM stages' views
-    selection_ms: float = 0.0
-    signal_ms: float = 0.0  # of which: computing signals in the vision hooks
-    llm_choice_ms: float = 0.0  # of which: in-LLM stages' views (for LLM-signal methods: signals at the deciding layers and `choose`)
-    stages: list[list[Plan]] = field(default_factory=list)  # in-LLM methods: per row, per image, its Plan
-    kept: list[list] = field(default_factory=list)  # per row, per image: kept token indices within the image
-    recycled: list[list] = field(default_factory=list)  # per row, per image: which kept indices hold recycled tokens
-
-    @property
-    def layer_average(self) -> list[list[float]]:
-        """Visual tokens per image averaged over the LLM's layers (= tokens_after without in-LLM stages)."""
-        if not self.stages:
-            return [[float(n) for n in row] for row in self.tokens_after]
-        return [[plan.layer_average for plan in row] for row in self.stages]
-
-    def __str__(self) -> str:
-        rows = [f"row {b}: images {before} -> {after} tokens, prompt {pb} -> {pa}"
-                for b, (before, after, pb, pa) in enumerate(zip(self.tokens_before, self.tokens_after, self.prefill_before, self.prefill_after))]
-        for b, row in enumerate(self.stages):
-            rows += [f"row {b}: image {i}: {plan.counts} visual tokens from layers {'/'.join(map(str, (0, *plan.layers)))}, "
-                     f"layer average {plan.layer_average:.1f}" for i, plan in enumerate(row)]
-        if self.budget_tokens:
-            rows.append(f"budget ({self.budget_scope}) granted {self.budget_tokens} tokens")
-        parts = f"signals {self.signal_ms:.2f} ms" + (f", in the LLM {self.llm_choice_ms:.2f} ms" if self.stages else "")
-        return "\n".join(rows + [f"selection {self.selection_ms:.2f} ms ({parts})"])
-
-
-@dataclass
-class KeptImage:
-    """One image of a pruned prompt, as its in-LLM stages need it."""
-
-    columns: torch.Tensor  # its kept columns in the pruned sequence, ascending
-    importance: torch.Tensor | None  # per kept column, carried from the method's selection
-    plan: Plan
-
-
-@dataclass
-class Prefill:
-    """What a pruned prefill leaves for its decoding steps and for the in-LLM stages."""
-
-    prompt_length: int  # L, the unpruned prompt length (with the caller's padding)
-    pruned_length: int  # L', after pruning and re-padding
-    prompt_mask: torch.Tensor  # [B, L'] 1 for real tokens
-    removed: torch.Tensor  # [B, 1] tokens removed per row (for compact positions)
-    images: list[list[KeptImage]]  # per row
-    cache: weakref.ref | None = None  # the language model's cache, once the prefill returned it
-    views: dict | None = None  # in-LLM stages: stage-start layer -> the columns kept from there (llm_layers.View)
-
-
-@dataclass
-class ImageChoice:
-    """What the method chose for one image of the batch: row `index` of its group's selection.
-
-    Where the adapter marks some placeholders as no candidates (LLaVA-NeXT/OneVision newlines), the method
-    chose among `candidates` only, and the others are kept by the `newline` policy: "drop" none, "keep_all"
-    every one, "keep_nonempty_rows" those whose row (`rows`) kept a token; an image kept whole keeps all.
-    """
-
-    row: int
-    columns: torch.Tensor  # the image's columns in the unpruned sequence
-    selection: Selection  # the selection of the image's group (images of one token count, selected at once)
-    index: int
-    plan: Plan
-    candidates: torch.Tensor | None = None  # indices within the image the method chose from; None: all
-    rows: torch.Tensor | None = None  # per placeholder, the row whose newline ends it
-    newline: str = "drop"
-
-    @cached_property
-    def keep(self) -> torch.Tensor:
-        """Kept candidate indices within the image, ascending (aligned with `tokens` and `importance`)."""
-        keep = self.selection.keep[self.index]
-        return keep if self.candidates is None else self.candidates[keep]
-
-    @cached_property
-    def newlines(self) -> torch.Tensor:
-        """Kept placeholders that were no candidates, indices within the image, ascending."""
-        if self.candidates is None:
-            return self.keep[:0]
-        others = torch.ones(self.columns.numel(), dtype=torch.bool, device=self.columns.device)
-        others[self.candidates] = False
-        others = torch.nonzero(others).flatten()
-        if self.newline == "keep_all" or self.plan.counts[0] >= self.columns.numel():
-            return others
-        if self.newline == "drop":
-            return others[:0]
-        return others[torch.isin(self.rows[others], self.rows[self.keep])]
-
-    @cached_property
-    def placeholders(self) -> torch.Tensor:
-        """Every kept placeholder of the image (content and newlines), indices within the image, ascending."""
-        return torch.cat([self.keep, self.newlines]).sort().values
-
-    @cached_property
-    def chosen(self) -> torch.Tensor:
-        """The kept columns in the unpruned sequence (read several times per prefill, computed once)."""
-        return self.columns[self.keep]
-
-    @property
-    def tokens(self) -> torch.Tensor | None:
-        """Values for the kept slots instead of the originals (recycled tokens), or None."""
-        return None if self.selection.tokens is None else self.selection.tokens[self.index]
-
-    @property
-    def importance(self) -> torch.Tensor | None:
-        return None if self.selection.importance is None else self.selection.importance[self.index]
-
-    @property
-    def recycled(self) -> torch.Tensor:
-        """Kept indices (within the image) whose slot holds a recycled token."""
-        return self.keep[:0] if self.selection.recycled is None else self.keep[self.selection.recycled[self.index]]
-
-
-def locate_images(image_mask: torch.Tensor, counts: list[int]) -> list[tuple[int, torch.Tensor]]:
-    """Split each row's placeholder columns into consecutive images of the given token counts.
-
-    Returns one (row, columns) per image, in order. Raises if the placeholders and the images disagree.
-    """
-    per_row = image_mask.sum(dim=1).tolist()
-    images: list[tuple[int, torch.Tensor]] = []
-    remaining = list(counts)
-    for row, columns in enumerate(image_mask):
-        columns = torch.nonzero(columns).flatten()
-        start = 0
-        while start < columns.numel() and remaining:
-            count = remaining.pop(0)
-            if start + count > columns.numel():
-                break
-            images.append((row, columns[start : start + count]))
-            start += count
-        if start != columns.numel():
-            remaining = [None]
-            break
-    if remaining or len(images) != len(counts):
-        raise ValueError(
-            f"the prompt's image placeholders do not match the images: rows hold {per_row} placeholder tokens "
-            f"(total {sum(per_row)}) but the {len(counts)} image(s) give {counts} tokens (total {sum(counts)}). "
-            f"Build the inputs with the model's processor (processor(images=..., text=...)), one image "
-            f"placeholder per image, so that each placeholder expands to its image's tokens."
-        )
-    return images
+from .placeholders import image_mask, locate_images
+from .record import KeptImage, Prefill, Stats
 
 
 class InputPruning:
@@ -207,26 +54,38 @@ class InputPruning:
             raise ValueError(f"{adapter.family} uses M-RoPE, whose positions encode the image grid; use positions='original'")
         missing = set(method.signals) - adapter.provides
         if missing:
-            raise SignalsUnavailable(
-                f"{method.name} needs signal(s) {sorted(missing)} that the {adapter.family} adapter cannot provide"
-            )
+            why = adapter.why_unavailable(missing)
+            raise SignalsUnavailable(f"{method.name} needs signal(s) {sorted(missing)} that the {adapter.family} adapter "
+                                     f"cannot provide" + (f" for this model: {why}" if why else ""))
         self.adapter, self.method, self.budget, self.positions, self.newline = adapter, method, budget, positions, newline
         self.budget_scope = budget_scope
         self.num_layers = adapter.num_layers
         self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
         self.capture = Capture()
+        self.records: dict[int, tuple[weakref.ref, Prefill | None]] = {}  # per KV cache: its prefill's record
+        self.local = threading.local()  # per thread: its last prefill's Stats, and its hold on the lock
+        self.lock = threading.RLock()  # one forward of the base model at a time (docs/architecture.md, threads)
         self.images: list[tuple[int, torch.Tensor]] | None = None  # located by the base-model hook, for one forward
-        self.prefill: Prefill | None = None
-        self.stats = Stats()
+        self.caller_positions = False  # whether this forward's caller passed position ids
+        self.pending: tuple[Prefill | None] | None = None  # this forward's prefill, until its cache is known
         self.layers = LayerPruning(adapter, method) if method.prunes_in_llm else None
         self.handles = adapter.install(self.needed, self.capture)
         self.handles.append(adapter.base.register_forward_pre_hook(self._before_base, with_kwargs=True))
-        self.handles.append(adapter.base.register_forward_hook(self._after_base, with_kwargs=True))
+        self.handles.append(adapter.base.register_forward_hook(self._after_base, with_kwargs=True, always_call=True))
         lm = adapter.language_model
         self.handles.append(lm.register_forward_pre_hook(self._before_llm, with_kwargs=True))
         self.handles.append(lm.register_forward_hook(self._after_llm, with_kwargs=True))
         if adapter.model is not adapter.base:
             self.handles.append(adapter.model.register_forward_pre_hook(self._before_outer, with_kwargs=True))
+
+    @property
+    def stats(self) -> Stats:
+        """The calling thread's last prefill."""
+        return getattr(self.local, "stats", None) or Stats()
+
+    @stats.setter
+    def stats(self, stats: Stats) -> None:
+        self.local.stats = stats
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -235,7 +94,14 @@ class InputPruning:
             self.layers.remove()
         self.handles = []
         self.capture.clear()
-        self.prefill = self.images = None
+        self.records.clear()
+        self.images = self.pending = None
+
+    def __deepcopy__(self, memo):
+        raise TypeError(
+            "a model under a pruning handle cannot be deep-copied: the copy would carry the handle's hooks, still "
+            "bound to the original model's records, and its own images would never be found. Call handle.remove(), "
+            "copy the model, then prune each copy")
 
     # -- hooks ------------------------------------------------------------------------------------------
 
@@ -247,10 +113,13 @@ class InputPruning:
             )
 
     def _before_base(self, module, args, kwargs):
+        self.lock.acquire()  # released by _after_base, which runs even when the forward raises
+        self.local.held = getattr(self.local, "held", 0) + 1
         call = Call(module, args, kwargs)
         self.adapter.check_inputs(call.kwargs)
         counts = self.adapter.image_token_counts(call.kwargs)
-        self.images = None
+        self.images, self.pending = None, None
+        self.caller_positions = call.get("position_ids") is not None
         if not is_prefill(call.cache(required=False)):
             if counts:
                 raise NotImplementedError(
@@ -258,74 +127,76 @@ class InputPruning:
                     "generation with all images in the prompt, or remove the pruning handle"
                 )
             return
-        image_mask = self._image_mask(call.get("input_ids"), call.get("inputs_embeds"))
-        if image_mask is None or (not image_mask.any() and not counts):
+        placeholders = image_mask(self.adapter, call.get("input_ids"), call.get("inputs_embeds"))
+        if placeholders is None or not counts:  # no image: placeholder ids in the text are text, as unhooked
             self.images = []
             return
-        self.images = locate_images(image_mask, counts)
+        self.images = locate_images(placeholders, counts)
 
     def _after_base(self, module, args, kwargs, output):
+        if not getattr(self.local, "held", 0):
+            return  # an earlier pre-hook raised before ours took the lock
         pending, self.images = self.images, None
-        if pending:
+        self.local.held -= 1
+        self.lock.release()
+        if pending and output is not None:
             raise ContractError(f"the prompt's {len(pending)} image(s) were located, but the language model's pruning "
                                 f"hook never received them as a prefill")
-
-    def _image_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
-        if input_ids is not None:
-            return input_ids == self.adapter.image_token_id
-        if inputs_embeds is None:
-            return None
-        table = self.adapter.base.get_input_embeddings()
-        image_row = table(torch.tensor(self.adapter.image_token_id, device=inputs_embeds.device))
-        return (inputs_embeds == image_row).all(dim=-1)
 
     def _before_llm(self, module, args, kwargs):
         call = Call(module, args, kwargs)
         cache = call.cache(required=True)
         check_dynamic(cache)
         prefill = is_prefill(cache)
-        result = self._start_prefill(call) if prefill else self._continue_decoding(call, cache)
+        if prefill:
+            record, result = self._start_prefill(call)
+            self.pending = (record,)
+        else:
+            record, result = self._continue_decoding(call, cache)
         if self.layers is not None:  # after the input pruning: the stages see the pruned prompt and mask
-            self.layers.begin_forward(self.prefill, prefill, call.get("attention_mask"), self.stats)
+            self.layers.begin_forward(record, prefill, call.get("attention_mask"), self.stats)
         return result
 
-    def _start_prefill(self, call: Call):
+    def _start_prefill(self, call: Call) -> tuple[Prefill | None, tuple | None]:
         images, self.images = self.images, None
-        self.prefill = None
         if not images:
             self.capture.clear()
             self._record_unpruned(call)
-            return None
+            return None, None
         return self._prune_prefill(call, images)
 
-    def _continue_decoding(self, call: Call, cache):
+    def _continue_decoding(self, call: Call, cache) -> tuple[Prefill | None, tuple | None]:
         if self.images:
             raise ContractError("the base model saw a prefill with images, but its language model received a "
                                 "non-empty cache")
-        if self.prefill is None:
-            return None  # this generation's prefill had no image: nothing to narrow
-        if self.prefill.cache is None or self.prefill.cache() is not cache:
+        found = self.records.get(id(cache))
+        if found is None or found[0]() is not cache:
             raise ContractError(
-                "a decoding step continues a KV cache that the last pruned prefill did not produce (two generations "
-                "interleaved on one handle, or a cache transformers copied)"
-            )
-        return self._fix_decode(call, cache)
+                "a decoding step continues a KV cache that the prefills under this pruning handle did not produce (a copy of "
+                "a cache, a cache filled before prune() was attached, or transformers copying the cache); continue "
+                "the cache the prefill returned, or start the generation again under the handle")
+        record = found[1]
+        if record is None or not record.rewritten:
+            return record, None  # the prompt reached the language model unchanged: nothing to narrow
+        return record, fix_decode(record, call, cache, self.caller_positions)
 
     def _after_llm(self, module, args, kwargs, output):
-        prefill = self.prefill
-        if prefill is None or prefill.cache is not None:
-            return
+        pending, self.pending = self.pending, None
         cache = output_cache(output)
-        if cache is None:
+        if pending is None or cache is None:
             return
-        if cache.get_seq_length() != prefill.pruned_length:
-            raise ContractError(f"a prefill pruned to {prefill.pruned_length} tokens left {cache.get_seq_length()} in "
+        (record,) = pending
+        if record is not None and cache.get_seq_length() != record.pruned_length:
+            raise ContractError(f"a prefill pruned to {record.pruned_length} tokens left {cache.get_seq_length()} in "
                                 f"the language model's cache")
-        prefill.cache = weakref.ref(cache)
+        key = id(cache)
+        self.records[key] = (weakref.ref(cache, lambda _, key=key: self.records.pop(key, None)), record)
 
     # -- prefill --------------------------------------------------------------------------------------
 
-    def _prune_prefill(self, call: Call, images: list[tuple[int, torch.Tensor]]) -> tuple[tuple, dict]:
+    def _prune_prefill(self, call: Call, images: list[tuple[int, torch.Tensor]]) -> tuple[Prefill, tuple | None]:
+        """The prefill's record and the language model's shortened call; where no image loses a token, the
+        call is left as it came (the identity, padding and shapes included: docs/architecture.md)."""
         embeds = call["inputs_embeds"]
         synchronize(embeds.device)
         start = time.perf_counter()
@@ -347,6 +218,50 @@ class InputPruning:
         image_tokens = [embeds[row].detach().index_select(0, columns) for row, columns in images]
         signals, signal_seconds = self.capture.match(image_tokens)
         choices = self._choose(images, image_tokens, embeds.detach(), text_per_row, signals)
+        per_row = [[c for c in choices if c.row == row] for row in range(batch)]
+        caller_positions = call.get("position_ids")
+        whole = all(c.placeholders.numel() == c.columns.numel() and c.tokens is None for c in choices)
+        if whole:
+            source, new_mask = torch.arange(length, device=embeds.device).expand(batch, length), real.long()
+            update = None
+        else:
+            source, new_mask, update = self._shortened(call, choices, text_per_row, real)
+        synchronize(embeds.device)
+        select_seconds = time.perf_counter() - start
+
+        record = Prefill(
+            prompt_length=length,
+            pruned_length=source.shape[1],
+            prompt_mask=new_mask,
+            images=[[KeptImage(torch.searchsorted(source[row], c.chosen), c.importance, c.plan) for c in row_choices]
+                    for row, row_choices in enumerate(per_row)],
+            rewritten=not whole,
+        )
+        if not whole:
+            self._record_positions(record, caller_positions, new_mask, batch, length, embeds.device)
+        real_before = real.sum(dim=1)
+        self.stats = Stats(
+            tokens_before=[[c.columns.numel() for c in row] for row in per_row],
+            tokens_after=[[c.placeholders.numel() for c in row] for row in per_row],
+            budget_scope=self.budget_scope,
+            budget_tokens=[[min(c.plan.counts[0], c.columns.numel()) for c in row] for row in per_row],
+            prefill_before=real_before.tolist(),
+            prefill_after=real_before.tolist() if whole else new_mask.sum(dim=1).tolist(),
+            selection_ms=1000 * (signal_seconds + select_seconds),
+            signal_ms=1000 * signal_seconds,
+            stages=[[c.plan for c in row] for row in per_row] if self.method.prunes_in_llm else [],
+            kept=[[c.placeholders for c in row] for row in per_row],
+            recycled=[[c.recycled for c in row] for row in per_row],
+            input_columns=source.clone(),
+        )
+        return record, update
+
+    def _shortened(self, call: Call, choices: list[ImageChoice], text_per_row: list[torch.Tensor], real: torch.Tensor):
+        """The kept columns (source [B, L'], -1 for padding), the new padding mask, and the language model's call
+        gathered to them: embeddings (recycled tokens at their slots), mask, positions, family inputs. A kept
+        placeholder the caller's mask hides stays hidden."""
+        embeds = call["inputs_embeds"]
+        batch, length, _ = embeds.shape
         kept = list(text_per_row)
         for choice in choices:
             kept[choice.row] = torch.cat([kept[choice.row], choice.chosen, choice.columns[choice.newlines]])
@@ -358,38 +273,12 @@ class InputPruning:
             if choice.tokens is not None:  # recycled tokens replace the values at their slots
                 slots = torch.searchsorted(source[choice.row], choice.chosen)
                 new_embeds[choice.row, slots] = choice.tokens.to(new_embeds.dtype)
-        new_mask = (source >= 0).long()
+        new_mask = ((source >= 0) & real.gather(1, source.clamp_min(0))).long()
         new_embeds.masked_fill_(~new_mask.bool()[..., None], 0)
         family_inputs = self.adapter.narrow_llm_inputs(call.kwargs, flat_source, new_mask.bool().flatten())
-        synchronize(embeds.device)
-        select_seconds = time.perf_counter() - start
-
         positions = self._prefill_positions(call.get("position_ids"), source, new_mask, batch, length, embeds.device)
-        real_before, real_after = real.sum(dim=1), new_mask.sum(dim=1)
-        per_row = [[c for c in choices if c.row == row] for row in range(batch)]
-        self.prefill = Prefill(
-            prompt_length=length,
-            pruned_length=source.shape[1],
-            prompt_mask=new_mask,
-            removed=(real_before - real_after)[:, None],
-            images=[[KeptImage(torch.searchsorted(source[row], c.chosen), c.importance, c.plan) for c in row_choices]
-                    for row, row_choices in enumerate(per_row)],
-        )
-        self.adapter.after_prefill(length - source.shape[1])
-        self.stats = Stats(
-            tokens_before=[[c.columns.numel() for c in row] for row in per_row],
-            tokens_after=[[c.placeholders.numel() for c in row] for row in per_row],
-            budget_scope=self.budget_scope,
-            budget_tokens=[[min(c.plan.counts[0], c.columns.numel()) for c in row] for row in per_row],
-            prefill_before=real_before.tolist(),
-            prefill_after=real_after.tolist(),
-            selection_ms=1000 * (signal_seconds + select_seconds),
-            signal_ms=1000 * signal_seconds,
-            stages=[[c.plan for c in row] for row in per_row] if self.method.prunes_in_llm else [],
-            kept=[[c.placeholders for c in row] for row in per_row],
-            recycled=[[c.recycled for c in row] for row in per_row],
-        )
-        return call.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions, **family_inputs)
+        update = call.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=positions, **family_inputs)
+        return source, new_mask, update
 
     def _choose(self, images, image_tokens, embeds, text_per_row, recorded) -> list[ImageChoice]:
         """Run the method once per group of images that can share one call, for the whole batch.
@@ -531,6 +420,18 @@ class InputPruning:
         index = source.clamp_min(0).expand(*positions.shape[:-2], -1, -1)
         return positions.gather(-1, index).masked_fill(source < 0, 0)
 
+    def _record_positions(self, record: Prefill, positions, new_mask, batch, length, device) -> None:
+        """The prompt's next position in the caller's coordinates (its last position + 1, as generate() extends
+        it; arange(L) where it passed none, as the model counts) and, for compact positions, the shift to the
+        pruned model's (decoding.py)."""
+        if positions is None:
+            positions = torch.arange(length, device=device).expand(batch, length)
+        record.next_position = (positions[..., -1] + 1).expand(*positions.shape[:-2], batch)
+        shift = torch.zeros(batch, dtype=torch.long, device=device)
+        if self.positions == "compact":
+            shift = record.next_position - new_mask.sum(dim=1)
+        record.shift = shift
+
     def _record_unpruned(self, call: Call):
         embeds = call.get("inputs_embeds")
         mask = call.get("attention_mask")
@@ -540,37 +441,5 @@ class InputPruning:
         self.stats = Stats(
             tokens_before=[[] for _ in lengths], tokens_after=[[] for _ in lengths],
             prefill_before=lengths, prefill_after=lengths,
+            input_columns=torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1).clone(),
         )
-
-    # -- decoding ---------------------------------------------------------------------------------------
-
-    def _fix_decode(self, call: Call, past) -> tuple[tuple, dict]:
-        prefill = self.prefill
-        embeds = call["inputs_embeds"]
-        steps = embeds.shape[1]
-        past_length = past.get_seq_length()
-        generated = past_length - prefill.pruned_length + steps  # tokens after the prompt, this step included
-        if generated < steps:
-            raise ContractError(f"a decoding step's cache holds {past_length} tokens, fewer than the "
-                                f"{prefill.pruned_length} the pruned prefill left")
-        mask = call.get("attention_mask")
-        if mask is not None:
-            if isinstance(mask, dict) or mask.dim() != 2:
-                raise NotImplementedError("pruning needs 2D attention masks while decoding (use the dynamic cache)")
-            if mask.shape[1] != prefill.prompt_length + generated:
-                raise ValueError(
-                    f"decoding mask has {mask.shape[1]} columns; expected the unpruned prompt ({prefill.prompt_length}) "
-                    f"plus {generated} generated tokens"
-                )
-            call.update(attention_mask=torch.cat([prefill.prompt_mask.to(mask.dtype), mask[:, prefill.prompt_length:]], dim=1))
-        elif not bool(prefill.prompt_mask.all()):
-            ones = torch.ones(prefill.prompt_mask.shape[0], generated, dtype=prefill.prompt_mask.dtype, device=prefill.prompt_mask.device)
-            call.update(attention_mask=torch.cat([prefill.prompt_mask, ones], dim=1))
-        positions = call.get("position_ids")
-        if self.positions == "compact":
-            if positions is not None:
-                call.update(position_ids=positions - prefill.removed.to(positions.device))
-        elif positions is None:
-            start = past_length + prefill.prompt_length - prefill.pruned_length
-            call.update(position_ids=torch.arange(start, start + steps, device=embeds.device).expand(embeds.shape[0], -1))
-        return call.update()
