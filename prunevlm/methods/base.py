@@ -29,6 +29,7 @@ SIGNALS: dict[str, str] = {
     "text_mask": "[B, L] bool, False for padded text rows",
     "grid": "(h, w) spatial layout of the N tokens, row-major",
     "planes": "((h, w), ...) the N tokens as row-major planes one after the other (LLaVA-NeXT: base crop, tile plane)",
+    "frames": "(t, h, w) a video's N tokens as t frames of h x w, each row-major, in time order (videos only)",
     "attention": "[B, N, N] head-averaged vision attention among the N tokens (rows: queries)",
     "keys": "[B, N, d_h] the saliency layer's attention keys, averaged over heads, per token (a merge metric)",
     "patches": "[B, N, C, p, p] the (normalised) pixels under each token",
@@ -51,7 +52,7 @@ LLM_SIGNALS: dict[str, str] = {
 }
 
 
-LAYOUT_SIGNALS = ("grid", "planes")
+LAYOUT_SIGNALS = ("grid", "planes", "frames")
 
 
 class Refused(PruneError, ValueError):
