@@ -24,7 +24,9 @@ import socket
 import sys
 import time
 import warnings
+import zlib
 
+import numpy
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -142,6 +144,26 @@ def default_params(budget: float, layers: tuple[int, int], depth: int) -> dict:
     low, high = r_1_bounds(budget, r_v, layers, depth)
     u = (r_1 - low) / (high - low) if high > low else 0.0
     return {"r_v": r_v, "u": u, "t": default.t, "m": default.m, "alpha": default.alpha}
+
+
+def sampler(seed: int, initial: int):
+    """Optuna's GPSampler after `initial` random trials. Its GP counts the trials other workers are running;
+    the random draws are seeded by (seed, trial number), so that workers sharing a study with one --seed draw
+    different points, and a study filled by one worker is the same on every run."""
+    import optuna
+
+    class TrialSeeded(optuna.samplers.BaseSampler):
+        def infer_relative_search_space(self, study, trial) -> dict:
+            return {}
+
+        def sample_relative(self, study, trial, search_space) -> dict:
+            return {}
+
+        def sample_independent(self, study, trial, name, distribution):
+            state = numpy.random.SeedSequence([seed, trial.number, zlib.crc32(name.encode())]).generate_state(1)
+            return optuna.samplers.RandomSampler(seed=int(state[0])).sample_independent(study, trial, name, distribution)
+
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=initial, independent_sampler=TrialSeeded())
 
 
 def _is_default(trial) -> bool:

@@ -12,6 +12,8 @@ import re
 import sys
 import time
 
+from .search import sampler
+
 HEARTBEAT_INTERVAL = "PRUNEVLM_HEARTBEAT_INTERVAL"  # seconds between a running trial's heartbeats (default 30)
 HEARTBEAT_GRACE = "PRUNEVLM_HEARTBEAT_GRACE"  # seconds without one before the trial is failed and retried (120)
 
@@ -24,8 +26,8 @@ HINTS = (
     ("unable to open database file", "check that the file's folder exists and that this user may write there"),
     ("can't load plugin", "give an SQLite file, or a URL such as sqlite:///study.db or "
                           "postgresql://user:password@host:5432/database"),
-    ("no module named", "install the database driver: pip install 'prunevlm[calibrate]' (psycopg2-binary for "
-                        "postgresql://)"),
+    ("no module named", "install the database driver the URL names: pip install 'prunevlm[calibrate]' installs "
+                        "psycopg 3, which postgresql:// means from SQLAlchemy 2.1 on (postgresql+psycopg:// before)"),
     ("could not parse", "give an SQLite file, or a URL such as postgresql://user:password@host:5432/database"),
     ("storage upgrade", "upgrade the storage as Optuna says, or give a new database"),
 )
@@ -65,8 +67,7 @@ def open_study(storage: str, study: str, seed: int, initial: int):
     try:
         rdb = _rdb_storage(url, interval, grace)
         names = optuna.get_all_study_names(rdb)
-        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=initial)
-        opened = optuna.create_study(study_name=study, storage=rdb, sampler=sampler, direction="maximize",
+        opened = optuna.create_study(study_name=study, storage=rdb, sampler=sampler(seed, initial), direction="maximize",
                                      load_if_exists=True)
     except Exception as error:
         clear = _storage_error(storage, error)
@@ -119,8 +120,8 @@ def _storage_error(storage: str, error: Exception) -> ValueError | None:
     import sqlalchemy.exc
 
     cause = error
-    while isinstance(cause, optuna.exceptions.OptunaError) and cause.__cause__ is not None:
-        cause = cause.__cause__  # Optuna wraps the database's error in a generic one
+    while isinstance(cause, (optuna.exceptions.OptunaError, ImportError)) and cause.__cause__ is not None:
+        cause = cause.__cause__  # Optuna wraps the database's error (or the missing driver) in a generic one
     if not isinstance(cause, (sqlalchemy.exc.SQLAlchemyError, ImportError, optuna.exceptions.OptunaError,
                               RuntimeError, ValueError)):
         return None
