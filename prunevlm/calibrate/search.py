@@ -215,7 +215,9 @@ def run_search(objective: FlowObjective, study, trials: int, depth: int, layers:
 
     waiting = False
     while True:
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed and queued again
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed and queued again
         states = [(t.state, _is_default(t)) for t in study.get_trials(deepcopy=False)]
         if not any(d and s in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE) for s, d in states):
             study.enqueue_trial(default_params(budget, layers, depth), user_attrs={"default": True})

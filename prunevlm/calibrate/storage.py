@@ -17,6 +17,7 @@ from .search import sampler
 HEARTBEAT_INTERVAL = "PRUNEVLM_HEARTBEAT_INTERVAL"  # seconds between a running trial's heartbeats (default 30)
 HEARTBEAT_GRACE = "PRUNEVLM_HEARTBEAT_GRACE"  # seconds without one before the trial is failed and retried (120)
 
+URL_HINT = "give an SQLite file, or a URL such as sqlite:///study.db or postgresql://user:password@host:5432/database"
 # The driver's words -> what to do (first match wins).
 HINTS = (
     ("authentication failed", "check the user name and password in the URL"),
@@ -24,11 +25,9 @@ HINTS = (
     ("file is not a database", "the file is not an SQLite database, or it is damaged: move it aside (a new study "
                                "starts) or give another --storage"),
     ("unable to open database file", "check that the file's folder exists and that this user may write there"),
-    ("can't load plugin", "give an SQLite file, or a URL such as sqlite:///study.db or "
-                          "postgresql://user:password@host:5432/database"),
+    ("can't load plugin", URL_HINT),
     ("no module named", "install the database driver the URL names: pip install 'prunevlm[calibrate]' installs "
                         "psycopg 3, which postgresql:// means from SQLAlchemy 2.1 on (postgresql+psycopg:// before)"),
-    ("could not parse", "give an SQLite file, or a URL such as postgresql://user:password@host:5432/database"),
     ("storage upgrade", "upgrade the storage as Optuna says, or give a new database"),
 )
 REACH = "check that the database server runs and that the URL's host and port reach it from this machine"
@@ -59,11 +58,17 @@ def open_study(storage: str, study: str, seed: int, initial: int):
     import warnings
 
     import optuna
+    import sqlalchemy
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, GPSampler
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     interval, grace = heartbeat_settings()
     url = storage if "://" in storage else f"sqlite:///{storage}"
+    try:
+        sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as error:
+        raise ValueError(f"cannot open the study storage {storage_name(storage)}: not a database URL ({error}); "
+                         f"{URL_HINT}") from None
     try:
         rdb = _rdb_storage(url, interval, grace)
         names = optuna.get_all_study_names(rdb)
