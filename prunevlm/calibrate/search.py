@@ -229,7 +229,8 @@ def run_search(objective: FlowObjective, study, trials: int, depth: int, layers:
         if TrialState.WAITING not in {s for s, _ in states} and searched + held >= trials - 1:
             if progress and not waiting:
                 running = sum(s == TrialState.RUNNING for s, _ in states)
-                print(f"waiting for the {running} trial(s) other workers run", file=sys.stderr, flush=True)
+                print(f"waiting for the {running} trial(s) other workers run (a dead worker's trial is failed "
+                      f"and queued again when its heartbeats stop: docs/calibration.md §3)", file=sys.stderr, flush=True)
             waiting = True
             time.sleep(1)
             continue
@@ -249,7 +250,7 @@ class _Progress:
 
     def __call__(self, study, trial) -> None:
         done = study.get_trials(deepcopy=False, states=(trial.state.COMPLETE,))
-        value = f"{trial.value:.4f}" if trial.value is not None else trial.state.name.lower()
+        value = f"{trial.value:.4f}" if trial.value is not None else trial.user_attrs.get("not_run", "failed")
         best = f"{max(t.value for t in done):.4f}" if done else "-"
         what = " (the default configuration)" if _is_default(trial) else ""
         print(f"trial {trial.number}{what}: {value} (best {best}); {len(done)}/{self.target} complete, "
