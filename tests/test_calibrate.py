@@ -216,6 +216,18 @@ def test_a_bad_storage_is_named_before_the_model_loads(workdir, tmp_path, monkey
         main(command(workdir, "unused", 2)[:-4] + ["--storage", storage, "--out", "out.json"])
 
 
+@pytest.mark.parametrize("interval, grace, match", [
+    ("0", "120", r"PRUNEVLM_HEARTBEAT_INTERVAL='0': give a whole number of seconds >= 1 \(default 30\)"),
+    ("30", "soon", r"PRUNEVLM_HEARTBEAT_GRACE='soon': give a whole number of seconds >= 1 \(default 120\)"),
+    ("30", "30", r"PRUNEVLM_HEARTBEAT_GRACE=30 must exceed PRUNEVLM_HEARTBEAT_INTERVAL=30"),
+])
+def test_bad_heartbeat_settings_are_named(workdir, tmp_path, monkeypatch, interval, grace, match):
+    monkeypatch.setenv("PRUNEVLM_HEARTBEAT_INTERVAL", interval)
+    monkeypatch.setenv("PRUNEVLM_HEARTBEAT_GRACE", grace)
+    with pytest.raises(SystemExit, match=rf"^prunevlm calibrate: {match}"):
+        main(command(workdir, "unused", 2)[:-4] + ["--storage", str(tmp_path / "s.db"), "--out", str(tmp_path / "o.json")])
+
+
 @pytest.mark.parametrize("tamper, match", [
     ("UPDATE trial_params SET param_name = 'v' WHERE param_name = 'u'", r"parameters \['alpha', 'm', 'r_v', 't', 'v'\]"),
     ("UPDATE trial_params SET param_value = 0.9 WHERE param_name = 'r_v'", r"r_v=0\.9, outside the searched \[0\.5, 0\.75\]"),

@@ -127,8 +127,6 @@ def samples_digest(samples: list) -> str:
     return hashlib.sha256(repr([(p, _image_digest(i)) for i, p in samples]).encode()).hexdigest()[:16]
 
 
-
-
 def search_space(budget: float) -> dict:
     """The searched box at T = `budget`, as Optuna distributions: r_v, u (r_1 mapped onto its interval), t, m, α."""
     from optuna.distributions import FloatDistribution
