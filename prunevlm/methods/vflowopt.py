@@ -213,6 +213,20 @@ class VFlowOpt(Method):
         if self.layers is not None and not 1 <= self.layers[0] <= self.layers[1]:
             raise ValueError(f"vflowopt: option layers must be (k1, k2) with 1 <= k1 <= k2, got {self.layers}")
 
+    def rates(self, fraction: float, layers: tuple[int, int], num_layers: int) -> tuple[float, float]:
+        """(r_v, r_1) at T = `fraction`: the options', or where unset the released schedule nearest T (§3.3)."""
+        (k1, k2), r_v, r_1 = layers, self.r_v, self.r_1
+        if r_v is None or r_1 is None:
+            _, released_r_1, released_r_2 = nearest_released(fraction)[:3]
+            r_1 = released_r_1 if r_1 is None else r_1
+            if r_v is None:
+                r_v = min(1.0, fraction * num_layers / (k1 + (k2 - k1) * r_1 + (num_layers - k2) * r_1 * released_r_2))
+        if num_layers > k2 and self.r_1 is None and r_2_for_budget(fraction, r_v, r_1, layers, num_layers) > 1:
+            # T above what the released schedule keeps even with r_v = 1 (the released configs stop at
+            # T = 0.5): keep every token from k2 on and raise r_1 to meet T instead
+            r_1 = min(1.0, r_1_for_budget(fraction, r_v, 1.0, layers, num_layers))
+        return r_v, r_1
+
     def plan(self, budget: Budget, num_tokens: int, num_layers: int) -> Plan:
         """Stage counts for one image of `num_tokens` tokens: budget is T, the layer-averaged fraction or
         count of visual tokens. r_2 is derived from T (§3.3); counts are rounded so that the
@@ -223,19 +237,9 @@ class VFlowOpt(Method):
             raise Refused(f"vflowopt: layers {(k1, k2)} must lie below the LLM depth {num_layers}")
         if fraction >= 1.0:
             return Plan((num_tokens,) * 3, (k1, k2), num_layers)
-        r_v, r_1 = self.r_v, self.r_1
-        if r_v is None or r_1 is None:
-            _, released_r_1, released_r_2 = nearest_released(fraction)[:3]
-            r_1 = released_r_1 if r_1 is None else r_1
-            if r_v is None:
-                r_v = min(1.0, fraction * num_layers / (k1 + (k2 - k1) * r_1 + (num_layers - k2) * r_1 * released_r_2))
+        r_v, r_1 = self.rates(fraction, (k1, k2), num_layers)
         if num_layers > k2:  # r_2 from T (§3.3), before rounding to token counts
             r_2 = r_2_for_budget(fraction, r_v, r_1, (k1, k2), num_layers)
-            if r_2 > 1 and self.r_1 is None:
-                # T above what the released schedule keeps even with r_v = 1 (the released configs stop at
-                # T = 0.5): keep every token from k2 on and raise r_1 to meet T instead
-                r_1 = min(1.0, r_1_for_budget(fraction, r_v, 1.0, (k1, k2), num_layers))
-                r_2 = r_2_for_budget(fraction, r_v, r_1, (k1, k2), num_layers)
             if not 0 < r_2 <= 1 + 1e-9:
                 raise Refused(
                     f"vflowopt: r_v={r_v:.4f}, r_1={r_1:.4f} cannot meet T={fraction:.4f} (it would need r_2={r_2:.3f}); "
