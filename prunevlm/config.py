@@ -13,8 +13,8 @@ from .methods import get_method, make_method
 FORMAT = "prunevlm-config/1"
 FIELDS = ("format", "method", "budget", "budget_scope", "options")  # what prune() reads; budget_scope may be absent
 # what `prunevlm calibrate` records beside them, for people (prune() reads none of it)
-PROVENANCE = ("model", "study", "storage", "trials", "seed", "best_trial", "objective", "default_objective", "samples",
-              "holdout", "versions")
+PROVENANCE = ("model", "study", "storage", "trials", "seed", "best_trial", "best_is_default", "objective", "default_objective",
+              "samples", "holdout", "versions")
 
 
 def save_config(path: str, method: str, budget, options: dict, budget_scope: str = "per_image", **provenance) -> dict:
