@@ -45,6 +45,8 @@ def naive_dedup(features, order, keep, step=8, schedule="fixed", ratio=0.1):
 @pytest.mark.parametrize("schedule", ["fixed", "geometric"])
 @pytest.mark.parametrize("batch,tokens,dim,keep", [(2, 576, 64, 32), (1, 300, 1024, 64), (3, 100, 8, 7), (1, 50, 4, 1)])
 def test_fast_dedup_equals_released_loop(schedule, batch, tokens, dim, keep):
+    """Index for index: the fast rounds and the released loop compare the same fp32-rounded cosines, whatever
+    product computed them (docs/diversity.md, "Same result on every CPU"), so they agree on any CPU."""
     g = torch.Generator().manual_seed(tokens + keep)
     features = torch.randn(batch, tokens, dim, generator=g, dtype=torch.float64)
     order = torch.stack([torch.randperm(tokens, generator=g) for _ in range(batch)])
@@ -52,6 +54,7 @@ def test_fast_dedup_equals_released_loop(schedule, batch, tokens, dim, keep):
 
 
 def test_fast_dedup_equals_released_loop_on_clustered_data():
+    """As above, on tight clusters, where the cosines that decide a round lie close together."""
     g = torch.Generator().manual_seed(1)
     centres = F.normalize(torch.randn(8, 32, generator=g, dtype=torch.float64), dim=-1)
     points = centres[torch.randint(8, (400,), generator=g)] + 0.01 * torch.randn(400, 32, generator=g, dtype=torch.float64)
@@ -64,7 +67,8 @@ def test_fast_dedup_equals_released_loop_on_clustered_data():
 @pytest.mark.parametrize("schedule", ["fixed", "geometric"])
 def test_neighbour_lists_equal_released_loop(monkeypatch, neighbours, schedule, chunk_rows):
     """The path for more than DENSE_TOKENS tokens, forced on a small input; short lists force rebuilds,
-    short chunks split the lists' cosine matrix into blocks (the last one partial) and the rebuilds too."""
+    short chunks split the lists' cosine matrix into blocks (the last one partial) and the rebuilds too.
+    Exact on any CPU: every path rounds its fp64 cosines to fp32 (docs/diversity.md, "Same result on every CPU")."""
     monkeypatch.setattr(diversity, "DENSE_TOKENS", 0)
     monkeypatch.setattr(diversity, "NEIGHBOURS", neighbours)
     monkeypatch.setattr(diversity, "CHUNK_ROWS", chunk_rows)
@@ -91,7 +95,10 @@ def test_nearest_neighbours_are_the_top_of_each_row(monkeypatch, chunk_rows):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_fast_dedup_breaks_ties_like_the_released_loop(seed):
-    """Exact duplicates (flat background patches) in fp32: every tie must fall the same way."""
+    """Exact duplicates (flat background patches) in fp32: every tie must fall the same way. The duplicates'
+    cosines are bit-equal in both paths on any CPU because both round fp64 cosines to fp32 (docs/diversity.md,
+    "Same result on every CPU"; the two paths take different products, and their fp32 cosines differed in the
+    last bit on AVX512, issue #25)."""
     g = torch.Generator().manual_seed(seed)
     points = torch.randn(12, 1024, generator=g)[torch.randint(12, (576,), generator=g)]
     order = torch.randperm(576, generator=g)[None]
@@ -160,7 +167,8 @@ def same_selection(a, b):
 @pytest.mark.parametrize("kind", ["uniform", "pow3", "pow8", "zeros", "levels", "fp16"])
 def test_vispruner_equals_flashvlm_without_text(kind):
     """flashvlm.py's module docstring: with no text the ranking score is the saliency itself (docs/methods.md),
-    so the selection equals VisPruner's for any saliency, whatever the floor would have tied."""
+    so the selection equals VisPruner's for any saliency, whatever the floor would have tied. Both run the same
+    computation on the same numbers, so the comparison is exact on any CPU."""
     s = signals(batch=3, tokens=576, dim=16)
     saliency = saliency_of(kind, 3, 576)
     no_text = [{}, {"text_embeds": s["text_embeds"][:, :0]},
@@ -181,7 +189,8 @@ def test_vispruner_equals_flashvlm_without_text(kind):
 @pytest.mark.parametrize("kind", ["pow3", "pow8", "zeros"])
 def test_flashvlm_rows_without_text_equal_vispruner_in_a_mixed_batch(kind):
     """A row whose text_mask is all False selects as VisPruner on that row; a row with text as FlashVLM on
-    that row alone."""
+    that row alone. Exact: the batched products sum in other orders than a row's alone, which the rounding of
+    fp64 scores and cosines to fp32 absorbs (docs/diversity.md, "Same result on every CPU")."""
     s = signals(batch=2, tokens=576, dim=16)
     saliency = saliency_of(kind, 2, 576, seed=1)
     mask = torch.tensor([[True] * 5 + [False] * 2, [False] * 7])  # row 0: 5 text rows and padding; row 1: none
