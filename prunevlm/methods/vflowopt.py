@@ -4,6 +4,9 @@ entropy, stage-0 pruning with recycling, then progressive pruning at two LLM lay
 This module holds the pure parts: the importance map, the stage-0 selection with recycling, and the
 per-stage token counts under the layer-averaged budget T. The in-LLM stages run in
 `runtime/llm_layers.py`; the hyper-parameter search in `calibrate/`.
+
+The importance is computed in fp64 and rounded to fp32, and so is the received attention before the
+global-token threshold compares it, so that the ranking is the same on every CPU (`portable.py`).
 """
 
 from __future__ import annotations
@@ -29,40 +32,46 @@ REFERENCE_GRID = 27  # tokens per side of the SigLIP-384/14 grid on which m is m
 
 
 def global_weights(received: torch.Tensor, t: float) -> torch.Tensor:
-    """1/|G| on the global tokens G = {g : r_g > t · mean(r)} of the received attention r [..., Q], 0 elsewhere
-    (§2.1). An empty G falls back to the token that receives the most attention, instead of the official NaN."""
-    is_global = received > t * received.mean(dim=-1, keepdim=True)
+    """1/|G| on the global tokens G = {g : r_g > t · mean(r)} of the received attention r [..., Q] (fp32), 0
+    elsewhere (§2.1), in fp64. An empty G falls back to the token that receives the most attention, instead of
+    the official NaN. The threshold is computed in fp64 and rounded to fp32 (module docstring)."""
+    is_global = received > (t * received.double().mean(dim=-1, keepdim=True)).float()
     top = torch.zeros_like(is_global).scatter_(-1, received.argmax(dim=-1, keepdim=True), True)
     is_global = torch.where(is_global.any(dim=-1, keepdim=True), is_global, top)
-    return is_global.float() / is_global.sum(dim=-1, keepdim=True)
+    return is_global.double() / is_global.sum(dim=-1, keepdim=True)
 
 
 def context_relevance(attention: torch.Tensor, t: float) -> torch.Tensor:
     """c_j = mean over global tokens g of A_gj, with G = {j : r_j > t · mean(r)} and r_j the mean attention
-    token j receives (§2.1; mean(r) = 1/N when rows sum to 1). attention [B, N, N] -> [B, N]."""
-    weights = global_weights(attention.float().mean(dim=1), t)
-    return (weights[:, :, None] * attention.float()).sum(dim=1)
+    token j receives (§2.1; mean(r) = 1/N when rows sum to 1). attention [B, N, N] -> [B, N]; in fp64, rounded
+    to fp32 (module docstring)."""
+    attention = attention.double()
+    weights = global_weights(attention.mean(dim=1).float(), t)
+    return (weights[:, :, None] * attention).sum(dim=1).float()
 
 
 def crop_context_relevance(crop_attention: torch.Tensor, t: float) -> torch.Tensor:
     """c_j of §2.1 within each token's own crop, from the `crop_attention` signal [B, N, 2, Q]: row 0 the
     attention token j receives from each of the Q tokens of its crop (A_gj), row 1 the attention each of those
-    receives (r_g). Equals `context_relevance` of the crop's map for every token of the crop. -> [B, N]."""
-    received_from, received = crop_attention.float().unbind(dim=-2)
-    return (global_weights(received, t) * received_from).sum(dim=-1)
+    receives (r_g). Equals `context_relevance` of the crop's map for every token of the crop. -> [B, N]; in
+    fp64, rounded to fp32."""
+    received_from, received = crop_attention.double().unbind(dim=-2)
+    return (global_weights(received.float(), t) * received_from).sum(dim=-1).float()
 
 
 def importance(attention: torch.Tensor, entropy: torch.Tensor, t: float, alpha: float, planes=None) -> torch.Tensor:
     """I_j = c_j + α · softmax_j(H_j) (§2.3); `attention` is the map [B, N, N], or the `crop_attention`
     signal [B, N, 2, Q] of packed multi-crop images. The official softmax runs over one crop's tokens; with
     several `planes` (base crop, tile plane) it runs over each plane, scaled by the plane's size in base
-    crops, so that each crop's worth of entropy term sums to 1 like its context relevance (docs/vflowopt.md §5)."""
+    crops, so that each crop's worth of entropy term sums to 1 like its context relevance (docs/vflowopt.md §5).
+    Computed in fp64, returned in fp32 (module docstring)."""
     relevance = context_relevance(attention, t) if attention.dim() == 3 else crop_context_relevance(attention, t)
     if planes is None or len(planes) == 1:
-        return relevance + alpha * torch.softmax(entropy.float(), dim=-1)
+        return (relevance.double() + alpha * torch.softmax(entropy.double(), dim=-1)).float()
     sizes = [h * w for h, w in planes]
-    spread = [torch.softmax(part, dim=-1) * (size / sizes[0]) for part, size in zip(entropy.float().split(sizes, dim=-1), sizes)]
-    return relevance + alpha * torch.cat(spread, dim=-1)
+    parts = entropy.double().split(sizes, dim=-1)
+    spread = [torch.softmax(part, dim=-1) * (size / sizes[0]) for part, size in zip(parts, sizes)]
+    return (relevance.double() + alpha * torch.cat(spread, dim=-1)).float()
 
 
 def plane_cells(planes, cell: float, device) -> tuple[torch.Tensor, int]:
