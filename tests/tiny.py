@@ -322,3 +322,38 @@ def assert_batch_equals_rows(model, inputs: dict, singles: list[dict], **generat
         assert (in_batch[generated.numel():] == PAD).all()
         for step_batch, step_alone in zip(batch.logits, alone.logits):
             torch.testing.assert_close(step_batch[row], step_alone[0], atol=1e-5, rtol=0)
+
+
+def qwen_video_inputs(model, items_per_row: list[list[tuple]], text: int = 6, seed: int = 0) -> dict:
+    """Left-padded batch for a Qwen model with images and videos: per row, items (h, w) (an image, t = 1) or
+    (t, h, w) (a video of t temporal patches, 2t frames), in patches (even sizes), each between text runs.
+    Qwen2-VL/2.5-VL write a video as one <vision_start> block; Qwen3-VL writes each temporal patch as its own
+    block after two timestamp text tokens, as its processor does. Row r draws its text and pixels from seed +
+    r, so `qwen_video_inputs(model, [items_per_row[r]], seed=seed + r)` is that row alone."""
+    per_frame_blocks = model.config.model_type == "qwen3_vl"
+    rows, types, pixels = [], [], {"image": [], "video": []}
+    grids = {"image": [], "video": []}
+    for r, items in enumerate(items_per_row):
+        g = torch.Generator().manual_seed(seed + r)
+        row = [BOS] + text_ids(text, g)
+        for item in items:
+            kind, (t, h, w) = ("image", (1, *item)) if len(item) == 2 else ("video", item)
+            token = QWEN_IMAGE if kind == "image" else QWEN_VIDEO
+            per_patch = h * w // 4
+            if kind == "video" and per_frame_blocks:
+                for _ in range(t):
+                    row += text_ids(2, g) + [QWEN_START] + [token] * per_patch + [QWEN_END]
+            else:
+                row += [QWEN_START] + [token] * (t * per_patch) + [QWEN_END]
+            row += text_ids(text, g)
+            grids[kind].append([t, h, w])
+            pixels[kind].append(torch.randn(t * h * w, 3 * 2 * 8 * 8, generator=g))
+        rows.append(row)
+    ids, mask = left_pad(rows)
+    inputs = {"input_ids": ids, "attention_mask": mask,
+              "mm_token_type_ids": (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int()}
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if grids[kind]:
+            inputs[key] = torch.cat(pixels[kind])
+            inputs[f"{kind}_grid_thw"] = torch.tensor(grids[kind])
+    return inputs
