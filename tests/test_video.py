@@ -1,0 +1,217 @@
+"""Video through the same handle (#27; docs/models.md §7): Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision,
+per_frame and per_clip, on tiny random models with two videos of different frame counts and sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+import prunevlm
+from prunevlm.budget import Budget
+from prunevlm.errors import InvalidBudget, Unsupported
+from prunevlm.methods.base import Method, Refused, Selection
+from tests import tiny
+
+METHODS = ["flashvlm", "vispruner", "uniform", "random", "vflowopt"]
+SCOPES = ["per_frame", "per_clip"]
+QWEN = {"qwen2_5_vl": tiny.qwen2_5_vl, "qwen2_vl": tiny.qwen2_vl, "qwen3_vl": tiny.qwen3_vl}
+# row 0: two videos (3 temporal patches of 2x2 merged tokens, 2 of 2x3) and an image between them; row 1: an
+# image; row 2: text only
+ROWS = [[(3, 4, 4), (4, 4), (2, 4, 6)], [(4, 6)], []]
+FRAMES = [(3, 2, 2), (2, 2, 3)]  # the videos' (t, h, w) in merged tokens
+
+
+@pytest.fixture(scope="module", params=list(QWEN))
+def qwen(request):
+    return request.param, QWEN[request.param]()
+
+
+def options(family: str, method: str) -> dict:
+    # Qwen3-VL adds DeepStack features at LLM layers 0 and 1: an in-LLM stage starts at 2 or later
+    return {"layers": (2, 3)} if method == "vflowopt" and family == "qwen3_vl" else {}
+
+
+class LanguageModelInputs:
+    """The keyword arguments the language model receives at each call (after the handle's hook, if any)."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.model.language_model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        self.calls.append(dict(kwargs))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_full_budget_is_the_unhooked_model_and_remove_restores_it(qwen, method, scope):
+    family, model = qwen
+    inputs = tiny.qwen_video_inputs(model, ROWS)
+    logits = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=4, **tiny.GREEDY)
+    with prunevlm.prune(model, method, 1.0, video_scope=scope, **options(family, method)) as handle:
+        torch.testing.assert_close(model(**inputs).logits, logits, atol=0, rtol=0)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, **tiny.GREEDY), generated)
+        assert handle.stats.tokens_after == handle.stats.tokens_before
+    torch.testing.assert_close(model(**inputs).logits, logits, atol=0, rtol=0)
+
+
+def expected_kept(budget: Budget, scope: str) -> list[list[int]]:
+    """Per video of ROWS, its kept tokens per frame (per_frame) or [its total] (per_clip)."""
+    if scope == "per_frame":
+        return [[budget.tokens_to_keep(h * w)] * t for t, h, w in FRAMES]
+    return [[budget.tokens_to_keep(t * h * w)] for t, h, w in FRAMES]
+
+
+@pytest.mark.parametrize("budget", [2, 0.3])
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("method", ["flashvlm", "vispruner", "uniform", "random"])
+@torch.no_grad()
+def test_llm_input_is_the_text_and_the_exact_kept_count(qwen, method, scope, budget):
+    family, model = qwen
+    budget = Budget(budget)
+    inputs = tiny.qwen_video_inputs(model, ROWS)
+    text = ((inputs["input_ids"] != tiny.QWEN_IMAGE) & (inputs["input_ids"] != tiny.QWEN_VIDEO) & inputs["attention_mask"].bool()).sum(dim=1)
+    with prunevlm.prune(model, method, budget, video_scope=scope) as handle, LanguageModelInputs(model) as seen:
+        model(**inputs)
+    videos = [video for video in handle.stats.videos[0] if video is not None]
+    kept = expected_kept(budget, scope)
+    image = [budget.tokens_to_keep(4), budget.tokens_to_keep(6)]  # the images' 2x2 and 2x3 tokens
+    for video, counts, (t, h, w) in zip(videos, kept, FRAMES):
+        assert (video.frames, video.before, video.scope) == (t, [h * w] * t, scope)
+        assert video.after == counts if scope == "per_frame" else sum(video.after) == counts[0]
+    real = seen.calls[0]["attention_mask"].sum(dim=1)
+    assert real.tolist() == [int(text[0]) + sum(map(sum, kept)) + image[0], int(text[1]) + image[1], int(text[2])]
+    assert handle.stats.prefill_after == real.tolist()
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@torch.no_grad()
+def test_in_llm_budget_is_the_layer_average_over_the_videos_tokens(qwen, scope):
+    family, model = qwen
+    inputs = tiny.qwen_video_inputs(model, ROWS[:1])
+    chosen = options(family, "vflowopt")
+    with prunevlm.prune(model, "vflowopt", 0.5, video_scope=scope, **chosen) as handle:
+        model.generate(**inputs, max_new_tokens=2, **tiny.GREEDY)
+    method = prunevlm.api.make_method("vflowopt", **chosen)
+    layers = len(model.model.language_model.layers)
+    for index, (t, h, w) in zip((0, 2), FRAMES):
+        plan = handle.stats.stages[0][index]
+        assert plan == method.plan(Budget(0.5), t * h * w, layers)
+        video = handle.stats.videos[0][index]
+        assert sum(video.after) == plan.counts[0]
+        if scope == "per_frame":  # the first count shared evenly by the frames
+            assert max(video.after) - min(video.after) <= 1
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_kept_tokens_keep_their_positions_and_every_text_token_stays(qwen, method, scope):
+    """M-RoPE ids (temporal, h, w) of each kept token as in the unpruned prompt; every text token kept
+    (Qwen3-VL's timestamps and each frame's vision start/end); DeepStack rows follow the kept visual tokens."""
+    family, model = qwen
+    inputs = tiny.qwen_video_inputs(model, ROWS)
+    with LanguageModelInputs(model) as seen:
+        model(**inputs)
+    full = seen.calls[0]
+    with prunevlm.prune(model, method, 2 if method != "vflowopt" else 0.3, video_scope=scope,
+                        **options(family, method)) as handle, LanguageModelInputs(model) as seen:
+        model(**inputs)
+    pruned, columns = seen.calls[0], handle.stats.input_columns
+    ids = inputs["input_ids"]
+    for row in range(ids.shape[0]):
+        real = pruned["attention_mask"][row].bool()
+        kept = columns[row][real]
+        visual = (ids[row] == tiny.QWEN_IMAGE) | (ids[row] == tiny.QWEN_VIDEO)
+        text = torch.nonzero(inputs["attention_mask"][row].bool() & ~visual).flatten()
+        assert set(text.tolist()) <= set(kept.tolist())
+        assert torch.equal(pruned["position_ids"][:, row][:, real], full["position_ids"][:, row][:, kept])
+    if family == "qwen3_vl":
+        flat = (columns.clamp_min(0) + ids.shape[1] * torch.arange(ids.shape[0])[:, None])[pruned["attention_mask"].bool()]
+        visual = full["visual_pos_masks"].flatten()
+        assert torch.equal(pruned["visual_pos_masks"][pruned["attention_mask"].bool()], visual[flat])
+        rank = torch.cumsum(visual.long(), 0) - 1
+        rows = rank[flat][visual[flat]]
+        for level, original in zip(pruned["deepstack_visual_embeds"], full["deepstack_visual_embeds"]):
+            assert torch.equal(level, original[rows])
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@torch.no_grad()
+def test_a_padded_batch_of_a_video_row_an_image_row_and_a_text_row_equals_the_rows_alone(qwen, scope):
+    family, model = qwen
+    inputs = tiny.qwen_video_inputs(model, ROWS)
+    singles = [tiny.qwen_video_inputs(model, [items], seed=row) for row, items in enumerate(ROWS)]
+    with prunevlm.prune(model, "flashvlm", 2, video_scope=scope):
+        tiny.assert_batch_equals_rows(model, inputs, singles, max_new_tokens=4, **tiny.GREEDY)
+
+
+@torch.no_grad()
+def test_sampling_and_beam_search(qwen):
+    """At full budget both equal the unhooked model (the encoded videos are repeated per beam or sample and
+    found again); at a budget every repeated prompt is pruned to the same length."""
+    family, model = qwen
+    inputs = tiny.qwen_video_inputs(model, ROWS[:2])
+    modes = [dict(do_sample=True, num_return_sequences=2), dict(num_beams=2, do_sample=False)]
+    suppress = dict(max_new_tokens=3, suppress_tokens=tiny.GREEDY["suppress_tokens"])
+    for mode in modes:
+        torch.manual_seed(0)
+        unhooked = model.generate(**inputs, **mode, **suppress)
+        with prunevlm.prune(model, "flashvlm", 1.0):
+            torch.manual_seed(0)
+            assert torch.equal(model.generate(**inputs, **mode, **suppress), unhooked)
+        with prunevlm.prune(model, "flashvlm", 2, video_scope="per_clip") as handle:
+            model.generate(**inputs, **mode, **suppress)
+        after = handle.stats.prefill_after
+        assert len(after) == 4 and after[0] == after[1] and after[2] == after[3] and after[0] < inputs["attention_mask"][0].sum()
+
+
+@dataclass
+class FramesOnly(Method):
+    """A video-only method: the first token of every frame (asks for the signal 'frames')."""
+
+    name: ClassVar[str] = "frames_only"
+    description: ClassVar[str] = "test: the first token of each frame"
+    signals: ClassVar[tuple[str, ...]] = ("image_tokens", "frames")
+
+    def select(self, k, image_tokens, frames) -> Selection:
+        t, h, w = frames
+        return Selection(keep=(torch.arange(t) * h * w)[:k].expand(image_tokens.shape[0], -1).clone())
+
+
+@torch.no_grad()
+def test_frames_are_given_to_videos_and_a_video_method_is_refused_on_images():
+    model = tiny.qwen2_5_vl()
+    video = tiny.qwen_video_inputs(model, [[(3, 4, 4)]])
+    with prunevlm.prune(model, FramesOnly(), 3, video_scope="per_clip") as handle:
+        model(**video)
+        assert handle.stats.kept[0][0].tolist() == [0, 4, 8]
+        with pytest.raises(Refused, match="videos only"):
+            model(**tiny.qwen_video_inputs(model, [[(4, 4)]]))
+
+
+def test_bad_inputs_are_refused():
+    model = tiny.qwen2_vl()
+    with pytest.raises(InvalidBudget, match="video_scope"):
+        prunevlm.prune(model, "flashvlm", 2, video_scope="per_video")
+    inputs = tiny.qwen_video_inputs(model, [[(2, 4, 4)]])
+    inputs["input_ids"][inputs["input_ids"] == tiny.QWEN_VIDEO] = tiny.QWEN_IMAGE
+    with prunevlm.prune(model, "flashvlm", 2), pytest.raises(ValueError, match="video placeholders do not match"):
+        model(**inputs)
+    for build in (tiny.llava, tiny.llava_next):
+        model = build()
+        inputs = tiny.llava_inputs([1])
+        inputs["pixel_values_videos"] = inputs["pixel_values"][:, None]
+        with prunevlm.prune(model, "random", 4), pytest.raises(Unsupported, match="not on llava"):
+            model(**inputs)
