@@ -17,21 +17,38 @@ from tests import tiny
 
 METHODS = ["flashvlm", "vispruner", "uniform", "random", "vflowopt"]
 SCOPES = ["per_frame", "per_clip"]
-QWEN = {"qwen2_5_vl": tiny.qwen2_5_vl, "qwen2_vl": tiny.qwen2_vl, "qwen3_vl": tiny.qwen3_vl}
-# row 0: two videos (3 temporal patches of 2x2 merged tokens, 2 of 2x3) and an image between them; row 1: an
-# image; row 2: text only
-ROWS = [[(3, 4, 4), (4, 4), (2, 4, 6)], [(4, 6)], []]
-FRAMES = [(3, 2, 2), (2, 2, 3)]  # the videos' (t, h, w) in merged tokens
+BUILD = {"qwen2_5_vl": tiny.qwen2_5_vl, "qwen2_vl": tiny.qwen2_vl, "qwen3_vl": tiny.qwen3_vl,
+         "llava_onevision": tiny.llava_onevision}
+# Qwen, row 0: two videos (3 temporal patches of 2x2 merged tokens, 2 of 2x3) with an image between them;
+# OneVision, row 0: two videos of 3 frames (every frame resized to 2x2 tokens, one newline after each video).
+# Row 1: an image; row 2: text only.
+ROWS = {"qwen": [[(3, 4, 4), (4, 4), (2, 4, 6)], [(4, 6)], []], "llava_onevision": [["video", "video"], [(30, 50)], []]}
+FRAMES = {"qwen": [(3, 2, 2), (2, 2, 3)], "llava_onevision": [(3, 2, 2), (3, 2, 2)]}  # row 0's videos: (t, h, w)
 
 
-@pytest.fixture(scope="module", params=list(QWEN))
-def qwen(request):
-    return request.param, QWEN[request.param]()
+@pytest.fixture(scope="module", params=list(BUILD))
+def family(request):
+    return request.param, BUILD[request.param]()
 
 
-def options(family: str, method: str) -> dict:
+def kind(name: str) -> str:
+    return "llava_onevision" if name == "llava_onevision" else "qwen"
+
+
+def make_inputs(name: str, model, rows=None, seed: int = 0, frames: int = 3) -> dict:
+    rows = ROWS[kind(name)] if rows is None else rows
+    if name == "llava_onevision":
+        return tiny.onevision_video_inputs(model, rows, frames, seed=seed)
+    return tiny.qwen_video_inputs(model, rows, seed=seed)
+
+
+def visual_ids(model) -> tuple[int, int]:
+    return model.config.image_token_id, model.config.video_token_id
+
+
+def options(name: str, method: str) -> dict:
     # Qwen3-VL adds DeepStack features at LLM layers 0 and 1: an in-LLM stage starts at 2 or later
-    return {"layers": (2, 3)} if method == "vflowopt" and family == "qwen3_vl" else {}
+    return {"layers": (2, 3)} if method == "vflowopt" and name == "qwen3_vl" else {}
 
 
 class LanguageModelInputs:
@@ -54,58 +71,69 @@ class LanguageModelInputs:
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
-def test_full_budget_is_the_unhooked_model_and_remove_restores_it(qwen, method, scope):
-    family, model = qwen
-    inputs = tiny.qwen_video_inputs(model, ROWS)
+def test_full_budget_is_the_unhooked_model_and_remove_restores_it(family, method, scope):
+    name, model = family
+    inputs = make_inputs(name, model)
     logits = model(**inputs).logits
     generated = model.generate(**inputs, max_new_tokens=4, **tiny.GREEDY)
-    with prunevlm.prune(model, method, 1.0, video_scope=scope, **options(family, method)) as handle:
+    with prunevlm.prune(model, method, 1.0, video_scope=scope, **options(name, method)) as handle:
         torch.testing.assert_close(model(**inputs).logits, logits, atol=0, rtol=0)
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, **tiny.GREEDY), generated)
         assert handle.stats.tokens_after == handle.stats.tokens_before
     torch.testing.assert_close(model(**inputs).logits, logits, atol=0, rtol=0)
 
 
-def expected_kept(budget: Budget, scope: str) -> list[list[int]]:
-    """Per video of ROWS, its kept tokens per frame (per_frame) or [its total] (per_clip)."""
+def expected_kept(budget: Budget, scope: str, frames) -> list[list[int]]:
+    """Per video, its kept tokens per frame (per_frame) or [its total] (per_clip)."""
     if scope == "per_frame":
-        return [[budget.tokens_to_keep(h * w)] * t for t, h, w in FRAMES]
-    return [[budget.tokens_to_keep(t * h * w)] for t, h, w in FRAMES]
+        return [[budget.tokens_to_keep(h * w)] * t for t, h, w in frames]
+    return [[budget.tokens_to_keep(t * h * w)] for t, h, w in frames]
 
 
 @pytest.mark.parametrize("budget", [2, 0.3])
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("method", ["flashvlm", "vispruner", "uniform", "random"])
 @torch.no_grad()
-def test_llm_input_is_the_text_and_the_exact_kept_count(qwen, method, scope, budget):
-    family, model = qwen
+def test_llm_input_is_the_text_and_the_exact_kept_count(family, method, scope, budget):
+    """Every video keeps exactly its count per frame (per_frame) or over the clip (per_clip), plus
+    OneVision's trailing newline; the images beside it keep what the image rules give. OneVision's videos of
+    one call share a frame count: a prompt of 2 frames runs too, so its videos differ in frames as Qwen's do."""
+    name, model = family
     budget = Budget(budget)
-    inputs = tiny.qwen_video_inputs(model, ROWS)
-    text = ((inputs["input_ids"] != tiny.QWEN_IMAGE) & (inputs["input_ids"] != tiny.QWEN_VIDEO) & inputs["attention_mask"].bool()).sum(dim=1)
-    with prunevlm.prune(model, method, budget, video_scope=scope) as handle, LanguageModelInputs(model) as seen:
-        model(**inputs)
-    videos = [video for video in handle.stats.videos[0] if video is not None]
-    kept = expected_kept(budget, scope)
-    image = [budget.tokens_to_keep(4), budget.tokens_to_keep(6)]  # the images' 2x2 and 2x3 tokens
-    for video, counts, (t, h, w) in zip(videos, kept, FRAMES):
-        assert (video.frames, video.before, video.scope) == (t, [h * w] * t, scope)
-        assert video.after == counts if scope == "per_frame" else sum(video.after) == counts[0]
-    real = seen.calls[0]["attention_mask"].sum(dim=1)
-    assert real.tolist() == [int(text[0]) + sum(map(sum, kept)) + image[0], int(text[1]) + image[1], int(text[2])]
-    assert handle.stats.prefill_after == real.tolist()
+    cases = [(None, FRAMES[kind(name)])]
+    if name == "llava_onevision":
+        cases.append(([["video"]], [(2, 2, 2)]))
+    newline = int(name == "llava_onevision")
+    for rows, frames in cases:
+        inputs = make_inputs(name, model, rows, frames=frames[0][0])
+        ids = inputs["input_ids"]
+        visual = torch.isin(ids, torch.tensor(visual_ids(model)))
+        text = (~visual & inputs["attention_mask"].bool()).sum(dim=1)
+        with prunevlm.prune(model, method, budget, video_scope=scope) as handle, LanguageModelInputs(model) as seen:
+            model(**inputs)
+        stats = handle.stats
+        videos = [(i, video) for i, video in enumerate(stats.videos[0]) if video is not None]
+        assert len(videos) == len(frames)
+        for (i, video), counts, (t, h, w) in zip(videos, expected_kept(budget, scope, frames), frames):
+            assert (video.frames, video.before, video.scope) == (t, [h * w] * t, scope)
+            assert video.after == counts if scope == "per_frame" else sum(video.after) == counts[0]
+            assert stats.tokens_after[0][i] == sum(counts) + newline
+        real = seen.calls[0]["attention_mask"].sum(dim=1)
+        assert real.tolist() == [int(n) + sum(row) for n, row in zip(text, stats.tokens_after)] == stats.prefill_after
 
 
 @pytest.mark.parametrize("scope", SCOPES)
 @torch.no_grad()
-def test_in_llm_budget_is_the_layer_average_over_the_videos_tokens(qwen, scope):
-    family, model = qwen
-    inputs = tiny.qwen_video_inputs(model, ROWS[:1])
-    chosen = options(family, "vflowopt")
+def test_in_llm_budget_is_the_layer_average_over_the_videos_tokens(family, scope):
+    name, model = family
+    inputs = make_inputs(name, model, ROWS[kind(name)][:1])
+    chosen = options(name, "vflowopt")
     with prunevlm.prune(model, "vflowopt", 0.5, video_scope=scope, **chosen) as handle:
         model.generate(**inputs, max_new_tokens=2, **tiny.GREEDY)
     method = prunevlm.api.make_method("vflowopt", **chosen)
     layers = len(model.model.language_model.layers)
-    for index, (t, h, w) in zip((0, 2), FRAMES):
+    videos = [i for i, video in enumerate(handle.stats.videos[0]) if video is not None]
+    for index, (t, h, w) in zip(videos, FRAMES[kind(name)]):
         plan = handle.stats.stages[0][index]
         assert plan == method.plan(Budget(0.5), t * h * w, layers)
         video = handle.stats.videos[0][index]
@@ -117,27 +145,34 @@ def test_in_llm_budget_is_the_layer_average_over_the_videos_tokens(qwen, scope):
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
-def test_kept_tokens_keep_their_positions_and_every_text_token_stays(qwen, method, scope):
-    """M-RoPE ids (temporal, h, w) of each kept token as in the unpruned prompt; every text token kept
-    (Qwen3-VL's timestamps and each frame's vision start/end); DeepStack rows follow the kept visual tokens."""
-    family, model = qwen
-    inputs = tiny.qwen_video_inputs(model, ROWS)
+def test_kept_tokens_keep_their_positions_and_every_text_token_stays(family, method, scope):
+    """Positions (Qwen: the M-RoPE ids, temporal, h, w) of each kept token as in the unpruned prompt; every
+    text token kept (Qwen3-VL's timestamps and each frame's vision start/end); OneVision's trailing video
+    newline kept; DeepStack rows follow the kept visual tokens."""
+    name, model = family
+    inputs = make_inputs(name, model)
     with LanguageModelInputs(model) as seen:
         model(**inputs)
     full = seen.calls[0]
     with prunevlm.prune(model, method, 2 if method != "vflowopt" else 0.3, video_scope=scope,
-                        **options(family, method)) as handle, LanguageModelInputs(model) as seen:
+                        **options(name, method)) as handle, LanguageModelInputs(model) as seen:
         model(**inputs)
     pruned, columns = seen.calls[0], handle.stats.input_columns
     ids = inputs["input_ids"]
     for row in range(ids.shape[0]):
         real = pruned["attention_mask"][row].bool()
         kept = columns[row][real]
-        visual = (ids[row] == tiny.QWEN_IMAGE) | (ids[row] == tiny.QWEN_VIDEO)
+        visual = torch.isin(ids[row], torch.tensor(visual_ids(model)))
         text = torch.nonzero(inputs["attention_mask"][row].bool() & ~visual).flatten()
         assert set(text.tolist()) <= set(kept.tolist())
-        assert torch.equal(pruned["position_ids"][:, row][:, real], full["position_ids"][:, row][:, kept])
-    if family == "qwen3_vl":
+        if full["position_ids"] is None:  # 1D positions the model counts: the kept columns'
+            assert torch.equal(pruned["position_ids"][row][real], kept)
+        else:
+            assert torch.equal(pruned["position_ids"][:, row][:, real], full["position_ids"][:, row][:, kept])
+    if name == "llava_onevision":  # each video's last placeholder, its newline, is kept
+        video = torch.nonzero(ids[0] == model.config.video_token_id).flatten()
+        assert set(video.view(2, -1)[:, -1].tolist()) <= set(columns[0].tolist())
+    if name == "qwen3_vl":
         flat = (columns.clamp_min(0) + ids.shape[1] * torch.arange(ids.shape[0])[:, None])[pruned["attention_mask"].bool()]
         visual = full["visual_pos_masks"].flatten()
         assert torch.equal(pruned["visual_pos_masks"][pruned["attention_mask"].bool()], visual[flat])
@@ -149,20 +184,20 @@ def test_kept_tokens_keep_their_positions_and_every_text_token_stays(qwen, metho
 
 @pytest.mark.parametrize("scope", SCOPES)
 @torch.no_grad()
-def test_a_padded_batch_of_a_video_row_an_image_row_and_a_text_row_equals_the_rows_alone(qwen, scope):
-    family, model = qwen
-    inputs = tiny.qwen_video_inputs(model, ROWS)
-    singles = [tiny.qwen_video_inputs(model, [items], seed=row) for row, items in enumerate(ROWS)]
+def test_a_padded_batch_of_a_video_row_an_image_row_and_a_text_row_equals_the_rows_alone(family, scope):
+    name, model = family
+    inputs = make_inputs(name, model)
+    singles = [make_inputs(name, model, [items], seed=row) for row, items in enumerate(ROWS[kind(name)])]
     with prunevlm.prune(model, "flashvlm", 2, video_scope=scope):
         tiny.assert_batch_equals_rows(model, inputs, singles, max_new_tokens=4, **tiny.GREEDY)
 
 
 @torch.no_grad()
-def test_sampling_and_beam_search(qwen):
+def test_sampling_and_beam_search(family):
     """At full budget both equal the unhooked model (the encoded videos are repeated per beam or sample and
     found again); at a budget every repeated prompt is pruned to the same length."""
-    family, model = qwen
-    inputs = tiny.qwen_video_inputs(model, ROWS[:2])
+    name, model = family
+    inputs = make_inputs(name, model, ROWS[kind(name)][:2])
     modes = [dict(do_sample=True, num_return_sequences=2), dict(num_beams=2, do_sample=False)]
     suppress = dict(max_new_tokens=3, suppress_tokens=tiny.GREEDY["suppress_tokens"])
     for mode in modes:

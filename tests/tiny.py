@@ -357,3 +357,40 @@ def qwen_video_inputs(model, items_per_row: list[list[tuple]], text: int = 6, se
             inputs[key] = torch.cat(pixels[kind])
             inputs[f"{kind}_grid_thw"] = torch.tensor(grids[kind])
     return inputs
+
+
+def onevision_video_inputs(model, items_per_row: list[list], frames: int, text: int = 6, seed: int = 0) -> dict:
+    """Left-padded batch for LLaVA-OneVision with images and videos: per row, items "video" (`frames` frames
+    of 32 px; every video of a call has as many, as `pixel_values_videos` is one tensor) or (h, w) (an image
+    of that size, at most one per row), each between text runs, expanded to the placeholders the model packs.
+    Row r draws its text and pixels from seed + r, so `onevision_video_inputs(model, [items_per_row[r]],
+    frames, seed=seed + r)` is that row alone."""
+    from prunevlm.models import get_adapter
+
+    adapter = get_adapter(model)
+    video_id = model.config.video_token_id
+    rows, images, sizes, videos = [], [], [], []
+    for r, items in enumerate(items_per_row):
+        g = torch.Generator().manual_seed(seed + r)
+        row = [BOS] + text_ids(text, g)
+        for item in items:
+            if item == "video":
+                row += [video_id] * adapter.video_token_counts({"pixel_values_videos": torch.zeros(1, frames)})[0]
+                videos.append(torch.randn(frames, 3, 32, 32, generator=g))
+            else:
+                size = torch.tensor([item])
+                row += [LLAVA_IMAGE] * adapter.image_token_counts({"pixel_values": torch.zeros(1), "image_sizes": size})[0]
+                images.append(torch.randn(adapter.crops(size)[0], 3, 32, 32, generator=g))
+                sizes.append(item)
+            row += text_ids(text, g)
+        rows.append(row)
+    ids, mask = left_pad(rows)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if images:
+        crops = max(image.shape[0] for image in images)
+        inputs["pixel_values"] = torch.stack([torch.cat([image, image.new_zeros(crops - image.shape[0], 3, 32, 32)])
+                                              for image in images])
+        inputs["image_sizes"] = torch.tensor(sizes)
+    if videos:
+        inputs["pixel_values_videos"] = torch.stack(videos)
+    return inputs

@@ -96,7 +96,9 @@ class Capture:
             found.append(record)
         used = {id(r) for r in found}
         kept = [r for r in records if id(r) in used]
-        self.calls = [{name: [r[name] for r in kept] for name in kept[0]}] if kept else []
+        # images and videos may record different signals (a video's frames): None where a record has none
+        names = {name for record in kept for name in record}
+        self.calls = [{name: [r.get(name) for r in kept] for name in names}] if kept else []
         seconds, self.seconds = self.seconds, 0.0
         return found, seconds
 
