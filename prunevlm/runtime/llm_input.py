@@ -66,7 +66,8 @@ class InputPruning:
         self.adapter, self.method, self.budget, self.positions, self.newline = adapter, method, budget, positions, newline
         self.budget_scope, self.video_scope = budget_scope, check_video_scope(video_scope)
         self.num_layers = adapter.num_layers
-        self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
+        self.required = set(method.signals)
+        self.needed = self.required | (set(method.optional_signals) & adapter.provides)
         self.capture = Capture()
         self.records: dict[int, tuple[weakref.ref, Prefill | None]] = {}  # per KV cache: its prefill's record
         self.local = threading.local()  # per thread: its last prefill's Stats, and its hold on the lock
@@ -472,7 +473,7 @@ class InputPruning:
             signals["text_embeds"] = embeds[row].index_select(0, text)
         for name in self.needed - {"image_tokens", "text_embeds", "text_mask"}:
             if name == "frames" and not is_video:
-                if name in self.method.signals:
+                if name in self.required:
                     raise Refused(f"{self.method.name} prunes videos only (it needs the frames of a video), but the "
                                   f"prompt holds an image; prune images with another method")
                 continue
