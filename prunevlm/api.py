@@ -52,11 +52,15 @@ class PruneHandle:
         """A picture of the last prefill's kept tokens: each image of `inputs` (the processor's output that
         was generated from; `processor` made it) as the model saw it, beside the same picture with the pruned
         tokens darkened and hatched and recycled ones outlined, at its own aspect ratio, under a legend, with
-        its row, its place in the row and what its count means. Saved to `path` if given (an image file name
+        its row, its place in the row and what its count means; each video as a film strip, every frame
+        beside its kept tokens. Saved to `path` if given (an image file name
         such as kept.png; its folder is created); returns the PIL image."""
         from .viz import kept_tokens_picture
 
-        title = f"{self.method.name} at budget {self.budget} ({self.budget_scope.replace('_', ' ')})"
+        scope = self.budget_scope.replace("_", " ")
+        if inputs.get("pixel_values_videos") is not None:
+            scope += f"; videos {self.video_scope.replace('_', ' ')}"
+        title = f"{self.method.name} at budget {self.budget} ({scope})"
         return kept_tokens_picture(self.adapter, inputs, processor, self.stats, path, title)
 
     def remove(self) -> None:

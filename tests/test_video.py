@@ -13,7 +13,10 @@ import prunevlm
 from prunevlm.budget import Budget
 from prunevlm.errors import InvalidBudget, Unsupported
 from prunevlm.methods.base import Method, Refused, Selection
-from tests import tiny
+import tiny
+from prunevlm.models import get_adapter
+from prunevlm.viz import draw_tokens, fit, model_view
+from test_viz import Processor, find
 
 METHODS = ["flashvlm", "vispruner", "uniform", "random", "vflowopt"]
 SCOPES = ["per_frame", "per_clip"]
@@ -250,3 +253,27 @@ def test_bad_inputs_are_refused():
         inputs["pixel_values_videos"] = inputs["pixel_values"][:, None]
         with prunevlm.prune(model, "random", 4), pytest.raises(Unsupported, match="not on llava"):
             model(**inputs)
+
+
+@pytest.mark.parametrize("build", [tiny.qwen2_vl, tiny.llava_onevision])
+def test_draw_shows_each_frame_beside_its_kept_tokens(build):
+    """A film strip: every frame (black, grey, white) as the tower saw it, and beside it the same frame with
+    exactly the tokens it kept in the clip."""
+    model = build()
+    if build is tiny.llava_onevision:
+        inputs = tiny.onevision_video_inputs(model, [["video"]], frames=3)
+        shades = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1, 1)
+    else:
+        inputs = tiny.qwen_video_inputs(model, [[(3, 4, 4)]])
+        shades = torch.tensor([-1.0, 0.0, 1.0]).repeat_interleave(16)[:, None]  # 16 patches per frame
+    inputs["pixel_values_videos"] = shades.expand_as(inputs["pixel_values_videos"]).clone()
+    with prunevlm.prune(model, "random", 5, video_scope="per_clip") as handle:
+        model(**inputs)
+        sheet = handle.draw(inputs, Processor)
+    ((frames, grid),) = get_adapter(model).video_views(inputs)
+    kept, size = handle.stats.kept[0][0], grid[0] * grid[1]
+    assert len(frames) == 3
+    for number, frame in enumerate(frames):
+        seen = fit(model_view(frame, (0.5,) * 3, (0.5,) * 3), grid)
+        on = kept[kept // size == number] % size
+        assert find(sheet, seen) and find(sheet, draw_tokens(seen, grid, on))

@@ -221,6 +221,12 @@ class Adapter:
         the way `image_token_counts` counts images; none for a family without video."""
         return []
 
+    def video_views(self, inputs: dict) -> list[tuple[list[torch.Tensor], tuple[int, int]]]:
+        """Per video of a processor's inputs: each frame as the vision tower saw it ([3, H, W], still
+        normalised) and the token grid of a frame covering it evenly (for drawing a film strip); none for a
+        family without video."""
+        return []
+
     def check_inputs(self, kwargs: dict) -> None:
         """Refuse inputs the adapter cannot prune with a clear error: here, a video on a family without video
         support (docs/models.md §7)."""

@@ -276,6 +276,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """Tokens per side of a video frame: the tower's grid resized bilinearly to half, rounded up (27 -> 14)."""
         return math.ceil(self.grid[0] / 2)
 
+    def video_views(self, inputs: dict) -> list[tuple[list[torch.Tensor], tuple[int, int]]]:
+        """Per video, its frames as the tower saw them; the frame's s x s tokens, resized bilinearly from the
+        tower's grid, cover each evenly."""
+        return [(list(video), (self.frame_side, self.frame_side)) for video in inputs["pixel_values_videos"]]
+
     def video_token_counts(self, kwargs: dict) -> list[int]:
         """Per video: its frames' tokens and one trailing newline (get_video_features)."""
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video")

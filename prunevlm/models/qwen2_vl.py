@@ -79,6 +79,17 @@ class QwenVLAdapter(Adapter):
             views.append(blocks.reshape(rows, cols, channels, side, side).permute(2, 0, 3, 1, 4).reshape(channels, rows * side, cols * side))
         return views
 
+    def video_views(self, inputs: dict) -> list[tuple[list[torch.Tensor], tuple[int, int]]]:
+        """Per video, each temporal patch's first frame laid back on its grid (as `pixel_views` for images)."""
+        grid_thw = inputs["video_grid_thw"]
+        views = []
+        for blocks, (frames, height, width) in zip(self._patches(inputs["pixel_values_videos"], grid_thw), grid_thw.tolist()):
+            rows, cols = height // self.merge, width // self.merge
+            channels, side = blocks.shape[1], blocks.shape[-1]
+            strip = blocks.reshape(frames, rows, cols, channels, side, side).permute(0, 3, 1, 4, 2, 5)
+            views.append((list(strip.reshape(frames, channels, rows * side, cols * side)), (rows, cols)))
+        return views
+
     @property
     def video_token_id(self) -> int:
         return self.config.video_token_id
