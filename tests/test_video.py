@@ -277,3 +277,53 @@ def test_draw_shows_each_frame_beside_its_kept_tokens(build):
         seen = fit(model_view(frame, (0.5,) * 3, (0.5,) * 3), grid)
         on = kept[kept // size == number] % size
         assert find(sheet, seen) and find(sheet, draw_tokens(seen, grid, on))
+
+
+@pytest.mark.parametrize("build", [tiny.qwen2_5_vl, tiny.llava_onevision])
+@torch.no_grad()
+def test_every_method_prunes_a_video_in_both_scopes(build):
+    """Every registered method at 0.5: the pre-LLM ones keep half of each frame (per_frame) or of the clip
+    (per_clip); those with in-LLM stages plan over the clip's tokens, the layer average of the budget."""
+    from prunevlm.methods import METHODS, make_method
+
+    model = build(layers=4)
+    if build is tiny.llava_onevision:
+        inputs, (t, h, w) = tiny.onevision_video_inputs(model, [["video"]], frames=3), (3, 2, 2)
+    else:
+        inputs, (t, h, w) = tiny.qwen_video_inputs(model, [[(3, 4, 4)]]), (3, 2, 2)
+    budget = Budget(0.5)
+    for name in METHODS:
+        for scope in SCOPES:
+            with prunevlm.prune(model, name, budget, video_scope=scope) as handle:
+                model.generate(**inputs, max_new_tokens=2, **tiny.GREEDY)
+            (video,) = handle.stats.videos[0]
+            if make_method(name).prunes_in_llm:
+                assert handle.stats.stages[0][0] == make_method(name).plan(budget, t * h * w, 4)
+            elif scope == "per_frame":
+                assert video.after == [budget.tokens_to_keep(h * w)] * t
+            else:
+                assert sum(video.after) == budget.tokens_to_keep(t * h * w)
+
+
+@pytest.mark.parametrize("name", list(BUILD)[:3])
+@torch.no_grad()
+def test_qwen_video_signals_are_each_frames_own(name):
+    """The tower attends within each temporal patch: a video's tokens and its saliency, keys and attention
+    (block-diagonal) are those of its frames encoded as images of the same pixels, in time order."""
+    from prunevlm.models.base import Capture
+
+    model = BUILD[name]()
+    inputs = tiny.qwen_video_inputs(model, [[(3, 4, 4)]])
+    adapter, capture = get_adapter(model), Capture()
+    handles = adapter.install({"saliency", "keys", "attention"}, capture)
+    try:
+        model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        model.model.get_image_features(inputs["pixel_values_videos"], torch.tensor([[1, 4, 4]] * 3))
+    finally:
+        for handle in handles:
+            handle.remove()
+    video, images = capture.calls
+    assert video["frames"] == [(3, 2, 2)] and images["frames"] == [(1, 2, 2)] * 3
+    for signal in ("tokens", "saliency", "keys"):
+        torch.testing.assert_close(video[signal][0], torch.cat(images[signal]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(video["attention"][0], torch.block_diag(*images["attention"]), atol=1e-6, rtol=1e-5)
