@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .budget import Budget, check_budget_scope
+from .budget import Budget, check_budget_scope, check_video_scope
 from .config import load_config
 from .methods import METHODS, SIGNALS, Method, Selection, make_method
 from .models import get_adapter
@@ -22,8 +22,9 @@ class PruneHandle:
     time, and `stats` is each thread's own (docs/architecture.md)."""
 
     def __init__(self, model: nn.Module, method: Method, budget: Budget, positions: str, newline: str,
-                 budget_scope: str):
+                 budget_scope: str, video_scope: str = "per_frame"):
         self.model, self.method, self.budget, self.budget_scope = model, method, budget, budget_scope
+        self.video_scope = check_video_scope(video_scope)
         self.adapter = get_adapter(model)
         # marked on the base model, which the generation class and its .model share: one handle for both
         existing = getattr(self.adapter.base, _ATTACHED, None)
@@ -32,13 +33,14 @@ class PruneHandle:
                                f".model); call .remove() on it first")
         method.plan(Budget(1.0), 1, self.adapter.num_layers)  # refuses stage layers this LLM lacks (docs/errors.md)
         warn_if_untested()
-        self.runtime = InputPruning(self.adapter, method, budget, positions, newline, budget_scope)
+        self.runtime = InputPruning(self.adapter, method, budget, positions, newline, budget_scope, video_scope)
         setattr(self.adapter.base, _ATTACHED, self)
 
     @property
     def stats(self) -> Stats:
-        """The calling thread's last prefill: visual tokens before/after per image, the tokens each image's
-        budget granted, prompt lengths, selection time, and `input_columns`, the input column each position of
+        """The calling thread's last prefill: visual tokens before/after per image (a video counts as one
+        image; `videos` gives its frames), the tokens each image's budget granted, prompt lengths, selection
+        time, and `input_columns`, the input column each position of
         the returned sequence holds (docs/architecture.md, what a forward returns)."""
         return self.runtime.stats
 
@@ -50,11 +52,15 @@ class PruneHandle:
         """A picture of the last prefill's kept tokens: each image of `inputs` (the processor's output that
         was generated from; `processor` made it) as the model saw it, beside the same picture with the pruned
         tokens darkened and hatched and recycled ones outlined, at its own aspect ratio, under a legend, with
-        its row, its place in the row and what its count means. Saved to `path` if given (an image file name
+        its row, its place in the row and what its count means; each video as a film strip, every frame
+        beside its kept tokens. Saved to `path` if given (an image file name
         such as kept.png; its folder is created); returns the PIL image."""
         from .viz import kept_tokens_picture
 
-        title = f"{self.method.name} at budget {self.budget} ({self.budget_scope.replace('_', ' ')})"
+        scope = self.budget_scope.replace("_", " ")
+        if inputs.get("pixel_values_videos") is not None:
+            scope += f"; videos {self.video_scope.replace('_', ' ')}"
+        title = f"{self.method.name} at budget {self.budget} ({scope})"
         return kept_tokens_picture(self.adapter, inputs, processor, self.stats, path, title)
 
     def remove(self) -> None:
@@ -72,7 +78,7 @@ class PruneHandle:
     def __repr__(self) -> str:
         state = "attached" if self.attached else "removed"
         return (f"PruneHandle({self.method!r}, budget={self.budget!r}, budget_scope={self.budget_scope!r}, "
-                f"{self.adapter.family}, {state})")
+                f"video_scope={self.video_scope!r}, {self.adapter.family}, {state})")
 
 
 def resolve(method: str | Method | None = None, budget: int | float | Budget | None = None, config=None,
@@ -110,7 +116,7 @@ def resolve(method: str | Method | None = None, budget: int | float | Budget | N
 
 def prune(model: nn.Module, method: str | Method | None = None, budget: int | float | Budget | None = None, *,
           config=None, positions: str = "original", newline: str = "drop", budget_scope: str | None = None,
-          **options) -> PruneHandle:
+          video_scope: str = "per_frame", **options) -> PruneHandle:
     """Attach a pruning method to a stock Hugging Face VLM: `method` (a name or a Method; default the config's,
     else "flashvlm") with its options.
 
@@ -125,11 +131,15 @@ def prune(model: nn.Module, method: str | Method | None = None, budget: int | fl
     config's) counts the budget over all of an image's crops (an int: the image's tokens reaching the LLM; a
     float: the fraction of all its placeholders, newlines included); "per_crop" counts it in each crop, on the
     crop's unpadded tokens, and the method selects within each crop (LLaVA-NeXT/OneVision; the same as
-    per_image for families with one crop per image; docs/models.md §3). Other keyword arguments are method
-    options.
+    per_image for families with one crop per image; docs/models.md §3). video_scope: how the budget counts on
+    a video (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision; docs/models.md §7): "per_frame" (the default)
+    in each frame the model encodes (an int keeps min(k, its tokens) of every frame, a float that fraction of
+    each frame), "per_clip" over the whole video (an int keeps min(k, the video's tokens), a float that
+    fraction of them; frames compete and a frame may keep none). Other keyword arguments are method options.
     """
+    check_video_scope(video_scope)
     method, budget, budget_scope = resolve(method, budget, config, options, budget_scope)
-    return PruneHandle(model, method, budget, positions, newline, budget_scope)
+    return PruneHandle(model, method, budget, positions, newline, budget_scope, video_scope)
 
 
 def select(method: str | Method, budget: int | float | Budget, **kwargs) -> Selection:

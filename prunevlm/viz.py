@@ -194,7 +194,8 @@ def count_text(stats, row: int, index: int, kept: int, total: int) -> str:
     """What the kept count of one image means: tokens at the LLM input, and for in-LLM methods (VFlowOpt)
     the counts its later stages keep and their layer average, which is what the budget sets."""
     newlines = stats.tokens_after[row][index] - kept if stats.tokens_after else 0
-    extra = f", plus {newlines} row-end newline token(s)" if newlines > 0 else ""
+    video = bool(stats.videos) and stats.videos[row][index] is not None
+    extra = f", plus {newlines} {'trailing' if video else 'row-end'} newline token(s)" if newlines > 0 else ""
     if not stats.stages:
         return f"{kept} of its {total} visual tokens reach the LLM{extra}."
     plan = stats.stages[row][index]
@@ -204,43 +205,68 @@ def count_text(stats, row: int, index: int, kept: int, total: int) -> str:
             f"counts for this method.")
 
 
+FRAMES_PER_LINE = 4  # a video's film strip: frames (each beside its kept tokens) per line
+
+
 def kept_tokens_picture(adapter, inputs: dict, processor, stats, path: str | None = None, title: str = "") -> Image.Image:
     """Every image of `inputs` (each plane of an image of several, LLaVA-NeXT/OneVision) as the model saw it,
     beside the same picture with the kept tokens of `stats` (the prefill of these inputs) marked, at its own
-    aspect ratio, under a legend; saved to `path` when given."""
+    aspect ratio, and every video as a film strip, each frame beside its kept tokens, under a legend; saved
+    to `path` when given."""
     check_picture_path(path)
     mean, std = normalisation(processor)
-    if inputs.get("pixel_values") is None:
-        raise ValueError("the inputs hold no images (no pixel_values): draw the processor's output for a prompt "
-                         "with images, the one generate() just ran on")
+    if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:
+        raise ValueError("the inputs hold no images or videos (no pixel_values, no pixel_values_videos): draw the "
+                         "processor's output for a prompt with images or videos, the one generate() just ran on")
     places = [(row, index) for row, images in enumerate(stats.kept) for index in range(len(images))]
     kept = [indices for images in stats.kept for indices in images]
     recycled = [indices for images in stats.recycled for indices in images] or [None] * len(kept)
-    grids, cells = adapter.image_grids(inputs), adapter.picture_cells(inputs)
+    videos = [video for row in stats.videos for video in row] or [None] * len(kept)
+    image_items = [item for item, video in enumerate(videos) if video is None]
+    video_items = [item for item, video in enumerate(videos) if video is not None]
+    cells = adapter.picture_cells(inputs) if inputs.get("pixel_values") is not None else []
+    strips = adapter.video_views(inputs) if inputs.get("pixel_values_videos") is not None else []
     images = len({image for image, _, _ in cells})
-    if len(kept) != images:
-        raise ValueError(f"the stats hold {len(kept)} image(s) but the inputs {images}: draw right after the "
-                         f"generate() call on these inputs")
-    views = adapter.pixel_views(inputs)
-    blocks: list[list[tuple[Image.Image, str]]] = [[] for _ in range(images)]
-    drawn, shown = [0] * images, [0] * images
-    for view, grid, (image, name, tokens) in zip(views, grids, cells):
-        # the picture's cells that show a kept (recycled) token of its image
-        on = torch.nonzero(torch.isin(tokens, kept[image].to(tokens.device))).flatten()
-        merged = None if recycled[image] is None else torch.nonzero(torch.isin(tokens, recycled[image].to(tokens.device))).flatten()
-        seen = fit(model_view(view, mean, std), grid)
-        blocks[image] += [(seen, f"{name} as the model saw it ({view.shape[2]}x{view.shape[1]} px)"),
-                          (draw_tokens(seen, grid, on, merged), f"{on.numel()} of {grid[0] * grid[1]} tokens kept")]
-        drawn[image] += on.numel()
-        shown[image] += grid[0] * grid[1]
-    width = max(SHEET_WIDTH, max(GAP + sum(max(p.width, CAPTION_WIDTH) + GAP for p, _ in block) for block in blocks))
+    if (len(image_items), len(video_items)) != (images, len(strips)):
+        raise ValueError(f"the stats hold {len(image_items)} image(s) and {len(video_items)} video(s) but the inputs "
+                         f"{images} and {len(strips)}: draw right after the generate() call on these inputs")
+    blocks: list[list[list[tuple[Image.Image, str]]]] = [[[]] for _ in kept]  # per item: lines of pictures
+    drawn, shown = [0] * len(kept), [0] * len(kept)
+    if cells:
+        for view, grid, (image, name, tokens) in zip(adapter.pixel_views(inputs), adapter.image_grids(inputs), cells):
+            item = image_items[image]
+            # the picture's cells that show a kept (recycled) token of its image
+            on = torch.nonzero(torch.isin(tokens, kept[item].to(tokens.device))).flatten()
+            merged = None if recycled[item] is None else torch.nonzero(torch.isin(tokens, recycled[item].to(tokens.device))).flatten()
+            seen = fit(model_view(view, mean, std), grid)
+            blocks[item][0] += [(seen, f"{name} as the model saw it ({view.shape[2]}x{view.shape[1]} px)"),
+                                (draw_tokens(seen, grid, on, merged), f"{on.numel()} of {grid[0] * grid[1]} tokens kept")]
+            drawn[item] += on.numel()
+            shown[item] += grid[0] * grid[1]
+    for item, (frames, grid) in zip(video_items, strips):
+        size = grid[0] * grid[1]
+        lines = blocks[item] = []
+        for number, frame in enumerate(frames):
+            window = (kept[item] >= number * size) & (kept[item] < (number + 1) * size)
+            on = kept[item][window] - number * size
+            merged = None if recycled[item] is None else recycled[item][(recycled[item] >= number * size) & (recycled[item] < (number + 1) * size)] - number * size
+            seen = fit(model_view(frame, mean, std), grid)
+            if number % FRAMES_PER_LINE == 0:
+                lines.append([])
+            lines[-1] += [(seen, f"frame {number} as the model saw it"), (draw_tokens(seen, grid, on, merged),
+                                                                           f"{on.numel()} of {size} tokens kept")]
+            drawn[item] += on.numel()
+            shown[item] += size
+    width = max(SHEET_WIDTH, max(GAP + sum(max(p.width, CAPTION_WIDTH) + GAP for p, _ in line) for block in blocks for line in block))
     sheet = Sheet(width)
     sheet.text("Visual tokens kept" + (f": {title}" if title else ""))
     sheet.keys(legend(any(r is not None and r.numel() for r in recycled)))
-    for image, block in enumerate(blocks):
-        row, index = places[image]
-        sheet.text(f"Row {row}, image {index} of the row: " + count_text(stats, row, index, drawn[image], shown[image]))
-        sheet.pictures(block, CAPTION_WIDTH)
+    for item, block in enumerate(blocks):
+        row, index = places[item]
+        what = "image" if videos[item] is None else f"video (of {videos[item].frames} frames, {videos[item].scope.replace('_', ' ')})"
+        sheet.text(f"Row {row}, {what} {index} of the row: " + count_text(stats, row, index, drawn[item], shown[item]))
+        for line in block:
+            sheet.pictures(line, CAPTION_WIDTH)
     picture = sheet.render()
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -144,16 +144,6 @@ def test_compact_positions_refused_for_mrope():
 
 
 @torch.no_grad()
-def test_qwen_video_is_refused():
-    model = tiny.qwen2_vl()
-    inputs = tiny.qwen_inputs([[(4, 4)]])
-    inputs["pixel_values_videos"] = inputs.pop("pixel_values")
-    inputs["video_grid_thw"] = inputs.pop("image_grid_thw")
-    with prunevlm.prune(model, "flashvlm", 2), pytest.raises(NotImplementedError, match="video"):
-        model(**inputs)
-
-
-@torch.no_grad()
 def test_labels_are_refused_while_pruning():
     model, inputs = tiny.llava(), tiny.llava_inputs([1])
     with prunevlm.prune(model, "flashvlm", 4), pytest.raises(ValueError, match="labels"):

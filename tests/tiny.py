@@ -330,3 +330,75 @@ def assert_batch_equals_rows(model, inputs: dict, singles: list[dict], **generat
         assert (in_batch[generated.numel():] == PAD).all()
         for step_batch, step_alone in zip(batch.logits, alone.logits):
             torch.testing.assert_close(step_batch[row], step_alone[0], atol=1e-5, rtol=0)
+
+
+def qwen_video_inputs(model, items_per_row: list[list[tuple]], text: int = 6, seed: int = 0) -> dict:
+    """Left-padded batch for a Qwen model with images and videos: per row, items (h, w) (an image, t = 1) or
+    (t, h, w) (a video of t temporal patches, 2t frames), in patches (even sizes), each between text runs.
+    Qwen2-VL/2.5-VL write a video as one <vision_start> block; Qwen3-VL writes each temporal patch as its own
+    block after two timestamp text tokens, as its processor does. Row r draws its text and pixels from seed +
+    r, so `qwen_video_inputs(model, [items_per_row[r]], seed=seed + r)` is that row alone."""
+    per_frame_blocks = model.config.model_type == "qwen3_vl"
+    rows, types, pixels = [], [], {"image": [], "video": []}
+    grids = {"image": [], "video": []}
+    for r, items in enumerate(items_per_row):
+        g = torch.Generator().manual_seed(seed + r)
+        row = [BOS] + text_ids(text, g)
+        for item in items:
+            kind, (t, h, w) = ("image", (1, *item)) if len(item) == 2 else ("video", item)
+            token = QWEN_IMAGE if kind == "image" else QWEN_VIDEO
+            per_patch = h * w // 4
+            if kind == "video" and per_frame_blocks:
+                for _ in range(t):
+                    row += text_ids(2, g) + [QWEN_START] + [token] * per_patch + [QWEN_END]
+            else:
+                row += [QWEN_START] + [token] * (t * per_patch) + [QWEN_END]
+            row += text_ids(text, g)
+            grids[kind].append([t, h, w])
+            pixels[kind].append(torch.randn(t * h * w, 3 * 2 * 8 * 8, generator=g))
+        rows.append(row)
+    ids, mask = left_pad(rows)
+    inputs = {"input_ids": ids, "attention_mask": mask,
+              "mm_token_type_ids": (ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int()}
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if grids[kind]:
+            inputs[key] = torch.cat(pixels[kind])
+            inputs[f"{kind}_grid_thw"] = torch.tensor(grids[kind])
+    return inputs
+
+
+def onevision_video_inputs(model, items_per_row: list[list], frames: int, text: int = 6, seed: int = 0) -> dict:
+    """Left-padded batch for LLaVA-OneVision with images and videos: per row, items "video" (`frames` frames
+    of 32 px; every video of a call has as many, as `pixel_values_videos` is one tensor) or (h, w) (an image
+    of that size, at most one per row), each between text runs, expanded to the placeholders the model packs.
+    Row r draws its text and pixels from seed + r, so `onevision_video_inputs(model, [items_per_row[r]],
+    frames, seed=seed + r)` is that row alone."""
+    from prunevlm.models import get_adapter
+
+    adapter = get_adapter(model)
+    video_id = model.config.video_token_id
+    rows, images, sizes, videos = [], [], [], []
+    for r, items in enumerate(items_per_row):
+        g = torch.Generator().manual_seed(seed + r)
+        row = [BOS] + text_ids(text, g)
+        for item in items:
+            if item == "video":
+                row += [video_id] * adapter.video_token_counts({"pixel_values_videos": torch.zeros(1, frames)})[0]
+                videos.append(torch.randn(frames, 3, 32, 32, generator=g))
+            else:
+                size = torch.tensor([item])
+                row += [LLAVA_IMAGE] * adapter.image_token_counts({"pixel_values": torch.zeros(1), "image_sizes": size})[0]
+                images.append(torch.randn(adapter.crops(size)[0], 3, 32, 32, generator=g))
+                sizes.append(item)
+            row += text_ids(text, g)
+        rows.append(row)
+    ids, mask = left_pad(rows)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if images:
+        crops = max(image.shape[0] for image in images)
+        inputs["pixel_values"] = torch.stack([torch.cat([image, image.new_zeros(crops - image.shape[0], 3, 32, 32)])
+                                              for image in images])
+        inputs["image_sizes"] = torch.tensor(sizes)
+    if videos:
+        inputs["pixel_values_videos"] = torch.stack(videos)
+    return inputs

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import Unsupported
+
 
 class Capture:
     """Per-image signals recorded by vision-side hooks, found again by the image's own tokens.
@@ -94,7 +96,9 @@ class Capture:
             found.append(record)
         used = {id(r) for r in found}
         kept = [r for r in records if id(r) in used]
-        self.calls = [{name: [r[name] for r in kept] for name in kept[0]}] if kept else []
+        # images and videos may record different signals (a video's frames): None where a record has none
+        names = {name for record in kept for name in record}
+        self.calls = [{name: [r.get(name) for r in kept] for name in names}] if kept else []
         seconds, self.seconds = self.seconds, 0.0
         return found, seconds
 
@@ -207,8 +211,29 @@ class Adapter:
         image, cell i showing token i."""
         return [(image, "the image", torch.arange(rows * cols)) for image, (rows, cols) in enumerate(self.image_grids(inputs))]
 
+    @property
+    def video_token_id(self) -> int | None:
+        """The placeholder id of video tokens; None for a family whose videos prunevlm does not prune."""
+        return None
+
+    def video_token_counts(self, kwargs: dict) -> list[int]:
+        """Placeholders per video for the videos in a base-model call (from encoder outputs or pixel inputs),
+        the way `image_token_counts` counts images; none for a family without video."""
+        return []
+
+    def video_views(self, inputs: dict) -> list[tuple[list[torch.Tensor], tuple[int, int]]]:
+        """Per video of a processor's inputs: each frame as the vision tower saw it ([3, H, W], still
+        normalised) and the token grid of a frame covering it evenly (for drawing a film strip); none for a
+        family without video."""
+        return []
+
     def check_inputs(self, kwargs: dict) -> None:
-        """Refuse inputs the adapter cannot prune (e.g. video) with a clear error."""
+        """Refuse inputs the adapter cannot prune with a clear error: here, a video on a family without video
+        support (docs/models.md §7)."""
+        if self.video_token_id is None and (kwargs.get("pixel_values_videos") is not None
+                                            or (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None):
+            raise Unsupported(f"prunevlm prunes videos on Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision, not on "
+                              f"{self.family}; remove the pruning handle (handle.remove()) for video prompts")
 
     def install(self, needed: set[str], capture: Capture) -> list:
         """Register vision-side hooks recording, per image, its projected tokens and the needed signals;

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -184,6 +185,8 @@ class LlavaNextAdapter(LlavaAdapter):
                 capture.scratch.pop("sizes", None)
 
         def record_tokens(module, args, output):
+            if capture.scratch.get("video"):
+                return  # a video's frames: recorded once pooled, by encode_video_noting_frames
             if "sizes" not in capture.scratch:
                 raise ValueError(f"{self.family}: the projector ran outside get_image_features, so the image sizes "
                                  f"that place its tokens are unknown; encode images through the model")
@@ -198,6 +201,7 @@ class LlavaNextAdapter(LlavaAdapter):
         handles = [tower.register_forward_pre_hook(start, with_kwargs=True),
                    projector.register_forward_hook(record_tokens),
                    InstanceAttribute(self.base, "get_image_features", encode_noting_sizes)]
+        handles += self.video_hooks(capture)
         if needed & {"saliency", "keys", "crop_attention"}:
 
             def record_attention(attention, queries, keys):
@@ -209,6 +213,10 @@ class LlavaNextAdapter(LlavaAdapter):
             handles.append(projector.register_forward_pre_hook(
                 lambda module, args: capture.record(UNPACKED + "features", [args[0]])))
         return handles
+
+    def video_hooks(self, capture: Capture) -> list:
+        """Hooks that record each encoded video (none on LLaVA-NeXT, which takes no video)."""
+        return []
 
     def record_packed(self, capture: Capture, crop_tokens: torch.Tensor, sizes, num_images) -> None:
         """The projector's per-crop output and this encoder call's per-crop signals, packed per image: tokens
@@ -255,13 +263,80 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+    provides = LlavaNextAdapter.provides | {"frames"}
     tower_model_type, tower_name = "siglip_vision_model", "a SigLIP vision tower"
     select_strategy, strategy_meaning = "full", "every patch token"
 
-    def check_inputs(self, kwargs: dict) -> None:
-        if kwargs.get("pixel_values_videos") is not None:
-            raise NotImplementedError("prunevlm does not prune LLaVA-OneVision video inputs yet; remove the pruning "
-                                      "handle (handle.remove()) for video prompts")
+    @property
+    def video_token_id(self) -> int:
+        return self.config.video_token_id
+
+    @property
+    def frame_side(self) -> int:
+        """Tokens per side of a video frame: the tower's grid resized bilinearly to half, rounded up (27 -> 14)."""
+        return math.ceil(self.grid[0] / 2)
+
+    def video_views(self, inputs: dict) -> list[tuple[list[torch.Tensor], tuple[int, int]]]:
+        """Per video, its frames as the tower saw them; the frame's s x s tokens, resized bilinearly from the
+        tower's grid, cover each evenly."""
+        return [(list(video), (self.frame_side, self.frame_side)) for video in inputs["pixel_values_videos"]]
+
+    def video_token_counts(self, kwargs: dict) -> list[int]:
+        """Per video: its frames' tokens and one trailing newline (get_video_features)."""
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video")
+        if encoded is not None:
+            return [int(features.shape[0]) for features in encoded.pooler_output]
+        pixels = kwargs.get("pixel_values_videos")
+        if pixels is None:
+            return []
+        return [int(pixels.shape[1]) * self.frame_side**2 + 1] * int(pixels.shape[0])
+
+    def video_hooks(self, capture: Capture) -> list:
+        """`get_video_features` wrapped (an instance attribute, like get_image_features) so that the
+        projector's per-frame output is not taken for an image's crops, and each video is recorded from what
+        it returns (docs/models.md §7)."""
+        encode = self.base.get_video_features
+
+        @functools.wraps(encode)
+        def encode_noting_frames(*args, **kwargs):
+            capture.scratch["video"] = True
+            try:
+                output = encode(*args, **kwargs)
+            finally:
+                capture.scratch.pop("video", None)
+            self.record_video(capture, output.pooler_output)
+            return output
+
+        return [InstanceAttribute(self.base, "get_video_features", encode_noting_frames)]
+
+    def record_video(self, capture: Capture, videos: torch.Tensor) -> None:
+        """The videos of one encoder call ([B, F·s² + 1, D], s = `frame_side`) and their per-frame signals,
+        resized from the tower's grid to the frame's s x s tokens by the model's own bilinear resize
+        (`apply_pooling`), a zero row for the trailing newline, which is no candidate: tokens, candidates,
+        rows, frames (F, s, s) and planes. VFlowOpt's per-frame map is resized on both axes (queries and
+        keys) before its view is built, so a token's context is its own frame."""
+        batch, length = videos.shape[:2]
+        side = self.frame_side
+        frames = (length - 1) // side**2
+        call = capture.calls[-1]
+        for name in [key for key in call if key.startswith(UNPACKED)]:
+            (per_frame,) = call.pop(name)  # [B·F, T, ...]
+            if name == UNPACKED + "crop_attention":  # [n, T, 2, T]: rebuilt from the resized map
+                attention = per_frame[:, :, 0].transpose(1, 2)  # rows: queries
+                attention = self.base.apply_pooling(self.base.apply_pooling(attention).transpose(1, 2)).transpose(1, 2)
+                per_frame = crop_attention(attention)
+            else:
+                values = per_frame.reshape(*per_frame.shape[:2], -1)  # trailing dimensions as channels
+                per_frame = self.base.apply_pooling(values).view(per_frame.shape[0], side**2, *per_frame.shape[2:])
+            per_video = per_frame.reshape(batch, frames * side**2, *per_frame.shape[2:])
+            newline = per_video.new_zeros(batch, 1, *per_video.shape[2:])
+            call[name[len(UNPACKED):]] = list(torch.cat([per_video, newline], dim=1))
+        capture.record("tokens", list(videos))
+        candidates = torch.arange(length, device=videos.device) < frames * side**2
+        capture.record("candidates", [candidates] * batch)
+        capture.record("rows", [torch.zeros(length, dtype=torch.long, device=videos.device)] * batch)
+        capture.record("frames", [(frames, side, side)] * batch)
+        capture.record("planes", [((side, side),) * frames] * batch)
 
     def crops(self, image_sizes, batch_num_images=None) -> list[int]:
         # several images in one prompt: one base crop each (get_image_features' need_patching)

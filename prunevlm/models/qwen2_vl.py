@@ -18,7 +18,8 @@ class QwenVLAdapter(Adapter):
         "Qwen2_5_VLForConditionalGeneration",
         "Qwen2_5_VLModel",
     )
-    family_signals = frozenset({"image_tokens", "text_embeds", "text_mask", "saliency", "attention", "keys", "patches", "grid", "planes"})
+    family_signals = frozenset({"image_tokens", "text_embeds", "text_mask", "saliency", "attention", "keys", "patches",
+                                "grid", "planes", "frames"})
     attention_signals = frozenset({"saliency", "attention", "keys"})  # read from a full-attention vision block
     compact_positions = False  # M-RoPE positions encode the image grid; they must stay original
 
@@ -78,12 +79,29 @@ class QwenVLAdapter(Adapter):
             views.append(blocks.reshape(rows, cols, channels, side, side).permute(2, 0, 3, 1, 4).reshape(channels, rows * side, cols * side))
         return views
 
-    def check_inputs(self, kwargs: dict) -> None:
-        if kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None:
-            raise NotImplementedError(
-                "prunevlm does not prune Qwen video inputs yet; remove the pruning handle (handle.remove()) for "
-                "video prompts"
-            )
+    def video_views(self, inputs: dict) -> list[tuple[list[torch.Tensor], tuple[int, int]]]:
+        """Per video, each temporal patch's first frame laid back on its grid (as `pixel_views` for images)."""
+        grid_thw = inputs["video_grid_thw"]
+        views = []
+        for blocks, (frames, height, width) in zip(self._patches(inputs["pixel_values_videos"], grid_thw), grid_thw.tolist()):
+            rows, cols = height // self.merge, width // self.merge
+            channels, side = blocks.shape[1], blocks.shape[-1]
+            strip = blocks.reshape(frames, rows, cols, channels, side, side).permute(0, 3, 1, 4, 2, 5)
+            views.append((list(strip.reshape(frames, channels, rows * side, cols * side)), (rows, cols)))
+        return views
+
+    @property
+    def video_token_id(self) -> int:
+        return self.config.video_token_id
+
+    def video_token_counts(self, kwargs: dict) -> list[int]:
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video")
+        if encoded is not None:
+            return [int(features.shape[0]) for features in encoded.pooler_output]
+        grid_thw = kwargs.get("video_grid_thw")
+        if kwargs.get("pixel_values_videos") is None or grid_thw is None:
+            return []
+        return [int(n) for n in (grid_thw.prod(dim=-1) // self.merge**2).tolist()]
 
     def install(self, needed: set[str], capture: Capture) -> list:
         def start(module, args, kwargs):
@@ -91,8 +109,10 @@ class QwenVLAdapter(Adapter):
             capture.scratch["grid_thw"] = grid_thw
             capture.start_call()
             grids = self.image_grids({"image_grid_thw": grid_thw})
-            capture.record("grid", grids)
+            capture.record("grid", grids)  # one frame's grid (an image is one frame)
             capture.record("planes", [(grid,) for grid in grids])
+            # every encoded item as t frames (a temporal patch each); the runtime gives it to videos only
+            capture.record("frames", [(int(t), rows, cols) for (t, _, _), (rows, cols) in zip(grid_thw.tolist(), grids)])
 
         def record_tokens(module, args, kwargs, output):
             counts = (capture.scratch["grid_thw"].prod(dim=-1) // self.merge**2).tolist()
@@ -136,7 +156,7 @@ class QwenVLAdapter(Adapter):
         head mean, averaged over its 2x2 patches; docs/flashvlm.md §4) and, if needed, the merged-token map
         (rows: mean over a token's patches as queries, columns: sum over its patches as keys), and the keys
         before the rotary embedding, averaged over heads and over each token's patches (VisionZip's merge
-        metric). Computed image by image, as the tower's own attention splits its sequence by image on the host
+        metric). Computed frame by frame, as the tower's own attention splits its sequence by temporal patch on the host
 (images differ in size; each pass is an N_i x N_i product, so the loop's overhead is small beside it); the
 official code mixes images (docs/flashvlm.md §8)."""
         length = qkv.shape[0]
@@ -147,7 +167,7 @@ official code mixes images (docs/flashvlm.md §8)."""
         queries, keys = queries.transpose(0, 1), keys.transpose(0, 1)  # [H, S, d]
         group = self.merge**2
         order = self._window_position(state["grid_thw"])
-        signals = {name: [] for name in ("saliency", "attention", "keys") if name in needed}
+        segments = {name: [] for name in ("saliency", "attention", "keys") if name in needed}
         bounds = state["cu_seqlens"].tolist()
         offset = 0
         for start, end in zip(bounds[:-1], bounds[1:]):
@@ -158,15 +178,22 @@ official code mixes images (docs/flashvlm.md §8)."""
                 full = attention_map(q, k, attn.scaling)
                 received = full.sum(dim=0)
                 merged = pool_groups(pool_groups(full, group, dims=(-1,)) * group, group, dims=(-2,))
-                signals["attention"].append(merged[local][:, local])
+                segments["attention"].append(merged[local][:, local])
             elif "saliency" in needed:
                 received = received_attention(q, k, attn.scaling)
             if "saliency" in needed:
-                signals["saliency"].append(pool_groups(received, group)[local])
+                segments["saliency"].append(pool_groups(received, group)[local])
             if "keys" in needed:
-                signals["keys"].append(pool_groups(content_keys[start:end], group, dims=(0,))[local])
+                segments["keys"].append(pool_groups(content_keys[start:end], group, dims=(0,))[local])
             offset += count
-        return signals
+        # the tower attends within each temporal patch: a video's frames are segments of their own, joined
+        # here in time order (its attention map is block-diagonal: no frame attends to another)
+        frames = state["grid_thw"][:, 0].tolist()
+        starts = [sum(frames[:i]) for i in range(len(frames))]
+        join = {"attention": torch.block_diag}
+        return {name: [join.get(name, lambda *parts: torch.cat(parts))(*per_frame[first : first + count])
+                       for first, count in zip(starts, frames)]
+                for name, per_frame in segments.items()}
 
     def _window_position(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """For each merged token in original order, its position in the (windowed) order the blocks see;

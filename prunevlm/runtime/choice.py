@@ -31,6 +31,7 @@ class ImageChoice:
     candidates: torch.Tensor | None = None  # indices within the image the method chose from; None: all
     rows: torch.Tensor | None = None  # per placeholder, the row whose newline ends it
     newline: str = "drop"
+    frames: tuple[int, int, int] | None = None  # a video's (t, h, w) frames of content tokens; None: an image
 
     @cached_property
     def keep(self) -> torch.Tensor:

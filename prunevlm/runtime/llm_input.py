@@ -26,22 +26,28 @@ import weakref
 
 import torch
 
-from ..budget import Budget, check_budget_scope
+from ..budget import Budget, check_budget_scope, check_video_scope
 from ..methods.base import LAYOUT_SIGNALS, Method, Plan, Refused, Selection, SignalsUnavailable
 from ..models.base import Adapter, Capture, synchronize
 from .choice import NEWLINE_POLICIES, ImageChoice
 from .contract import Call, ContractError, check_dynamic, is_prefill, output_cache
 from .decoding import fix_decode
 from .llm_layers import LayerPruning
-from .placeholders import image_mask, locate_images
-from .record import KeptImage, Prefill, Stats
+from ..methods.uniform import plane_shares
+from .placeholders import locate_images, placeholder_mask
+from .record import KeptImage, Prefill, Stats, VideoStats
 
 
 class InputPruning:
-    """Attach `method` with a per-image `budget` to a model through `adapter`; see the module docstring."""
+    """Attach `method` with a per-image `budget` to a model through `adapter`; see the module docstring.
+
+    A video is located like an image (its placeholders, by the video token id) and pruned as one image whose
+    frames are its crops: `video_scope="per_frame"` selects in each frame with the budget counted on the
+    frame, "per_clip" selects over the whole clip with the frames as its planes (docs/architecture.md, video).
+    """
 
     def __init__(self, adapter: Adapter, method: Method, budget: Budget, positions: str = "original",
-                 newline: str = "drop", budget_scope: str = "per_image"):
+                 newline: str = "drop", budget_scope: str = "per_image", video_scope: str = "per_frame"):
         if positions not in ("original", "compact"):
             raise ValueError(f"positions must be 'original' or 'compact', got {positions!r}")
         if newline not in NEWLINE_POLICIES:
@@ -58,14 +64,16 @@ class InputPruning:
             raise SignalsUnavailable(f"{method.name} needs signal(s) {sorted(missing)} that the {adapter.family} adapter "
                                      f"cannot provide" + (f" for this model: {why}" if why else ""))
         self.adapter, self.method, self.budget, self.positions, self.newline = adapter, method, budget, positions, newline
-        self.budget_scope = budget_scope
+        self.budget_scope, self.video_scope = budget_scope, check_video_scope(video_scope)
         self.num_layers = adapter.num_layers
-        self.needed = set(method.signals) | (set(method.optional_signals) & adapter.provides)
+        self.required = set(method.signals)
+        self.needed = self.required | (set(method.optional_signals) & adapter.provides)
         self.capture = Capture()
         self.records: dict[int, tuple[weakref.ref, Prefill | None]] = {}  # per KV cache: its prefill's record
         self.local = threading.local()  # per thread: its last prefill's Stats, and its hold on the lock
         self.lock = threading.RLock()  # one forward of the base model at a time (docs/architecture.md, threads)
-        self.images: list[tuple[int, torch.Tensor]] | None = None  # located by the base-model hook, for one forward
+        # (row, columns, is_video) per image or video, located by the base-model hook for one forward
+        self.images: list[tuple[int, torch.Tensor, bool]] | None = None
         self.caller_positions = False  # whether this forward's caller passed position ids
         self.pending: tuple[Prefill | None] | None = None  # this forward's prefill, until its cache is known
         self.layers = LayerPruning(adapter, method) if method.prunes_in_llm else None
@@ -117,21 +125,23 @@ class InputPruning:
         self.local.held = getattr(self.local, "held", 0) + 1
         call = Call(module, args, kwargs)
         self.adapter.check_inputs(call.kwargs)
-        counts = self.adapter.image_token_counts(call.kwargs)
+        counts = {False: self.adapter.image_token_counts(call.kwargs), True: self.adapter.video_token_counts(call.kwargs)}
         self.images, self.pending = None, None
         self.caller_positions = call.get("position_ids") is not None
         if not is_prefill(call.cache(required=False)):
-            if counts:
+            if counts[False] or counts[True]:
                 raise NotImplementedError(
-                    "new images after the first forward of a cached sequence cannot be pruned; start a new "
-                    "generation with all images in the prompt, or remove the pruning handle"
+                    "new images or videos after the first forward of a cached sequence cannot be pruned; start a "
+                    "new generation with all images and videos in the prompt, or remove the pruning handle"
                 )
             return
-        placeholders = image_mask(self.adapter, call.get("input_ids"), call.get("inputs_embeds"))
-        if placeholders is None or not counts:  # no image: placeholder ids in the text are text, as unhooked
-            self.images = []
-            return
-        self.images = locate_images(placeholders, counts)
+        self.images = []
+        for is_video, token_id in ((False, self.adapter.image_token_id), (True, self.adapter.video_token_id)):
+            placeholders = placeholder_mask(self.adapter, call.get("input_ids"), call.get("inputs_embeds"), token_id) if counts[is_video] else None
+            if placeholders is not None:  # none of this kind: its placeholder ids in the text are text, as unhooked
+                kind = "video" if is_video else "image"
+                self.images += [(row, columns, is_video) for row, columns in locate_images(placeholders, counts[is_video], kind)]
+        self.images.sort(key=lambda item: (item[0], int(item[1][0])))  # prompt order
 
     def _after_base(self, module, args, kwargs, output):
         if not getattr(self.local, "held", 0):
@@ -194,7 +204,7 @@ class InputPruning:
 
     # -- prefill --------------------------------------------------------------------------------------
 
-    def _prune_prefill(self, call: Call, images: list[tuple[int, torch.Tensor]]) -> tuple[Prefill, tuple | None]:
+    def _prune_prefill(self, call: Call, images: list[tuple[int, torch.Tensor, bool]]) -> tuple[Prefill, tuple | None]:
         """The prefill's record and the language model's shortened call; where no image loses a token, the
         call is left as it came (the identity, padding and shapes included: docs/architecture.md)."""
         embeds = call["inputs_embeds"]
@@ -209,13 +219,13 @@ class InputPruning:
             )
         real = torch.ones(batch, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
         image_columns = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
-        for row, columns in images:
+        for row, columns, _ in images:
             image_columns[row, columns] = True
         text_columns = real & ~image_columns
         text_per_row = [torch.nonzero(text_columns[row]).flatten() for row in range(batch)]
 
         # index_select, not embeds[row, columns]: the same rows, 7x faster on the CPU
-        image_tokens = [embeds[row].detach().index_select(0, columns) for row, columns in images]
+        image_tokens = [embeds[row].detach().index_select(0, columns) for row, columns, _ in images]
         signals, signal_seconds = self.capture.match(image_tokens)
         choices = self._choose(images, image_tokens, embeds.detach(), text_per_row, signals)
         per_row = [[c for c in choices if c.row == row] for row in range(batch)]
@@ -253,6 +263,7 @@ class InputPruning:
             kept=[[c.placeholders for c in row] for row in per_row],
             recycled=[[c.recycled for c in row] for row in per_row],
             input_columns=source.clone(),
+            videos=[[self._video_stats(c) for c in row] for row in per_row],
         )
         return record, update
 
@@ -295,40 +306,119 @@ class InputPruning:
         on the text length), which the sharpening turns into other kept indices. Returns the choices in the
         images' order.
         """
-        candidates = [self._candidates(signals, columns.device) for (_, columns), signals in zip(images, recorded)]
-        inputs = [self._signals(tokens, embeds, row, columns, text_per_row[row], signals, selectable)
-                  for (row, columns), tokens, signals, (selectable, _) in zip(images, image_tokens, recorded, candidates)]
-        if self.budget_scope == "per_crop":
-            return [self._choose_in_crops(*arguments) for arguments in zip(images, inputs, recorded, candidates)]
+        candidates = [self._candidates(signals, columns.device) for (_, columns, _), signals in zip(images, recorded)]
+        inputs = [self._signals(tokens, embeds, row, columns, text_per_row[row], signals, selectable, is_video)
+                  for (row, columns, is_video), tokens, signals, (selectable, _) in zip(images, image_tokens, recorded, candidates)]
+        choices: list[ImageChoice | None] = [None] * len(images)
         groups: dict[tuple, list[int]] = {}
         for i, signals in enumerate(inputs):
-            groups.setdefault((images[i][1].numel(), *self._group_key(signals)), []).append(i)
-        choices: list[ImageChoice | None] = [None] * len(images)
+            if images[i][2]:
+                choices[i] = self._choose_video(images[i], signals, recorded[i], candidates[i])
+            elif self.budget_scope == "per_crop":
+                choices[i] = self._choose_in_crops(images[i], signals, recorded[i], candidates[i])
+            else:
+                groups.setdefault((images[i][1].numel(), *self._group_key(signals)), []).append(i)
         for members in groups.values():
-            num_tokens = images[members[0]][1].numel()
-            plan = self.method.plan(self.budget, num_tokens, self.num_layers)
-            if plan.layers and min(plan.layers) < self.adapter.first_stage_layer:
-                raise Refused(
-                    f"{self.method.name} would prune at LLM layer {min(plan.layers)}, but {self.adapter.family} still "
-                    f"adds vision features to the visual positions up to layer {self.adapter.first_stage_layer - 1} "
-                    f"(DeepStack); set the method's layers to {self.adapter.first_stage_layer} or later")
+            plan = self._plan(self.budget, images[members[0]][1].numel())
             # newlines are no candidates: a count above the candidates keeps them all (and the newlines by policy)
             count = min(plan.counts[0], inputs[members[0]]["image_tokens"].shape[0])
             with torch.no_grad():
                 selection = self.method(Budget(count), **self._stack([inputs[i] for i in members]))
             for index, i in enumerate(members):
-                row, columns = images[i]
+                row, columns, _ = images[i]
                 choices[i] = ImageChoice(row, columns, selection, index, plan, *candidates[i], self.newline)
         return choices
+
+    def _plan(self, budget: Budget, num_tokens: int) -> Plan:
+        """The method's plan for one image (or video) of `num_tokens` tokens, refused where an in-LLM stage
+        would start below the layers that still add vision features (DeepStack)."""
+        plan = self.method.plan(budget, num_tokens, self.num_layers)
+        if plan.layers and min(plan.layers) < self.adapter.first_stage_layer:
+            raise Refused(
+                f"{self.method.name} would prune at LLM layer {min(plan.layers)}, but {self.adapter.family} still "
+                f"adds vision features to the visual positions up to layer {self.adapter.first_stage_layer - 1} "
+                f"(DeepStack); set the method's layers to {self.adapter.first_stage_layer} or later")
+        return plan
+
+    def _choose_video(self, video, signals: dict, recorded: dict, candidates: tuple) -> ImageChoice:
+        """One video (docs/models.md §7): its t frames of h x w content tokens (the candidates; OneVision's
+        trailing newline is none and always kept). per_clip: the method runs once on the clip, the frames as
+        its planes, with the budget counted on the clip's tokens. per_frame: it runs on each frame alone with
+        the budget counted on the frame; a method with in-LLM stages plans over the clip (the layer average
+        of all its tokens; an int k counts as k per frame) and its first count is shared evenly by the frames."""
+        row, columns, _ = video
+        frames, height, width = recorded["frames"]
+        per_frame, num_tokens = height * width, frames * height * width
+        if signals["image_tokens"].shape[0] != num_tokens:
+            raise ContractError(f"a video of {frames} frames of {height}x{width} tokens reached the language model "
+                                f"with {signals['image_tokens'].shape[0]} candidate tokens")
+        if self.video_scope == "per_clip":
+            plan = self._plan(self.budget, num_tokens)
+            clip = {name: value for name, value in signals.items() if name != "grid"}  # the layout is the planes
+            if "planes" in clip:
+                clip["planes"] = ((height, width),) * frames
+            with torch.no_grad():
+                selection = self.method(Budget(min(plan.counts[0], num_tokens)), **self._stack([clip]))
+            return ImageChoice(row, columns, selection, 0, plan, *candidates, "keep_all", (frames, height, width))
+        if self.method.prunes_in_llm:
+            budget = Budget(frames * min(self.budget.value, per_frame)) if self.budget.is_count else self.budget
+            clip_plan = self._plan(budget, num_tokens)
+            shares = plane_shares(min(clip_plan.counts[0], num_tokens), [per_frame] * frames)
+        else:
+            clip_plan, shares = None, [self.budget.tokens_to_keep(per_frame)] * frames
+        members = torch.arange(num_tokens, device=columns.device).view(frames, per_frame)
+        selection = self._select_in_parts(signals, [(members[f], share, (height, width)) for f, share in enumerate(shares)])
+        counts = (sum(shares),) if clip_plan is None else (sum(shares), *clip_plan.counts[1:])
+        plan = Plan(counts, () if clip_plan is None else clip_plan.layers, self.num_layers)
+        return ImageChoice(row, columns, selection, 0, plan, *candidates, "keep_all", (frames, height, width))
+
+    def _select_in_parts(self, signals: dict, parts: list[tuple[torch.Tensor, int, tuple[int, int]]]) -> Selection:
+        """The method run on each part alone (its token indices among the signals', its count, its row-major
+        (rows, columns) plane, which becomes its layout: grid, planes, frames), one image's selections joined
+        in token order; a part with count 0 keeps nothing."""
+        chosen = []
+        for members, count, (height, width) in parts:
+            if count == 0:
+                continue
+            layout = {"grid": (height, width), "planes": ((height, width),), "frames": (1, height, width)}
+            part = {}
+            for name, value in signals.items():
+                if name in LAYOUT_SIGNALS:
+                    part[name] = layout[name]
+                elif name == "text_embeds":
+                    part[name] = value
+                elif name == "attention":  # a map among the tokens: its rows and columns
+                    part[name] = value.index_select(0, members).index_select(1, members)
+                else:
+                    part[name] = value.index_select(0, members)
+            with torch.no_grad():
+                chosen.append((members, self.method(Budget(count), **self._stack([part]))))
+        keep = torch.cat([members[selection.keep[0]] for members, selection in chosen])
+        order = keep.argsort()
+
+        def joined(name: str) -> torch.Tensor | None:
+            values = [getattr(selection, name) for _, selection in chosen]
+            return None if values[0] is None else torch.cat([value[0] for value in values])[order][None]
+
+        return Selection(keep=keep[order][None], tokens=joined("tokens"), recycled=joined("recycled"),
+                         importance=joined("importance"))
+
+    def _video_stats(self, choice: ImageChoice) -> VideoStats | None:
+        """Per-frame counts of a video's choice; None for an image."""
+        if choice.frames is None:
+            return None
+        frames, height, width = choice.frames
+        after = torch.bincount(choice.keep // (height * width), minlength=frames)
+        return VideoStats(frames, [height * width] * frames, after.tolist(), self.video_scope)
 
     def _choose_in_crops(self, image, signals: dict, recorded: dict, candidates: tuple) -> ImageChoice:
         """budget_scope="per_crop": the method runs on each crop's candidates alone, with the budget counted on
         that crop's candidates (an int: min(k, its tokens); a fraction: of its tokens, rounded to nearest, at
         least one), so each crop keeps exactly its own count, as the papers' per-crop budgets mean. Where the
         adapter records no "crops" (per placeholder: its crop and its row within the crop), the image is one
-        crop. A method's layout signal ("planes") becomes the crop's own plane: its candidates, row-major,
-        have as many rows as distinct rows within the crop."""
-        row, columns = image
+        crop. A method's layout signals ("grid", "planes") become the crop's own plane: its candidates,
+        row-major, have as many rows as distinct rows within the crop."""
+        row, columns, _ = image
         num_candidates = signals["image_tokens"].shape[0]
         crops = recorded.get("crops")
         if crops is None:
@@ -343,22 +433,10 @@ class InputPruning:
         parts = []
         for crop in crops[:, 0].unique():
             members = torch.nonzero(crops[:, 0] == crop).flatten()
-            part = {name: value if name in LAYOUT_SIGNALS or name == "text_embeds" else value.index_select(0, members)
-                    for name, value in signals.items()}
-            if "planes" in part:
-                height = crops[members, 1].unique().numel()
-                part["planes"] = ((height, members.numel() // height),)
-            with torch.no_grad():
-                parts.append((members, self.method(Budget(self.budget.tokens_to_keep(members.numel())), **self._stack([part]))))
-        keep = torch.cat([members[selection.keep[0]] for members, selection in parts])
-        order = keep.argsort()
-
-        def joined(name: str) -> torch.Tensor | None:
-            values = [getattr(selection, name) for _, selection in parts]
-            return None if values[0] is None else torch.cat([value[0] for value in values])[order][None]
-
-        selection = Selection(keep=keep[order][None], tokens=joined("tokens"), recycled=joined("recycled"),
-                              importance=joined("importance"))
+            height = crops[members, 1].unique().numel()
+            parts.append((members, self.budget.tokens_to_keep(members.numel()), (height, members.numel() // height)))
+        selection = self._select_in_parts(signals, parts)
+        keep = selection.keep[0]
         # every crop whole: the image is kept whole, newlines included (the identity, as per_image)
         count = columns.numel() if keep.numel() == num_candidates else keep.numel()
         plan = Plan((count,), (), self.num_layers)
@@ -385,15 +463,20 @@ class InputPruning:
         return {name: value if name in LAYOUT_SIGNALS else torch.stack([signals[name] for signals in group])
                 for name, value in group[0].items()}
 
-    def _signals(self, image_tokens, embeds, row, columns, text, recorded, index) -> dict:
-        """The method's inputs for one image, unbatched (`text`: the row's text columns; `index`: the
-        placeholders the method may choose from, None for all)."""
+    def _signals(self, image_tokens, embeds, row, columns, text, recorded, index, is_video) -> dict:
+        """The method's inputs for one image or video, unbatched (`text`: the row's text columns; `index`: the
+        placeholders the method may choose from, None for all). "frames" is a video's only."""
         signals = {"image_tokens": image_tokens if index is None else image_tokens.index_select(0, index)}
         if self.needed & {"text_embeds", "text_mask"}:
             if self.method.text_before_first_image:
                 text = text[text < columns[0]]
             signals["text_embeds"] = embeds[row].index_select(0, text)
         for name in self.needed - {"image_tokens", "text_embeds", "text_mask"}:
+            if name == "frames" and not is_video:
+                if name in self.required:
+                    raise Refused(f"{self.method.name} prunes videos only (it needs the frames of a video), but the "
+                                  f"prompt holds an image; prune images with another method")
+                continue
             value = recorded.get(name)
             if value is None:
                 raise RuntimeError(f"the vision hooks did not record {name!r}; was the image encoded while pruning was attached?")

@@ -33,6 +33,8 @@ class Stats:
     # column of the caller's input it holds; -1 where re-padding the shortened rows added a pad
     # (docs/architecture.md, what a forward returns)
     input_columns: torch.Tensor | None = None
+    # per row, per image: a video's frames and per-frame counts (VideoStats), None for an image
+    videos: list[list] = field(default_factory=list)
 
     @property
     def layer_average(self) -> list[list[float]]:
@@ -47,10 +49,24 @@ class Stats:
         for b, row in enumerate(self.stages):
             rows += [f"row {b}: image {i}: {plan.counts} visual tokens from layers {'/'.join(map(str, (0, *plan.layers)))}, "
                      f"layer average {plan.layer_average:.1f}" for i, plan in enumerate(row)]
+        rows += [f"row {b}: image {i} is a video of {video.frames} frames, tokens per frame {video.before} -> "
+                 f"{video.after} ({video.scope})"
+                 for b, row in enumerate(self.videos) for i, video in enumerate(row) if video is not None]
         if self.budget_tokens:
             rows.append(f"budget ({self.budget_scope}) granted {self.budget_tokens} tokens")
         parts = f"signals {self.signal_ms:.2f} ms" + (f", in the LLM {self.llm_choice_ms:.2f} ms" if self.stages else "")
         return "\n".join(rows + [f"selection {self.selection_ms:.2f} ms ({parts})"])
+
+
+@dataclass
+class VideoStats:
+    """One video of a prefill: the frames the model encoded (Qwen: temporal patches; OneVision: sampled
+    frames) and the tokens of each before and after pruning, under `scope` (prune's video_scope)."""
+
+    frames: int
+    before: list[int]  # tokens per frame
+    after: list[int]  # kept tokens per frame (OneVision's trailing newline not counted)
+    scope: str
 
 
 @dataclass
