@@ -12,6 +12,8 @@ from .errors import InvalidBudget, InvalidInput
 # how a budget counts (prune(budget_scope=...), docs/models.md §3): over all of an image's crops, or in each
 # crop on its own unpadded tokens (the image's total is then the sum over its crops)
 BUDGET_SCOPES = ("per_image", "per_crop")
+# how a budget counts on a video (prune(video_scope=...), docs/models.md §7): in each frame, or over the clip
+VIDEO_SCOPES = ("per_frame", "per_clip")
 ALLOWED = "an int >= 1 (visual tokens kept per image) or a float in (0, 1] (fraction of each image's tokens)"
 
 
@@ -84,4 +86,13 @@ def check_budget_scope(scope) -> str:
     if scope not in BUDGET_SCOPES:
         raise InvalidBudget(f"budget_scope must be 'per_image' (the budget counts over all of an image's crops) or "
                          f"'per_crop' (it counts in each crop, on the crop's unpadded tokens), got {scope!r}")
+    return scope
+
+
+def check_video_scope(scope) -> str:
+    """`scope` if it is one of VIDEO_SCOPES, else a clear error."""
+    if scope not in VIDEO_SCOPES:
+        raise InvalidBudget(f"video_scope must be 'per_frame' (the budget counts in each frame: an int keeps that "
+                            f"many tokens of every frame) or 'per_clip' (it counts over the whole video, whose "
+                            f"frames compete), got {scope!r}")
     return scope

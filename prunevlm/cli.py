@@ -12,7 +12,7 @@ import json
 import os
 
 from . import DEMO_CONFIGS, DEMO_MODEL
-from .budget import BUDGET_SCOPES, Budget
+from .budget import BUDGET_SCOPES, VIDEO_SCOPES, Budget
 from .defaults import BENCH_FAMILIES, RESULTS
 from .errors import PruneError
 
@@ -70,6 +70,21 @@ def method_names(allow_none: bool):
 def existing_file(text: str) -> str:
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"no file {text!r}" + (" (it is a folder)" if os.path.isdir(text) else ""))
+    return text
+
+
+def video_source(text: str) -> str:
+    """A video file, or a folder holding its frames as images (decoded when generate reads it)."""
+    if os.path.isdir(text):
+        from .loading import frame_files
+
+        try:
+            frame_files(text)
+        except PruneError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no video file or folder of frames {text!r}")
     return text
 
 
@@ -280,10 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--verbose", "-v", action="store_true", help="each option's type, allowed values, default and meaning")
     methods.add_argument("--markdown", action="store_true", help="the options as the markdown tables of docs/methods.md")
 
-    gen = command("generate", "answer questions about images, pruned (one prompt per image, or a JSONL of rows, in batches)", cmd_generate)
+    gen = command("generate", "answer questions about images and videos, pruned (one prompt per image or video, or a "
+                              "JSONL of rows, in batches)", cmd_generate)
     gen.add_argument("--model", type=model_source, required=True, help="hub id or local folder (from_pretrained)")
     gen.add_argument("--image", action="append", default=[], type=existing_file,
                      help="an image file; repeat for a batch (each image gets --prompt)")
+    gen.add_argument("--video", action="append", default=[], type=video_source,
+                     help="a video file (decoded with PyAV: pip install 'prunevlm[video]') or a folder of its frames "
+                          "as images, in name order; repeat for a batch (each video gets --prompt, in a row after "
+                          "the --image rows)")
+    gen.add_argument("--video-frames", type=positive, default=16, help="frames sampled evenly from each --video")
+    gen.add_argument("--video-scope", choices=VIDEO_SCOPES, default=None,
+                     help="per_frame: the budget counts in each frame of a video; per_clip: over the whole video, whose "
+                          "frames compete (Qwen2-VL/2.5-VL/3-VL, LLaVA-OneVision) (default: the config's, else "
+                          "per_frame)")
     gen.add_argument("--prompt", default=None, help="the question, plain text: the chat template adds the image placeholder")
     gen.add_argument("--jsonl", type=existing_file, default=None,
                      help='rows {"image": path or [paths] or null, "prompt": text}; relative paths from the file\'s folder')
@@ -378,15 +403,19 @@ def check(args, parser) -> None:
         if args.method and len(args.method) > 1:
             parser.error(f"generate: give one --method, got {','.join(args.method)}")
         given = (("--budget", args.budget), ("--option", args.option), ("--config", args.config),
-                 ("--budget-scope", args.budget_scope), ("--save-picture", args.save_picture))
+                 ("--budget-scope", args.budget_scope), ("--video-scope", args.video_scope),
+                 ("--save-picture", args.save_picture))
         unused = [flag for flag, value in given if value]
         if args.method == ["none"] and unused:
             parser.error(f"generate: --method none runs the unpruned model, so {', '.join(unused)} would do nothing; "
                          f"drop {'it' if len(unused) == 1 else 'them'}, or give a pruning method")
-        if args.jsonl and (args.image or args.prompt):
-            parser.error("generate: give --jsonl, or --image/--prompt, not both")
+        if args.jsonl and (args.image or args.video or args.prompt):
+            parser.error("generate: give --jsonl, or --image/--video/--prompt, not both")
         if not args.jsonl and args.prompt is None:
-            parser.error("generate: give --prompt (with --image files, or alone for a text-only answer), or --jsonl")
+            parser.error("generate: give --prompt (with --image or --video files, or alone for a text-only answer), "
+                         "or --jsonl")
+        if args.video_scope and not args.video:
+            parser.error("generate: --video-scope says how the budget counts on a video; give --video, or drop it")
     if args.command == "calibrate" and (args.budget.is_count or args.budget.value == 1):
         parser.error(f"calibrate: --budget is T in (0, 1), the layer-averaged fraction of visual tokens (a float "
                      f"such as 0.25, not a token count), got {args.budget}")
