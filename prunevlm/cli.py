@@ -19,6 +19,7 @@ from .errors import PruneError
 DEMO_TYPE = "llava"  # the model_type of a demo-format folder (prunevlm/demo/build.py)
 SEEDS = 2**32  # a calibration seed seeds Optuna's sampler, which takes [0, 2**32)
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # loading.DTYPES' names (that module imports torch)
+VIDEO_BENCH_FAMILIES = ("qwen2_5vl", "onevision")  # bench/models.py VIDEO_FAMILIES (that module imports torch)
 
 
 def parse_budget(text: str) -> Budget:
@@ -65,6 +66,14 @@ def method_names(allow_none: bool):
         return names
 
     return parse
+
+
+def frame_counts(text: str) -> list[int]:
+    """'8,32,128' -> the frame counts of the bench's videos, each an int >= 1; a repeated one is kept once."""
+    counts = list(dict.fromkeys(positive(part.strip()) for part in text.split(",") if part.strip()))
+    if not counts:
+        raise argparse.ArgumentTypeError(f"give at least one frame count, comma-separated (e.g. 8,32,128), got {text!r}")
+    return counts
 
 
 def existing_file(text: str) -> str:
@@ -333,7 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = command("bench", "speed and memory of each method on a random-weight model", cmd_bench)
     bench.add_argument("--model-family", choices=BENCH_FAMILIES, default="llava",
                        help="llava: LLaVA-1.5, one 336 px crop; next: LLaVA-NeXT, a 672 x 672 image (5 crops); "
-                            "onevision: LLaVA-OneVision, 768 x 768 (5 crops); qwen3vl: Qwen3-VL, 768 x 768 (576 tokens)")
+                            "onevision: LLaVA-OneVision, 768 x 768 (5 crops); qwen2_5vl: Qwen2.5-VL, 672 x 672 (576 "
+                            "tokens); qwen3vl: Qwen3-VL, 768 x 768 (576 tokens)")
+    bench.add_argument("--video-frames", type=frame_counts, default=None,
+                       help="comma-separated frame counts (e.g. 8,32,128): the prompt is one video of each instead of "
+                            "an image, measured in both video scopes (qwen2_5vl: 448 px frames, 128 tokens each, an "
+                            "even count; onevision: 384 px, 196 tokens each)")
     bench.add_argument("--shape", default="small",
                        help="small: for a CPU (llava: CLIP ViT-L/14-336 + Llama h1024 x 8 layers; the other families "
                             "keep their tower's width and tokens with 4 tower layers); 7b: the released 7B/8B model, "
@@ -416,6 +430,13 @@ def check(args, parser) -> None:
                          "or --jsonl")
         if args.video_scope and not args.video:
             parser.error("generate: --video-scope says how the budget counts on a video; give --video, or drop it")
+    if args.command == "bench" and args.video_frames:
+        if args.model_family not in VIDEO_BENCH_FAMILIES:
+            parser.error(f"bench: --video-frames runs on --model-family {' or '.join(VIDEO_BENCH_FAMILIES)}, not "
+                         f"{args.model_family}")
+        odd = [n for n in args.video_frames if n % 2]
+        if args.model_family == "qwen2_5vl" and odd:
+            parser.error(f"bench: Qwen2.5-VL merges 2 frames per temporal patch; give even frame counts, got {odd}")
     if args.command == "calibrate" and (args.budget.is_count or args.budget.value == 1):
         parser.error(f"calibrate: --budget is T in (0, 1), the layer-averaged fraction of visual tokens (a float "
                      f"such as 0.25, not a token count), got {args.budget}")

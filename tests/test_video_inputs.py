@@ -1,6 +1,8 @@
 """Video around the core (#27 item 2): configs carry video_scope, `generate --video/--video-scope/--video-frames`,
 the lmms-eval model_args, decoding a folder of frames or a video file, and video rows in prompt_inputs."""
 
+import inspect
+import json
 import re
 import sys
 import types
@@ -192,3 +194,49 @@ def test_lmms_eval_rows_decode_their_video_paths_after_their_images(tmp_path, mo
     pruned._inputs([[image, folder], None, [folder]], ["a", "b", "c"])
     assert handed["images"] == [[image], None, None]
     assert [None if v is None else [len(clip) for clip in v] for v in handed["videos"]] == [[3], None, [3]]
+
+
+@pytest.mark.parametrize("family,frames,tokens", [("qwen2_5vl", 2, 256), ("qwen2_5vl", 6, 3 * 256),
+                                                  ("onevision", 3, 3 * 196 + 1)])
+def test_bench_video_prompts_hold_the_placeholders_the_stock_model_fills(family, frames, tokens):
+    from prunevlm.bench.models import build_family, video_inputs
+
+    model = build_family(family, "tiny", torch.float32, torch.device("cpu"))
+    inputs = video_inputs(family, model, 10, frames, torch.device("cpu"))
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == tokens
+    with torch.no_grad():  # the stock forward checks that the video's features fill its placeholders
+        assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+@pytest.mark.skipif("video_scope" not in inspect.signature(prunevlm.prune).parameters,
+                    reason="prune(video_scope=) is the core's (branch video); runs once both are merged")
+def test_bench_runs_videos_of_each_frame_count_in_both_scopes(tmp_path):
+    out = tmp_path / "bench.json"
+    main(["bench", "--model-family", "qwen2_5vl", "--shape", "tiny", "--video-frames", "2,4", "--methods",
+          "none,uniform", "--budgets", "0.5", "--repeats", "1", "--decode-tokens", "2", "--diversity-tokens", "0",
+          "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows = {(r["frames"], r["video_scope"], r["method"]): r for r in report["rows"]}
+    assert set(rows) == {(2, "per_frame", "none"), (4, "per_frame", "none"), (2, "per_frame", "uniform"),
+                         (2, "per_clip", "uniform"), (4, "per_frame", "uniform"), (4, "per_clip", "uniform")}
+    assert rows[(2, "per_frame", "none")]["kept"] == 256 and rows[(4, "per_frame", "none")]["kept"] == 512
+    assert report["video_frames"] == [2, 4] and "| 4 | - | none | all | 512 |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--video-frames", "8"], "--video-frames runs on --model-family qwen2_5vl or onevision, not llava"),
+    (["--model-family", "qwen2_5vl", "--video-frames", "8,3"], r"give even frame counts, got \[3\]"),
+    (["--model-family", "onevision", "--video-frames", ","], "give at least one frame count"),
+    (["--model-family", "onevision", "--video-frames", "8,x"], "must be an int >= 1, got 'x'"),
+])
+def test_bench_refuses_bad_video_frames(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(["bench", *argv])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_cli_knows_the_video_bench_families_without_importing_torch():
+    from prunevlm.bench.models import VIDEO_FAMILIES
+    from prunevlm.cli import VIDEO_BENCH_FAMILIES
+
+    assert set(VIDEO_BENCH_FAMILIES) == set(VIDEO_FAMILIES)
