@@ -19,7 +19,7 @@ define fresh_venv
 	$(1)/bin/python -m pip install -q -e "$(EXTRAS)" $(2)
 endef
 
-.PHONY: setup demo bench test fuzz test-newest test-oldest test-lmms lock clean
+.PHONY: setup demo bench test test-kernels fuzz test-newest test-oldest test-lmms lock clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,14 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The selection tests again under another machine's rounding (docs/diversity.md, "Same result on every CPU"):
+# MKL's SSE4.2 kernels with torch's own kernels off AVX2/AVX512, then one thread. A test that depends on the
+# CPU's rounding fails here, not on a user's machine.
+SELECTION_TESTS := tests/test_methods.py tests/test_batched.py tests/test_properties.py tests/test_portability.py
+test-kernels: setup
+	MKL_ENABLE_INSTRUCTIONS=SSE4_2 ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(SELECTION_TESTS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest $(SELECTION_TESTS)
 
 # The property tests at 10,000 examples each (CI runs them at 50; profiles in tests/conftest.py).
 fuzz: setup

@@ -9,6 +9,17 @@ batched call, to say where the time goes.
 
     python benchmarks/batched_selection.py [--method flashvlm] [--images 16] [--budget 64] [--repeats 7]
         [--threads 1] [--schedule fixed|geometric] [--out benchmarks/results/batched_selection.md]
+
+The cost of computing the order-deciding similarities in fp64 (issue #25, docs/diversity.md "Same result on
+every CPU"): one image at N = 576 and at N = 4,608 (8 frames, the neighbour-list path of the partition) per
+method, and the batch of 16 at N = 576, each run on the commit before and the one after, on the same quiet
+machine (the script reads only names both have):
+
+    for m in flashvlm vispruner divprune cdpruner; do
+        python benchmarks/batched_selection.py --method $m --images 1 --tokens 576 --budget 64 --repeats 15
+        python benchmarks/batched_selection.py --method $m --images 1 --tokens 4608 --budget 512 --repeats 7
+    done
+    python benchmarks/batched_selection.py --method flashvlm --images 16 --repeats 7
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ FORMAT = "prunevlm-config/1"
 # what prune() reads; budget_scope and video_scope may be absent (configs written before the options)
 FIELDS = ("format", "method", "budget", "budget_scope", "video_scope", "options")
 # what `prunevlm calibrate` records beside them, for people (prune() reads none of it)
-PROVENANCE = ("model", "study", "storage", "trials", "seed", "best_trial", "objective", "default_objective", "samples",
-              "holdout", "versions")
+PROVENANCE = ("model", "study", "storage", "trials", "seed", "best_trial", "best_is_default", "objective", "default_objective",
+              "samples", "holdout", "versions")
 
 
 def save_config(path: str, method: str, budget, options: dict, budget_scope: str = "per_image",

@@ -48,6 +48,9 @@ def test_layout_follows_the_model_s_own_packing():
 @torch.no_grad()
 @pytest.mark.parametrize("method", METHODS)
 def test_a_budget_above_every_image_is_the_identity_and_remove_restores(case, method):
+    """A budget above every image gives the logits and tokens of the unhooked model, and remove() restores them.
+    Exact: the same computation on the same inputs, in one process (the hooks must change nothing the model
+    computes there), not two computation paths."""
     _, model, inputs = case
     reference = model(**inputs).logits
     ids = model.generate(**inputs, **GENERATE)
@@ -191,7 +194,8 @@ IN_LLM = ["fastv", "pdrop", "dart", "sparsevlm"]
 def test_in_llm_baselines_run_on_packed_images_and_restore(case, method):
     """The in-LLM baselines on NeXT/OneVision: a full budget is the identity; a reachable layer average
     prunes inside the LLM (stages reported), and remove() restores the model. Six LLM layers: PyramidDrop
-    and SparseVLM need more than their three stages."""
+    and SparseVLM need more than their three stages. The identity is compared exactly: the same computation
+    on the same inputs, in one process."""
     name, _, inputs = case
     model = FAMILIES[name](layers=6)
     reference = model(**inputs).logits
@@ -239,6 +243,9 @@ def test_per_crop_budgets_keep_exactly_each_crop_s_count(family, method, budget)
 
 @torch.no_grad()
 def test_per_crop_keeps_newlines_by_policy_and_a_full_budget_is_the_identity(case):
+    """Per-crop budgets keep the newline tokens by policy, and a full budget is the identity. Exact: the same
+    computation on the same inputs, in one process (the hooks must change nothing the model computes there), not
+    two computation paths."""
     _, model, _ = case
     inputs = tiny.anyres_inputs(model, UNSCALED)
     layouts = get_adapter(model).layout(inputs["image_sizes"])
@@ -269,6 +276,8 @@ def test_per_crop_refusals_say_what_to_do():
 @torch.no_grad()
 @pytest.mark.parametrize("budget", [5, 0.2])
 def test_per_crop_is_per_image_for_a_family_with_one_crop(budget):
+    """With one crop per image the two scopes run the same computation, so the kept tokens are compared
+    exactly."""
     model = tiny.llava()
     inputs = tiny.llava_inputs([1, 2])
     kept = {}

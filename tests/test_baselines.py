@@ -41,9 +41,10 @@ def signals_for(method, s):
 def plain_max_min(tokens, k, exclude_chosen=True):
     """The greedy written plainly, O(k N²): every step recomputes each token's minimum distance to the chosen
     set. The first pick is the token with the largest second-smallest entry of its distance column (the
-    smallest being its own). With exclude_chosen=False it is the official rule, which may pick a token again."""
+    smallest being its own). With exclude_chosen=False it is the official rule, which may pick a token again.
+    Cosines in fp64 rounded to fp32, the rule of docs/diversity.md ("Same result on every CPU")."""
     unit = F.normalize(tokens.double(), dim=-1)
-    distances = 1 - unit @ unit.T
+    distances = 1 - (unit @ unit.T).float()
     chosen = [int(distances.sort(dim=0).values[1].argmax())]
     for _ in range(1, k):
         best, best_value = None, -math.inf
@@ -79,6 +80,8 @@ def test_divprune_never_repeats_a_duplicated_token():
 
 @pytest.mark.parametrize("batch,tokens,dim,k", [(1, 6, 2, 3), (2, 50, 8, 10), (3, 120, 32, 40), (1, 64, 4, 63)])
 def test_divprune_equals_the_plain_greedy(batch, tokens, dim, k):
+    """Index for index: both apply the rule of docs/diversity.md (fp64 cosines rounded to fp32, ties to the
+    lowest index), so they compare the same fp32 distances on any CPU."""
     s = random_signals(batch, tokens, dim, seed=tokens + k)
     selection = prunevlm.select("divprune", k, image_tokens=s["image_tokens"])
     for row in range(batch):
@@ -86,7 +89,8 @@ def test_divprune_equals_the_plain_greedy(batch, tokens, dim, k):
 
 
 def test_divprune_fp16_tokens_give_distinct_tokens_as_fp32():
-    """Distances are computed in fp32 even for fp16 tokens, so duplicates never come back."""
+    """Distances are computed from fp64 cosines rounded to fp32 for fp16 tokens too, so duplicates never come
+    back; the fp16 values are exact in fp32, so both runs compute the same numbers."""
     tokens = torch.randn(1, 8, 16).half()[:, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6, 7, 7])]
     keep = prunevlm.select("divprune", 12, image_tokens=tokens).keep[0]
     assert keep.unique().numel() == 12
@@ -94,7 +98,8 @@ def test_divprune_fp16_tokens_give_distinct_tokens_as_fp32():
 
 
 def test_divprune_ignores_the_scale_of_each_token():
-    """Check 3, second half: a positive scale per token changes nothing (powers of two: exact in floating point)."""
+    """Check 3, second half: a positive scale per token changes nothing (powers of two: the unit vectors are
+    bit-identical, so the same numbers are computed on any CPU)."""
     s = random_signals(2, 80, 12, seed=3)
     scales = 2.0 ** torch.randint(-4, 5, (2, 80, 1)).double()
     plain = prunevlm.select("divprune", 20, image_tokens=s["image_tokens"])
@@ -125,7 +130,10 @@ def naive_log_det_greedy(kernel, k):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("sign", [1, -1])
 def test_cdpruner_fast_greedy_equals_the_log_det_greedy(seed, sign):
-    """Check 1: the same picks as naive greedy log-det maximisation, and log det L_S = Σ log gains."""
+    """Check 1: the same picks as naive greedy log-det maximisation, and log det L_S = Σ log gains (within
+    the default fp64 tolerance). The picks are compared exactly: the two compare different numbers (fp32
+    residuals, fp64 log-determinants), which agree on every CPU since no two gains of these seeds lie within
+    an fp32 rounding of each other."""
     s = random_signals(2, 40, 24, seed=seed)
     selection = prunevlm.select("cdpruner", 15, relevance_sign=sign, image_tokens=s["image_tokens"],
                                 text_embeds=s["text_embeds"])
@@ -185,7 +193,10 @@ def test_cdpruner_rank_deficient_kernel_is_guarded():
 
 def test_cdpruner_relevance_is_the_official_normalisation_rescaled():
     """Check 5: the official r = (ρ − min ρ + 1e-6) / (max ρ − min ρ) has min 1e-6 / span and max 1 + 1e-6 /
-    span; relevance() is r / max r, and a kernel from the official r picks the same tokens."""
+    span; relevance() is r / max r, and a kernel from the official r picks the same tokens. relevance() rounds ρ
+    to fp32 (docs/diversity.md, "Same result on every CPU"), so r is compared with the fp64 formula within
+    fp32 tolerance; the picks, which scaling the kernel leaves unchanged in exact arithmetic, are compared
+    exactly: no two gains of this seed lie within an fp32 rounding of each other."""
     s = random_signals(2, 50, 16, seed=4)
     unit_image, unit_text = F.normalize(s["image_tokens"], dim=-1), F.normalize(s["text_embeds"], dim=-1)
     rho = (unit_image @ unit_text.transpose(1, 2)).mean(dim=-1)
@@ -194,7 +205,7 @@ def test_cdpruner_relevance_is_the_official_normalisation_rescaled():
     torch.testing.assert_close(official.amin(dim=1, keepdim=True), OFFSET / span)
     torch.testing.assert_close(official.amax(dim=1, keepdim=True), 1 + OFFSET / span)
     r = relevance(s["image_tokens"], s["text_embeds"])
-    torch.testing.assert_close(r, official / (1 + OFFSET / span))
+    torch.testing.assert_close(r, (official / (1 + OFFSET / span)).float())
     ours, _ = greedy_map(conditional_kernel(s["image_tokens"], r), 12)
     theirs, _ = greedy_map(conditional_kernel(s["image_tokens"], official), 12)
     assert torch.equal(ours, theirs)
@@ -210,6 +221,8 @@ def test_cdpruner_constant_relevance_is_finite():
 
 
 def test_cdpruner_ignores_padded_text_rows():
+    """A padded row alone and in a batch: the batched products sum in other orders, which the rounding of ρ
+    and of the cosines to fp32 absorbs (docs/diversity.md), so the picks are compared exactly."""
     s = random_signals(2, 40, 16, text=6, seed=7)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
     batch = prunevlm.select("cdpruner", 8, image_tokens=s["image_tokens"], text_embeds=s["text_embeds"], text_mask=mask)
@@ -221,10 +234,13 @@ def test_cdpruner_ignores_padded_text_rows():
 
 
 def test_cdpruner_theta_weights_tokens_by_exp_alpha_r():
+    """The same computation as select's, the exponential in fp64 rounded to fp32 as the rule of
+    docs/diversity.md has it, so the picks are equal on any CPU."""
     s = random_signals(1, 40, 16, seed=8)
     selection = prunevlm.select("cdpruner", 10, theta=0.5, **signals_for("cdpruner", s))
     r = relevance(s["image_tokens"], s["text_embeds"])
-    order, _ = greedy_map(conditional_kernel(s["image_tokens"], torch.exp(0.5 * r)), 10)  # α = 0.5 / (2 · 0.5)
+    quality = torch.exp(0.5 * r.double()).float()  # α = 0.5 / (2 · 0.5)
+    order, _ = greedy_map(conditional_kernel(s["image_tokens"], quality), 10)
     assert torch.equal(selection.info["order"], order)
 
 
@@ -261,10 +277,10 @@ def plain_visionzip(tokens, saliency, keys, k, ratio=5 / 32, merge="target_plus_
     stride = max(1, len(remaining) // contextual)
     targets = [remaining[p * stride] for p in range(contextual)]
     groups = {t: [] for t in targets}
-    unit = F.normalize(keys, dim=-1)
+    unit = F.normalize(keys.double(), dim=-1)  # cosines in fp64 rounded to fp32 (docs/diversity.md)
     for j in remaining:
         if j not in groups:
-            similarity = [float(unit[j] @ unit[t]) for t in targets]
+            similarity = [float((unit[j] @ unit[t]).float()) for t in targets]
             groups[targets[similarity.index(max(similarity))]].append(j)
     values = {j: tokens[j] for j in dominant}
     for t, members in groups.items():
@@ -278,6 +294,8 @@ def plain_visionzip(tokens, saliency, keys, k, ratio=5 / 32, merge="target_plus_
 @pytest.mark.parametrize("merge", ["target_plus_mean", "average"])
 @pytest.mark.parametrize("tokens,k", [(64, 32), (100, 20), (30, 7), (576, 64)])
 def test_visionzip_equals_the_written_out_algorithm(tokens, k, merge):
+    """Slots exactly (both choose targets by fp64 cosines rounded to fp32, ties to the first target, the
+    rule of docs/diversity.md); the merged values, summed in another order, within the default tolerance."""
     s = random_signals(2, tokens, seed=tokens + k)
     selection = prunevlm.select("visionzip", k, merge=merge, **signals_for("visionzip", s))
     for row in range(2):
@@ -358,8 +376,9 @@ def test_exact_count_of_unique_ascending_indices_deterministically(method, batch
 @given(**{**case, "dim": st.integers(2, 24)})
 def test_a_permutation_of_the_tokens_permutes_the_selection(method, batch, tokens, dim, seed, budget):
     """Both are functions of the token set alone: permuting the tokens permutes the kept set. Inputs are
-    random in fp64 and at least 2 dimensions (in one, every cosine is ±1), so ties have probability 0 but for
-    one: DivPrune's first pick ties whenever the token whose nearest neighbour is farthest is that
+    random in fp64 and at least 2 dimensions (in one, every cosine is ±1). The cosines are rounded to fp32
+    (docs/diversity.md), the same wherever a token sits, so ties have a probability of about 2⁻²⁴ per pair
+    of close values but for one: DivPrune's first pick ties whenever the token whose nearest neighbour is farthest is that
     neighbour's nearest too (always for N = 2); the lowest index wins, so such inputs are left out."""
     s = signals_for(method, random_signals(batch, tokens, dim, seed=seed))
     if method == "divprune":

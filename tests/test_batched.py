@@ -10,6 +10,7 @@ import torch
 import prunevlm
 import tiny
 from prunevlm.methods import METHODS, diversity
+from prunevlm.methods.portable import unit_rows
 from prunevlm.methods.vflowopt import recycle
 from syncguard import HostReadError, NoHostReads
 
@@ -56,6 +57,10 @@ def same(a, b, i):
 @pytest.mark.parametrize("seed,ties", [(0, False), (1, False), (2, True)])
 @pytest.mark.parametrize("budget", [1, 7, 36, 100, 0.3])
 def test_a_batch_selects_what_each_image_selects_alone(name, seed, ties, budget):
+    """Every field exactly: the batched products sum in other orders than an image's alone, which the
+    rounding of fp64 scores and cosines to fp32 absorbs (docs/diversity.md, "Same result on every CPU");
+    VFlowOpt's recycled values add the same fp32 numbers in the same ranked order; random and uniform are
+    integer operations."""
     method = METHODS[name]()
     signals = taken_by(method, batch_signals(seed=seed, ties=ties))
     batched = method(prunevlm.Budget(budget), **signals)
@@ -103,6 +108,8 @@ def recycle_one(scores, tokens, grid, count, cell):
 @pytest.mark.parametrize("grid,cell", [((6, 6), 3.0), ((12, 12), 2.5), ((8, 12), 4.0), ((24, 24), 17.39 * 24 / 27)])
 @pytest.mark.parametrize("kind", ["uniform", "ties", "zeros"])
 def test_batched_recycling_equals_the_per_image_reference(grid, cell, kind):
+    """Exactly: both add the same fp32 products into each cell in the same ranked order (the batch adds
+    zeros for the kept tokens), one addition at a time, which no kernel reorders."""
     g = torch.Generator().manual_seed(grid[1])
     tokens_per_image = grid[0] * grid[1]
     scores = torch.rand(4, tokens_per_image, generator=g)
@@ -154,7 +161,9 @@ class CallCounter:
 @pytest.mark.parametrize("method", OURS)
 def test_the_batch_keeps_what_each_image_keeps_alone(name, method):
     """One method call per group of same-sized images, and each image's kept indices as when its row runs
-    alone (each row alone is itself a batch of one or two images)."""
+    alone (each row alone is itself a batch of one or two images). Exactly: a row's signals differ between
+    the two runs by rounding at most, which the methods' rounding to fp32 absorbs (docs/diversity.md, "Same
+    result on every CPU"; but for a value at a rounding boundary), so a difference is a batching bug."""
     make, make_inputs, per_row, groups = FAMILIES[name]
     layers = 4 if method == "vflowopt" else 2
     model, inputs = make(layers=layers), make_inputs()
@@ -226,11 +235,12 @@ def test_the_gpu_path_runs_on_shapes_alone(name):
 @pytest.mark.parametrize("schedule", ["fixed", "geometric"])
 @pytest.mark.parametrize("ties", [False, True])
 def test_device_rounds_equal_the_host_rounds_and_read_nothing_back(schedule, ties):
+    """Exactly on any CPU: both read the same fp32 matrix and break ties by A's order."""
     g = torch.Generator().manual_seed(int(ties))
     features = torch.randn(4, 300, 16, generator=g)
     if ties:  # exact duplicates: every tie must fall the same way
         features = features[:, torch.randint(40, (300,), generator=g)]
-    similarity = diversity.symmetric_gram(torch.nn.functional.normalize(features, dim=-1))
+    similarity = diversity.symmetric_gram(unit_rows(features))
     host = diversity.dense_rounds(similarity, 25, 8, schedule, 0.1)  # the CPU's NumPy rounds
     with NoHostReads():
         device = diversity.device_rounds(similarity, 25, 8, schedule, 0.1)

@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,10 +21,10 @@ import prunevlm
 import tiny
 from prunevlm.budget import Budget
 from prunevlm.calibrate import jsonl_samples, search
-from prunevlm.calibrate.search import r_1_bounds
+from prunevlm.calibrate.search import config_from_params, default_params, r_1_bounds
 from prunevlm.cli import main
 from prunevlm.loading import load
-from prunevlm.methods.vflowopt import VFlowOpt
+from prunevlm.methods.vflowopt import VFlowOpt, default_layers
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,32 @@ def test_every_searched_point_meets_the_budget():
             for r_1 in (low, (low + high) / 2, high):
                 plan = VFlowOpt(r_v=r_v, r_1=r_1, layers=(9, 18)).plan(Budget(budget), 729, 28)
                 assert abs(plan.layer_average / 729 - budget) < 2 / 729
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.1, 0.2, 0.25, 0.4, 0.5, 0.9])
+@pytest.mark.parametrize("depth", [4, 28, 32])
+def test_the_default_trial_is_the_default_configuration(budget, depth):
+    layers = default_layers(depth)
+    params = default_params(budget, layers, depth)
+    space = search.search_space(budget)
+    assert all(space[name].low <= value <= space[name].high for name, value in params.items())  # inside the box
+    options = {k: v for k, v in config_from_params(params, budget, layers, depth).items() if k != "layers"}
+    for tokens in (144, 576, 729, 2880):
+        assert VFlowOpt(**options, layers=layers).plan(Budget(budget), tokens, depth) == \
+            VFlowOpt(layers=layers).plan(Budget(budget), tokens, depth)
+
+
+def test_the_default_configuration_is_the_first_trial_and_never_beaten_unseen(workdir, capsys):
+    main(command(workdir, "default", 1))
+    config = json.loads((workdir / "default.json").read_text())
+    (trial,) = completed(workdir, "default")
+    assert trial.number == 0 and trial.user_attrs["default"]
+    assert config["best_is_default"] and config["objective"] == config["default_objective"] == trial.value
+    assert "the default configuration (trial 0)" in capsys.readouterr().out
+    main(command(workdir, "default", 4))  # continued: the search's best is written only if it beats the default
+    config = json.loads((workdir / "default.json").read_text())
+    assert config["objective"] >= config["default_objective"] == trial.value
+    assert [t.user_attrs.get("default", False) for t in completed(workdir, "default")] == [True] + [False] * 3
 
 
 def test_calibration_creates_the_output_folder_and_puts_its_study_beside(workdir, monkeypatch):
@@ -146,13 +173,88 @@ def test_a_bad_cache_is_recomputed_never_executed(workdir, tmp_path, monkeypatch
         assert marker.exists()
 
 
+@pytest.mark.parametrize("damage", ["nan", "inf", "zero row"])
+def test_cached_references_with_a_valid_key_but_unusable_states_are_recomputed(workdir, tmp_path, monkeypatch, damage):
+    """A NaN or zero reference scores every trial 0 (the report said 'default config 0.0000')."""
+    _, references, computed = counted_references(workdir, monkeypatch)
+    cache = tmp_path / "refs.safetensors"
+    first = references(cache)
+    with safe_open(str(cache), framework="pt") as f:
+        key = f.metadata()["key"]
+    bad = first.clone()
+    bad[1] = {"nan": float("nan"), "inf": float("inf"), "zero row": 0.0}[damage]
+    save_file({"states": bad}, str(cache), metadata={"key": key})
+    with pytest.warns(UserWarning, match=r"refs\.safetensors (hold NaN or infinite values|are all zero) \(samples "
+                                         r"\[1\]\); computing them again"):
+        again = references(cache)
+    assert torch.equal(again, first) and len(computed) == 2
+
+
+def test_references_the_model_makes_nan_are_refused(workdir, tmp_path, monkeypatch):
+    _, references, _ = counted_references(workdir, monkeypatch)
+    monkeypatch.setattr(search, "last_token_states", lambda *a, **k: torch.full((3, 32), float("nan")))
+    with pytest.raises(ValueError, match=r"the unpruned model's last-token states hold NaN .*: every trial would "
+                                         r"score 0 on them; load the model in float32 \(--dtype float32\)"):
+        references(tmp_path / "refs.safetensors")
+
+
+@pytest.mark.parametrize("storage, match", [
+    ("garbage.db", r"garbage\.db: file is not a database; the file is not an SQLite database, or it is damaged: "
+                   r"move it aside"),
+    ("nosuchdb://host/study", r"nosuchdb://host/study: Can't load plugin: sqlalchemy\.dialects:nosuchdb; give an "
+                              r"SQLite file, or a URL such as"),
+    ("sqlite:////no/such/folder/study.db", r"sqlite:////no/such/folder/study\.db: unable to open database file; "
+                                           r"check that the file's folder exists"),
+    ("postgresql://me:pw@[::1", r"postgresql://me:\*\*\*@\[::1: not a database URL \(.*\); give an SQLite file, "
+                                r"or a URL such as"),
+])
+def test_a_bad_storage_is_named_before_the_model_loads(workdir, tmp_path, monkeypatch, storage, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.db").write_bytes(random.Random(0).randbytes(8192))
+    monkeypatch.setattr("prunevlm.loading.load", lambda *_: pytest.fail("the model loaded before the storage"))
+    with pytest.raises(SystemExit, match=rf"^prunevlm calibrate: cannot open the study storage {match}"):
+        main(command(workdir, "unused", 2)[:-4] + ["--storage", storage, "--out", "out.json"])
+
+
+@pytest.mark.parametrize("interval, grace, match", [
+    ("0", "120", r"PRUNEVLM_HEARTBEAT_INTERVAL='0': give a whole number of seconds >= 1 \(default 30\)"),
+    ("30", "soon", r"PRUNEVLM_HEARTBEAT_GRACE='soon': give a whole number of seconds >= 1 \(default 120\)"),
+    ("30", "30", r"PRUNEVLM_HEARTBEAT_GRACE=30 must exceed PRUNEVLM_HEARTBEAT_INTERVAL=30"),
+])
+def test_bad_heartbeat_settings_are_named(workdir, tmp_path, monkeypatch, interval, grace, match):
+    monkeypatch.setenv("PRUNEVLM_HEARTBEAT_INTERVAL", interval)
+    monkeypatch.setenv("PRUNEVLM_HEARTBEAT_GRACE", grace)
+    with pytest.raises(SystemExit, match=rf"^prunevlm calibrate: {match}"):
+        main(command(workdir, "unused", 2)[:-4] + ["--storage", str(tmp_path / "s.db"), "--out", str(tmp_path / "o.json")])
+
+
+@pytest.mark.parametrize("tamper, match", [
+    ("UPDATE trial_params SET param_name = 'v' WHERE param_name = 'u'", r"parameters \['alpha', 'm', 'r_v', 't', 'v'\]"),
+    ("UPDATE trial_params SET param_value = 0.9 WHERE param_name = 'r_v'", r"r_v=0\.9, outside the searched \[0\.5, 0\.75\]"),
+    ("UPDATE trial_values SET value = 1e6", r"the objective 1000000\.0, beyond ±8"),
+])
+def test_a_study_with_tampered_trials_is_refused(workdir, tmp_path, tamper, match):
+    if not (workdir / "small.db").exists():
+        main(command(workdir, "small", 2))
+    shutil.copy(workdir / "small.db", tmp_path / "tampered.db")
+    with sqlite3.connect(tmp_path / "tampered.db") as db:
+        db.execute(tamper)
+    args = command(workdir, "unused", 7)[:-4] + ["--storage", str(tmp_path / "tampered.db"), "--out", str(tmp_path / "t.json")]
+    with pytest.raises(SystemExit, match=rf"the study 'vflowopt-T0\.5' in .*tampered\.db: trial \d+ holds {match}.*; the "
+                                         rf"study was edited or another search wrote it: give another --study name"):
+        main(args)
+    assert not (tmp_path / "t.json").exists()
+
+
 def run_cli(workdir, name, trials):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "prunevlm.cli", *command(workdir, name, trials)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
 
 
-def test_a_killed_run_resumes_without_losing_trials(workdir):
+def test_a_killed_run_resumes_without_losing_trials(workdir, monkeypatch):
+    monkeypatch.setenv("PRUNEVLM_HEARTBEAT_INTERVAL", "1")  # the killed worker's trial is failed after 2 s
+    monkeypatch.setenv("PRUNEVLM_HEARTBEAT_GRACE", "2")
     worker = run_cli(workdir, "killed", 500)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -174,6 +276,6 @@ def test_two_workers_fill_one_study(workdir):
         _, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err.decode()[-3000:]
     trials = completed(workdir, "shared")
-    assert len(trials) >= 8
+    assert len(trials) == 8
     assert len({t.number for t in trials}) == len(trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes contributed

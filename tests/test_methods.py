@@ -26,15 +26,16 @@ def signals(batch=2, tokens=64, dim=16, text=7, seed=0, dtype=torch.float32):
 
 
 def naive_dedup(features, order, keep, step=8, schedule="fixed", ratio=0.1):
-    """The released loop: recompute the |A|x|B| similarities every round (docs/flashvlm.md §7)."""
-    unit = F.normalize(features, dim=-1)
+    """The released loop: recompute the |A|x|B| similarities every round (docs/flashvlm.md §7), under the
+    rule of docs/diversity.md ("Same result on every CPU"): cosines in fp64, rounded to fp32."""
+    unit = F.normalize(features.double(), dim=-1)
     out = []
     for b in range(features.shape[0]):
         current = order[b]
         while current.numel() > keep:
             r = drops_per_round(current.numel(), keep, step, schedule, ratio)
             side_a, side_b = current[0::2], current[1::2]
-            redundancy = (unit[b, side_a] @ unit[b, side_b].T).amax(dim=1)
+            redundancy = (unit[b, side_a] @ unit[b, side_b].T).float().amax(dim=1)
             ranked = redundancy.argsort(descending=True, stable=True)
             current = torch.cat([side_a[ranked[r:]], side_b])
         out.append(current)
@@ -44,6 +45,8 @@ def naive_dedup(features, order, keep, step=8, schedule="fixed", ratio=0.1):
 @pytest.mark.parametrize("schedule", ["fixed", "geometric"])
 @pytest.mark.parametrize("batch,tokens,dim,keep", [(2, 576, 64, 32), (1, 300, 1024, 64), (3, 100, 8, 7), (1, 50, 4, 1)])
 def test_fast_dedup_equals_released_loop(schedule, batch, tokens, dim, keep):
+    """Index for index: the fast rounds and the released loop compare the same fp32-rounded cosines, whatever
+    product computed them (docs/diversity.md, "Same result on every CPU"), so they agree on any CPU."""
     g = torch.Generator().manual_seed(tokens + keep)
     features = torch.randn(batch, tokens, dim, generator=g, dtype=torch.float64)
     order = torch.stack([torch.randperm(tokens, generator=g) for _ in range(batch)])
@@ -51,6 +54,7 @@ def test_fast_dedup_equals_released_loop(schedule, batch, tokens, dim, keep):
 
 
 def test_fast_dedup_equals_released_loop_on_clustered_data():
+    """As above, on tight clusters, where the cosines that decide a round lie close together."""
     g = torch.Generator().manual_seed(1)
     centres = F.normalize(torch.randn(8, 32, generator=g, dtype=torch.float64), dim=-1)
     points = centres[torch.randint(8, (400,), generator=g)] + 0.01 * torch.randn(400, 32, generator=g, dtype=torch.float64)
@@ -63,7 +67,8 @@ def test_fast_dedup_equals_released_loop_on_clustered_data():
 @pytest.mark.parametrize("schedule", ["fixed", "geometric"])
 def test_neighbour_lists_equal_released_loop(monkeypatch, neighbours, schedule, chunk_rows):
     """The path for more than DENSE_TOKENS tokens, forced on a small input; short lists force rebuilds,
-    short chunks split the lists' cosine matrix into blocks (the last one partial) and the rebuilds too."""
+    short chunks split the lists' cosine matrix into blocks (the last one partial) and the rebuilds too.
+    Exact on any CPU: every path rounds its fp64 cosines to fp32 (docs/diversity.md, "Same result on every CPU")."""
     monkeypatch.setattr(diversity, "DENSE_TOKENS", 0)
     monkeypatch.setattr(diversity, "NEIGHBOURS", neighbours)
     monkeypatch.setattr(diversity, "CHUNK_ROWS", chunk_rows)
@@ -76,19 +81,24 @@ def test_neighbour_lists_equal_released_loop(monkeypatch, neighbours, schedule, 
 
 @pytest.mark.parametrize("chunk_rows", [1024, 96, 7])
 def test_nearest_neighbours_are_the_top_of_each_row(monkeypatch, chunk_rows):
-    """Lists built from the blocks on and above the diagonal equal each row's top of the full matrix."""
+    """Lists built from the blocks on and above the diagonal equal each row's top of the full matrix. Exactly:
+    an fp64 cosine rounded to fp32 does not depend on the product that computed it (docs/diversity.md, "Same
+    result on every CPU"), and this seed has no tie in any row's top."""
     monkeypatch.setattr(diversity, "CHUNK_ROWS", chunk_rows)
-    unit = F.normalize(torch.randn(250, 16, dtype=torch.float64), dim=-1)
-    full = (unit @ unit.T).fill_diagonal_(-math.inf)
+    unit = F.normalize(torch.randn(250, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    full = (unit @ unit.T).float().fill_diagonal_(-math.inf)
     similarity, neighbours = nearest_neighbours(unit, 10)
     expected, expected_index = full.topk(10, dim=1)
-    torch.testing.assert_close(similarity, expected)
+    assert torch.equal(similarity, expected)
     assert torch.equal(neighbours, expected_index)
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_fast_dedup_breaks_ties_like_the_released_loop(seed):
-    """Exact duplicates (flat background patches) in fp32: every tie must fall the same way."""
+    """Exact duplicates (flat background patches) in fp32: every tie must fall the same way. The duplicates'
+    cosines are bit-equal in both paths on any CPU because both round fp64 cosines to fp32 (docs/diversity.md,
+    "Same result on every CPU"; the two paths take different products, and their fp32 cosines differed in the
+    last bit on AVX512, issue #25)."""
     g = torch.Generator().manual_seed(seed)
     points = torch.randn(12, 1024, generator=g)[torch.randint(12, (576,), generator=g)]
     order = torch.randperm(576, generator=g)[None]
@@ -96,9 +106,12 @@ def test_fast_dedup_breaks_ties_like_the_released_loop(seed):
 
 
 def test_symmetric_gram_equals_the_product():
-    unit = F.normalize(torch.randn(545, 40, dtype=torch.float64), dim=-1)
+    """The product rounded to fp32, exactly: the blocks sum in another order than the whole product, which the
+    rounding of fp64 cosines to fp32 absorbs (docs/diversity.md, "Same result on every CPU")."""
+    unit = F.normalize(torch.randn(545, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), dim=-1)
     gram = symmetric_gram(unit)
-    torch.testing.assert_close(gram, unit @ unit.T)
+    assert gram.dtype == torch.float32
+    assert torch.equal(gram, (unit @ unit.T).float())
     assert torch.equal(gram[:272, 272:], gram[272:, :272].T)
 
 
@@ -154,7 +167,8 @@ def same_selection(a, b):
 @pytest.mark.parametrize("kind", ["uniform", "pow3", "pow8", "zeros", "levels", "fp16"])
 def test_vispruner_equals_flashvlm_without_text(kind):
     """flashvlm.py's module docstring: with no text the ranking score is the saliency itself (docs/methods.md),
-    so the selection equals VisPruner's for any saliency, whatever the floor would have tied."""
+    so the selection equals VisPruner's for any saliency, whatever the floor would have tied. Both run the same
+    computation on the same numbers, so the comparison is exact on any CPU."""
     s = signals(batch=3, tokens=576, dim=16)
     saliency = saliency_of(kind, 3, 576)
     no_text = [{}, {"text_embeds": s["text_embeds"][:, :0]},
@@ -175,7 +189,8 @@ def test_vispruner_equals_flashvlm_without_text(kind):
 @pytest.mark.parametrize("kind", ["pow3", "pow8", "zeros"])
 def test_flashvlm_rows_without_text_equal_vispruner_in_a_mixed_batch(kind):
     """A row whose text_mask is all False selects as VisPruner on that row; a row with text as FlashVLM on
-    that row alone."""
+    that row alone. Exact: the batched products sum in other orders than a row's alone, which the rounding of
+    fp64 scores and cosines to fp32 absorbs (docs/diversity.md, "Same result on every CPU")."""
     s = signals(batch=2, tokens=576, dim=16)
     saliency = saliency_of(kind, 2, 576, seed=1)
     mask = torch.tensor([[True] * 5 + [False] * 2, [False] * 7])  # row 0: 5 text rows and padding; row 1: none

@@ -106,7 +106,8 @@ def test_choose_keeps_an_exact_count_of_unique_ascending_positions_deterministic
 @given(image=st.integers(2, 60), seed=st.integers(0, 2**16), share=st.floats(0.01, 0.99))
 def test_attention_ranked_choices_follow_a_permutation_of_the_image_keys(method, image, seed, share):
     """FastV and PyramidDrop rank by the attention each image position receives, nothing else: permuting the
-    image's attention columns permutes the kept set."""
+    image's attention columns permutes the kept set. Exactly: a column's head mean, computed in fp64 and rounded
+    to fp32 (docs/diversity.md, "Same result on every CPU"), does not depend on where the column sits."""
     length = image + 3
     columns = torch.arange(2, 2 + image)
     real, text = torch.ones(length, dtype=torch.bool), torch.ones(length, dtype=torch.bool)

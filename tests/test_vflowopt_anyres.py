@@ -59,6 +59,9 @@ def capture_of(model, inputs, needed: set[str]) -> dict:
 @torch.no_grad()
 @pytest.mark.parametrize("budget", [1.0, 10_000])
 def test_a_full_budget_is_the_unhooked_model_and_remove_restores(case, budget):
+    """A full budget gives the logits and tokens of the unhooked model, and remove() restores them. Exact: the same
+    computation on the same inputs, in one process (the hooks must change nothing the model computes there), not
+    two computation paths."""
     _, model, inputs = case
     logits = model(**inputs).logits
     ids = model.generate(**inputs, **GENERATE)

@@ -29,3 +29,15 @@ def last_token_states(model, processor, samples: list, batch_size: int = 16) -> 
 def flow_similarity(reference: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     """Per-sample cosine between unpruned and pruned last-token states; NaN counts as 0 (as the official)."""
     return torch.nan_to_num(F.cosine_similarity(reference, pruned, dim=-1), nan=0.0)
+
+
+def unusable(states: torch.Tensor) -> str | None:
+    """What makes reference states useless to the objective (a NaN or a zero row scores 0 whatever is pruned),
+    or None when every row is finite and non-zero."""
+    rows = (~torch.isfinite(states).all(dim=-1)).nonzero().flatten().tolist()
+    if rows:
+        return f"hold NaN or infinite values (samples {rows[:5]}{' …' if len(rows) > 5 else ''})"
+    rows = (states.norm(dim=-1) == 0).nonzero().flatten().tolist()
+    if rows:
+        return f"are all zero (samples {rows[:5]}{' …' if len(rows) > 5 else ''})"
+    return None

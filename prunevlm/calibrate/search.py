@@ -8,10 +8,11 @@ by default.
 Deviation, on purpose: the official box lets r_2 = (28T − 9r_v − 9r_v·r_1)/(10·r_v·r_1) exceed 1, where it
 is capped and the budget is silently missed. Here r_1 is searched as u ∈ [0, 1] mapped onto the r_1 interval
 that keeps r_2 in [0.01, 1] for the sampled r_v, so every trial meets the budget and the GP sees a fixed box.
+The default configuration is the study's first trial, so the best is never worse than it on the samples.
 
-The study lives in an Optuna storage (a SQLite file by default, or any storage URL) so that a killed run
-resumes and several workers, on several machines, fill one study; each worker stops when the study holds
-`trials` completed trials. Unpruned reference states are computed once and cached as safetensors (never
+The study lives in an Optuna storage (a SQLite file by default, or any database URL) so that a killed run
+resumes and several workers, on several machines, fill one study with exactly `trials` completed trials
+(docs/calibration.md). Unpruned reference states are computed once and cached as safetensors (never
 unpickled) next to the storage (or next to the output for a storage URL), keyed on the weights, prompts and images.
 """
 
@@ -22,7 +23,10 @@ import os
 import socket
 import sys
 import time
+import warnings
+import zlib
 
+import numpy
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -30,7 +34,7 @@ from safetensors.torch import save_file
 from ..api import prune
 from ..budget import Budget
 from ..methods.vflowopt import VFlowOpt, default_layers, r_1_for_budget
-from .flow import flow_similarity, last_token_states
+from .flow import flow_similarity, last_token_states, unusable
 
 BOUNDS = {"t": (0.0, 50.0), "m": (3.0, 24.0), "alpha": (-1.0, 1.0)}  # docs/vflowopt.md §4, as in the official code
 
@@ -73,6 +77,10 @@ class FlowObjective:
         if stored is not None:
             return stored
         states = last_token_states(self.model, self.processor, self.samples, self.batch_size)
+        problem = unusable(states)
+        if problem:
+            raise ValueError(f"the unpruned model's last-token states {problem}: every trial would score 0 on "
+                             f"them; load the model in float32 (--dtype float32) or check its weights")
         if cache:
             save_file({"states": states}, cache, metadata={"key": key})
         return states
@@ -96,7 +104,13 @@ def cached_states(path: str, key: str, shape: tuple[int, int]) -> torch.Tensor |
             states = f.get_tensor("states")
     except (OSError, SafetensorError):
         return None
-    return states if states.shape == shape and states.dtype == torch.float32 else None
+    if states.shape != shape or states.dtype != torch.float32:
+        return None
+    problem = unusable(states)
+    if problem:  # a damaged file under a valid key would make every trial score 0
+        warnings.warn(f"the cached unpruned states in {path} {problem}; computing them again", stacklevel=2)
+        return None
+    return states
 
 
 def weights_fingerprint(model) -> list[tuple]:
@@ -108,81 +122,134 @@ def _image_digest(image) -> str:
     return hashlib.sha256(image.tobytes()).hexdigest()[:16]
 
 
-def open_study(storage: str, study: str, seed: int, initial: int):
-    """Create or load the study; RDB storages get heartbeats so a killed worker's trial is failed and retried."""
-    import warnings
+def samples_digest(samples: list) -> str:
+    """Names the calibration samples (prompts and pixels), so that workers on other samples are refused."""
+    return hashlib.sha256(repr([(p, _image_digest(i)) for i, p in samples]).encode()).hexdigest()[:16]
 
+
+def search_space(budget: float) -> dict:
+    """The searched box at T = `budget`, as Optuna distributions: r_v, u (r_1 mapped onto its interval), t, m, α."""
+    from optuna.distributions import FloatDistribution
+
+    box = {"r_v": r_v_bounds(budget), "u": (0.0, 1.0), **BOUNDS}
+    return {name: FloatDistribution(low, high) for name, (low, high) in box.items()}
+
+
+def default_params(budget: float, layers: tuple[int, int], depth: int) -> dict:
+    """VFlowOpt's default configuration as a point of the search space (`config_from_params` maps it back)."""
+    default = VFlowOpt(layers=layers)
+    r_v, r_1 = default.rates(budget, layers, depth)
+    low, high = r_1_bounds(budget, r_v, layers, depth)
+    u = (r_1 - low) / (high - low) if high > low else 0.0
+    return {"r_v": r_v, "u": u, "t": default.t, "m": default.m, "alpha": default.alpha}
+
+
+def sampler(seed: int, initial: int):
+    """Optuna's GPSampler after `initial` random trials. Its GP counts the trials other workers are running;
+    the random draws are seeded by (seed, trial number), so that workers sharing a study with one --seed draw
+    different points, and a study filled by one worker is the same on every run."""
     import optuna
 
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, GPSampler
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if "://" not in storage:
-        storage = f"sqlite:///{storage}"
-    if storage.startswith(("sqlite", "postgresql", "mysql")):
-        storage = _rdb_storage(storage)
-    sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=initial)
-    return optuna.create_study(study_name=study, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True)
+    class TrialSeeded(optuna.samplers.BaseSampler):
+        def infer_relative_search_space(self, study, trial) -> dict:
+            return {}
+
+        def sample_relative(self, study, trial, search_space) -> dict:
+            return {}
+
+        def sample_independent(self, study, trial, name, distribution):
+            state = numpy.random.SeedSequence([seed, trial.number, zlib.crc32(name.encode())]).generate_state(1)
+            return optuna.samplers.RandomSampler(seed=int(state[0])).sample_independent(study, trial, name, distribution)
+
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=initial, independent_sampler=TrialSeeded())
 
 
-def _rdb_storage(url: str):
-    """An RDB storage with heartbeats. Workers started together on a new database race to create its tables;
-    the loser retries and finds them."""
-    import optuna
-    import sqlalchemy.exc
+def _is_default(trial) -> bool:
+    return bool(trial.user_attrs.get("default"))
 
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
-            if attempt == 4:
-                raise
-            time.sleep(0.5 + attempt)
+
+def surplus(study, trial, trials: int) -> str | None:
+    """Why `trial` must not run, or None: it takes one of the study's `trials` places (the default configuration's
+    and trials − 1 searched ones). Trial numbers are given in creation order under a lock on the study, so
+    counting the live trials numbered before it decides the race between workers the same way in each."""
+    from optuna.trial import TrialState
+
+    live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    before = [t for t in study.get_trials(deepcopy=False, states=live) if t.number < trial.number]
+    if _is_default(trial):
+        return "the default configuration is already in the study" if any(map(_is_default, before)) else None
+    if sum(not _is_default(t) for t in before) >= trials - 1:
+        return f"the study already holds its {trials} trials"
+    return None
 
 
 def run_search(objective: FlowObjective, study, trials: int, depth: int, layers: tuple[int, int] | None = None,
                fixed: dict | None = None, progress: bool = True) -> dict:
-    """Optimise until the study holds `trials` completed trials; return the best configuration's options.
-    `fixed` holds options that are not searched (e.g. the processor's pixel normalisation)."""
+    """Optimise until the study holds `trials` completed trials, the first the default configuration; return the
+    best configuration's options, with its value, its trial number, the default's value and whether the best is
+    the default. `fixed` holds options that are not searched (e.g. the processor's pixel normalisation).
+
+    Each worker runs one trial at a time and stops when the study is full. A trial claimed by a worker that
+    stopped sending heartbeats is failed and queued again once; a worker with nothing left to start waits for
+    the others' trials, so it is there to take such a retry."""
     import optuna
+    from optuna.trial import TrialState
 
     budget = objective.budget.value  # T, a fraction
     layers = tuple(layers or default_layers(depth))
-    study.set_user_attr("budget", budget)
-    study.set_user_attr("layers", list(layers))
-    low_v, high_v = r_v_bounds(budget)
+    space = search_space(budget)
+    callbacks = [_Progress(trials)] if progress else []
 
     def trial_objective(trial) -> float:
-        params = {"r_v": trial.suggest_float("r_v", low_v, high_v), "u": trial.suggest_float("u", 0.0, 1.0)}
-        params.update({name: trial.suggest_float(name, *bounds) for name, bounds in BOUNDS.items()})
+        reason = surplus(study, trial, trials)
+        if reason:
+            trial.set_user_attr("not_run", reason)
+            raise optuna.TrialPruned(reason)
+        params = {name: trial.suggest_float(name, d.low, d.high) for name, d in space.items()}
         options = config_from_params(params, budget, layers, depth, fixed)
         trial.set_user_attr("r_1", options["r_1"])
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         return objective(options)
 
-    complete = (optuna.trial.TrialState.COMPLETE,)
-    remaining = trials - len(study.get_trials(deepcopy=False, states=complete))
-    if remaining > 0:
-        study.optimize(trial_objective, n_trials=remaining, show_progress_bar=progress and sys.stderr.isatty(),
-                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=complete), _Progress(trials)])
+    waiting = False
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed and queued again
+        states = [(t.state, _is_default(t)) for t in study.get_trials(deepcopy=False)]
+        if not any(d and s in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE) for s, d in states):
+            study.enqueue_trial(default_params(budget, layers, depth), user_attrs={"default": True})
+            continue
+        searched = sum(s == TrialState.COMPLETE and not d for s, d in states)
+        if searched >= trials - 1 and (TrialState.COMPLETE, True) in states:
+            break
+        held = sum(s == TrialState.RUNNING and not d for s, d in states)
+        if TrialState.WAITING not in {s for s, _ in states} and searched + held >= trials - 1:
+            if progress and not waiting:
+                running = sum(s == TrialState.RUNNING for s, _ in states)
+                print(f"waiting for the {running} trial(s) other workers run (a dead worker's trial is failed "
+                      f"and queued again when its heartbeats stop: docs/calibration.md §3)", file=sys.stderr, flush=True)
+            waiting = True
+            time.sleep(1)
+            continue
+        waiting = False
+        study.optimize(trial_objective, n_trials=1, callbacks=callbacks)
     best = study.best_trial
-    return config_from_params(best.params, budget, layers, depth, fixed) | {"value": best.value, "number": best.number}
+    default = next(t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if _is_default(t))
+    return config_from_params(best.params, budget, layers, depth, fixed) | {
+        "value": best.value, "number": best.number, "default_value": default.value, "is_default": _is_default(best)}
 
 
 class _Progress:
-    """A line per trial when the progress bar is off (logs, CI)."""
+    """A line per finished trial, on stderr."""
 
     def __init__(self, target: int):
         self.target, self.start = target, time.perf_counter()
 
     def __call__(self, study, trial) -> None:
-        if sys.stderr.isatty():
-            return
         done = study.get_trials(deepcopy=False, states=(trial.state.COMPLETE,))
-        value = "failed" if trial.value is None else f"{trial.value:.4f}"
+        value = f"{trial.value:.4f}" if trial.value is not None else trial.user_attrs.get("not_run", "failed")
         best = f"{max(t.value for t in done):.4f}" if done else "-"
-        print(f"trial {trial.number}: {value} (best {best}); {len(done)}/{self.target} complete, "
+        what = " (the default configuration)" if _is_default(trial) else ""
+        print(f"trial {trial.number}{what}: {value} (best {best}); {len(done)}/{self.target} complete, "
               f"{time.perf_counter() - self.start:.0f} s", file=sys.stderr, flush=True)

@@ -13,6 +13,10 @@ The greedy runs exactly k steps. A token whose residual d_i² has fallen to `RES
 lies (numerically) in the span of the chosen tokens and brings no gain; once every candidate is such a
 token (the kernel's rank is used up), the remaining picks go by L_ii, highest first, instead of dividing by
 √d² ≤ 0 as the official code does.
+
+So that the picks are the same on every CPU (`portable.py`), the cosines and ρ are computed in fp64 and
+rounded to fp32, the kernel is formed from those fp32 numbers in fp64, the greedy runs in fp64, and every
+comparison of residuals reads them rounded to fp32.
 """
 
 from __future__ import annotations
@@ -22,39 +26,34 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from .base import Method, Selection, option
+from .portable import cosines, unit_rows
 
 OFFSET = 1e-6  # added before the min-max division in the official normalisation
-RESIDUAL_FLOOR = 1e-4  # d_i² / L_ii at or below this: no gain left (fp32 rounding stays well below it)
-
-
-def _working(tensor: torch.Tensor) -> torch.Tensor:
-    """fp32, or the tensor's own dtype if wider."""
-    return tensor if tensor.dtype == torch.float64 else tensor.float()
+RESIDUAL_FLOOR = 1e-4  # d_i² / L_ii at or below this: no gain left (fp64 rounding stays far below it)
 
 
 def relevance(image_tokens, text_embeds=None, text_mask=None, sign: float = 1.0) -> torch.Tensor:
-    """r [B, N] in (0, 1]: the official (ρ − min ρ + 10⁻⁶) / (max ρ − min ρ), divided by its maximum
+    """r [B, N] in (0, 1], fp32: the official (ρ − min ρ + 10⁻⁶) / (max ρ − min ρ), divided by its maximum
     1 + 10⁻⁶ / (max ρ − min ρ), which leaves every pick unchanged (L only scales) and stays finite when ρ is
-    constant (then r ≡ 1). Rows without text rows also get r ≡ 1."""
-    unit_image = F.normalize(_working(image_tokens), dim=-1)
+    constant (then r ≡ 1). Rows without text rows also get r ≡ 1. ρ is computed in fp64 and rounded to fp32."""
     if text_embeds is None:
-        return unit_image.new_ones(image_tokens.shape[:2])
-    unit_text = F.normalize(_working(text_embeds).to(unit_image.dtype), dim=-1)
-    weights = unit_image.new_ones(text_embeds.shape[:2]) if text_mask is None else text_mask.to(unit_image.dtype)
+        return torch.ones(image_tokens.shape[:2], device=image_tokens.device)
+    weights = torch.ones(text_embeds.shape[:2], dtype=torch.float64, device=text_embeds.device) if text_mask is None \
+        else text_mask.double()
     counts = weights.sum(dim=1, keepdim=True)
-    rho = sign * (unit_image @ unit_text.transpose(1, 2) * weights[:, None, :]).sum(dim=-1) / counts.clamp_min(1)
+    similarity = unit_rows(image_tokens) @ unit_rows(text_embeds).transpose(1, 2)
+    rho = (sign * (similarity * weights[:, None, :]).sum(dim=-1) / counts.clamp_min(1)).float()
     low = rho.amin(dim=1, keepdim=True)
     return (rho - low + OFFSET) / (rho.amax(dim=1, keepdim=True) - low + OFFSET)  # no text: ρ ≡ 0, r ≡ 1
 
 
 def conditional_kernel(image_tokens: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-    """L = diag(q)·S·diag(q), S_ij = cos(v_i, v_j); [B, N, N]."""
-    unit = F.normalize(_working(image_tokens), dim=-1)
-    quality = quality.to(unit.dtype)
-    return quality[:, :, None] * (unit @ unit.transpose(1, 2)) * quality[:, None, :]
+    """L = diag(q)·S·diag(q), S_ij = cos(v_i, v_j) rounded to fp32; [B, N, N] in fp64."""
+    unit = unit_rows(image_tokens)
+    quality = quality.double()
+    return quality[:, :, None] * cosines(unit, unit).double() * quality[:, None, :]
 
 
 def greedy_map(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,21 +61,23 @@ def greedy_map(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
     Each step picks j = argmax d², stores c_t = (L_j − Σ_τ c_τ,j c_τ) / d_j and lowers d² by c_t². The gain
     of a pick is its d² then, so log det L_S = Σ log gains while every gain is positive. Picks made after the
-    kernel's rank is used up (module docstring) have gain 0. Ties go to the lowest index."""
+    kernel's rank is used up (module docstring) have gain 0. The residuals are compared rounded to fp32, and
+    ties go to the lowest index (module docstring)."""
     batch, num_tokens, _ = kernel.shape
     rows = torch.arange(batch, device=kernel.device)
     quality = kernel.diagonal(dim1=1, dim2=2)
+    floor, ranked_quality = (RESIDUAL_FLOOR * quality).float(), quality.float()
     residual = quality.clone()  # d²
     vectors = kernel.new_zeros(k, batch, num_tokens)
     chosen = torch.zeros(batch, num_tokens, dtype=torch.bool, device=kernel.device)
     picks, gains = [], []
     for step in range(k):
-        useful = residual > RESIDUAL_FLOOR * quality
-        gain = torch.where(useful, residual, 0.0).masked_fill(chosen, -math.inf)
+        rounded = residual.float()
+        gain = torch.where(rounded > floor, rounded, 0.0).masked_fill(chosen, -math.inf)
         pick = gain.argmax(dim=1)
         # always computed, so that no step reads back whether any image ran out (nothing synchronises)
         exhausted = gain[rows, pick] <= 0
-        fallback = quality.masked_fill(chosen, -math.inf).argmax(dim=1)
+        fallback = ranked_quality.masked_fill(chosen, -math.inf).argmax(dim=1)
         pick = torch.where(exhausted, fallback, pick)
         gains.append(torch.where(exhausted, 0.0, residual[rows, pick]))
         past = vectors[:step, rows, pick]  # [step, B]
@@ -109,6 +110,6 @@ class CDPruner(Method):
 
     def select(self, k, image_tokens, text_embeds=None, text_mask=None) -> Selection:
         r = relevance(image_tokens, text_embeds, text_mask, float(self.relevance_sign))
-        quality = r if self.theta is None else torch.exp(self.theta / (2 * (1 - self.theta)) * r)
+        quality = r if self.theta is None else torch.exp(self.theta / (2 * (1 - self.theta)) * r.double()).float()
         order, gains = greedy_map(conditional_kernel(image_tokens, quality), k)
         return Selection(keep=order.sort(dim=1).values, scores=r, info={"order": order, "gains": gains})

@@ -1,6 +1,7 @@
 """DART (arXiv 2502.11494): before LLM layer K, pivot tokens (the largest L1 key norms at layer K - 1, among
 the image and among the text after it) each pick the visual tokens least similar to them, so duplicates go
-(docs/baselines.md, DART)."""
+(docs/baselines.md, DART). Key norms and cosines are computed in fp64 and rounded to fp32, so that the choice is
+the same on every CPU (`portable.py`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from ..budget import Budget
 from .base import Method, Plan, option
 from .fastv import one_stage
+from .portable import cosines, unit_rows
 
 
 def least_duplicated(similarity: torch.Tensor, pool: torch.Tensor, quotas: list[int]) -> torch.Tensor:
@@ -60,7 +62,7 @@ class DART(Method):
         return Plan((num_tokens, kept), (layer,), num_layers)
 
     def choose(self, stage, count, columns, real, text, prior_keys, normed_input) -> torch.Tensor:
-        norms = prior_keys.float().abs().sum(dim=-1)  # [L] L1 norm of each position's keys
+        norms = prior_keys.double().abs().sum(dim=-1).float()  # [L] L1 norm of each position's keys
         by_norm = norms[columns].argsort(descending=True, stable=True)
         image_pivots = by_norm[: min(self.image_pivots, count)]
         if image_pivots.numel() == count:
@@ -70,8 +72,8 @@ class DART(Method):
         # every pivot, visited by descending key norm (the official code visits them in set order)
         pivots = torch.cat([columns[image_pivots], text_pivots])
         pivots = pivots[norms[pivots].argsort(descending=True, stable=True)]
-        hidden = torch.nn.functional.normalize(normed_input.float(), dim=-1)
-        similarity = hidden[pivots] @ hidden[columns].T  # [P, n] cosine of each pivot with each image token
+        hidden = unit_rows(normed_input)
+        similarity = cosines(hidden[pivots], hidden[columns])  # [P, n] cosine of each pivot with each image token
         share, rest = divmod(count - image_pivots.numel(), pivots.numel())
         quotas = [share] * pivots.numel()
         quotas[-1] += rest

@@ -25,6 +25,10 @@ nearest-neighbour lists decide on the host which lists to rebuild, image by imag
 and its rounds cost far more (at N = 4608, 85 MB per image and 576 rounds).
 `schedule="geometric"` drops a fixed fraction of R per round instead, O(log(N/k)) rounds; its coverage
 against the fixed schedule is measured by benchmarks/diversity.py.
+
+Every path compares the same numbers: cosines of fp64 unit vectors rounded to fp32 (`portable.py`), so
+their order does not depend on the CPU's kernels or threads, and ties among A go by A's order (a stable
+sort), as in the released loop (docs/diversity.md, "Same result on every CPU").
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .base import Method, Selection, option
+from .portable import cosines, unit_rows
 
 DENSE_TOKENS = 2048  # up to this many tokens the whole cosine matrix is kept (16 MB in fp32)
 NEIGHBOURS = 64  # length of the nearest-neighbour lists; a speed knob only, results do not depend on it
@@ -79,7 +83,7 @@ def bipartite_dedup(
     if keep == 0:
         return order[:, :0]
     chosen = features.gather(1, order[..., None].expand(-1, -1, features.shape[-1]))
-    unit = F.normalize(chosen.float() if chosen.dtype in (torch.float16, torch.bfloat16) else chosen, dim=-1).detach()
+    unit = unit_rows(chosen.detach())
     if residual <= DENSE_TOKENS or features.device.type != "cpu":
         positions = dense_rounds(symmetric_gram(unit), keep, step, schedule, ratio)
     else:
@@ -151,18 +155,20 @@ def list_rounds(unit: torch.Tensor, keep: int, step: int, schedule: str, ratio: 
 
 
 def symmetric_gram(unit: torch.Tensor) -> torch.Tensor:
-    """unit @ unitᵀ ([R, D] or a batch [B, R, D]) from three of its four blocks (the lower-left one is the
-    upper-right one transposed): a quarter fewer multiply-adds, and exactly symmetric. Written in place."""
+    """The cosines of fp64 unit rows ([R, D] or a batch [B, R, D]) with each other, rounded to fp32, from three
+    of the four blocks of unit @ unitᵀ (the lower-left one is the upper-right one transposed): a quarter fewer
+    multiply-adds, and exactly symmetric."""
     half = unit.shape[-2] // 2
-    gram = torch.empty(*unit.shape[:-1], unit.shape[-2], dtype=unit.dtype, device=unit.device)
-    torch.matmul(unit[..., :half, :], unit.transpose(-1, -2), out=gram[..., :half, :])
-    torch.matmul(unit[..., half:, :], unit[..., half:, :].transpose(-1, -2), out=gram[..., half:, half:])
+    gram = torch.empty(*unit.shape[:-1], unit.shape[-2], dtype=torch.float32, device=unit.device)
+    gram[..., :half, :] = cosines(unit[..., :half, :], unit)
+    gram[..., half:, half:] = cosines(unit[..., half:, :], unit[..., half:, :])
     gram[..., half:, :half] = gram[..., :half, half:].transpose(-1, -2)
     return gram
 
 
 def nearest_neighbours(unit: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's `width` most similar other tokens, (similarity, index) sorted descending.
+    """Each token's `width` most similar other tokens, (similarity, index) sorted descending; `unit` are fp64
+    unit rows and the similarities their cosines rounded to fp32.
 
     The cosine matrix is computed in CHUNK_ROWS blocks, only those on or above the diagonal: block (i, j)
     gives candidates to the rows of chunk i, and transposed to those of chunk j (cosine is symmetric), so
@@ -174,7 +180,7 @@ def nearest_neighbours(unit: torch.Tensor, width: int) -> tuple[torch.Tensor, to
         rows = unit[row_start : row_start + CHUNK_ROWS]
         for j in range(i, len(starts)):
             column_start = starts[j]
-            block = rows @ unit[column_start : column_start + CHUNK_ROWS].T
+            block = cosines(rows, unit[column_start : column_start + CHUNK_ROWS])
             views = [(i, column_start, block)]
             if i == j:
                 block.fill_diagonal_(-math.inf)  # not itself
@@ -193,7 +199,8 @@ def nearest_neighbours(unit: torch.Tensor, width: int) -> tuple[torch.Tensor, to
 
 
 class ListRedundancy:
-    """m(a) from nearest-neighbour lists (sorted, descending), rebuilt against the live tokens when exhausted.
+    """m(a) from nearest-neighbour lists (sorted, descending), rebuilt against the live tokens when exhausted;
+    `unit` are fp64 unit rows.
 
     The lists stay on the features' device in torch: their per-round gathers are large enough to gain from
     threads."""
@@ -244,7 +251,7 @@ class ListRedundancy:
         best = []
         for start in range(0, refresh.numel(), CHUNK_ROWS):
             part = refresh[start : start + CHUNK_ROWS]
-            sim = self.unit.index_select(0, part) @ live_unit.T
+            sim = cosines(self.unit.index_select(0, part), live_unit)
             itself = torch.searchsorted(live_tokens, part)  # every refreshed token is live
             sim[torch.arange(part.numel(), device=part.device), itself] = -math.inf
             values, index = sim.topk(length, dim=1)

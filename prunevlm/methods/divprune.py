@@ -1,7 +1,8 @@
 """DivPrune (CVPR'25, arXiv 2503.02175): keep the k most diverse projected tokens, by the greedy for the
 Max-Min Diversity Problem (docs/baselines.md, DivPrune).
 
-Distances are cosine distances 1 − cos(v_i, v_j) between the tokens the LLM receives, in fp32. The first
+Distances are cosine distances 1 − cos(v_i, v_j) between the tokens the LLM receives, in fp32 from cosines
+computed in fp64 and rounded to fp32, so that the picks are the same on every CPU (`portable.py`). The first
 pick is the token whose nearest other token is farthest; each later pick is the token farthest from the
 chosen set (its minimum distance to the chosen tokens is largest). The minimum is kept as a running
 minimum, O(N) per pick, and a chosen token is never picked again, even among exact duplicates (the
@@ -14,16 +15,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from .base import Method, Selection
+from .portable import cosines, unit_rows
 
 
 def cosine_distances(tokens: torch.Tensor) -> torch.Tensor:
-    """[B, N, D] -> [B, N, N] with 1 − cos(v_i, v_j), in fp32 or fp64 for fp64 tokens (a zero token is at
-    distance 1 from all)."""
-    unit = F.normalize(tokens if tokens.dtype == torch.float64 else tokens.float(), dim=-1)
-    return 1.0 - unit @ unit.transpose(1, 2)
+    """[B, N, D] -> [B, N, N] with 1 − cos(v_i, v_j) in fp32, the cosine rounded to fp32 first (a zero token
+    is at distance 1 from all)."""
+    unit = unit_rows(tokens)
+    return 1.0 - cosines(unit, unit)
 
 
 def max_min_order(distances: torch.Tensor, k: int) -> torch.Tensor:

@@ -44,8 +44,9 @@ def one_stage(method, budget: Budget, num_tokens: int, num_layers: int) -> tuple
 
 def last_token_scores(last_attention: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Per-head softmax rows [H, L] averaged over heads, then read at the image's columns (the official order:
-    no renormalisation over the image keys, which would reweight the heads)."""
-    return last_attention.mean(dim=0)[columns]
+    no renormalisation over the image keys, which would reweight the heads). Averaged in fp64 and rounded to
+    fp32, so that the ranking is the same on every CPU (`portable.py`)."""
+    return last_attention.double().mean(dim=0)[columns].float()
 
 
 def top_ascending(scores: torch.Tensor, count: int) -> torch.Tensor:

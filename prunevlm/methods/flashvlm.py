@@ -12,6 +12,9 @@ index-identical to VisPruner's for any saliency, ties included (docs/methods.md,
 with T ≡ ε, which the official code applies, keeps the saliency order only above the floor: every token
 with minmax(saliency) < ε ties there; `no_text_score="fused"` reproduces it. Rows with text always use the
 fused score, unaffected by the other rows of the batch.
+
+Each step (relevance, sharpening, fusion) computes in fp64 and returns its result rounded to fp32, and the
+sharpening's threshold compares fp32 values, so the ranking is the same on every CPU (`portable.py`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from .base import Selection, minmax, option
 from .diversity import ImportantDiverse
+from .portable import unit_rows
 
 
 def text_relevance(
@@ -36,12 +39,13 @@ def text_relevance(
     """s_i = Σ_j softmax_j(S_ij / temperature) · S_ij with S_ij = cos(image token i, text row j) (§2 steps 1–3).
 
     `norm_gating` reproduces the official Qwen2.5-VL path, which scales each normalised text row by
-    ‖e_j‖ / max_k ‖e_k‖ (§1; a no-op in the official LLaVA path). Rows without text give NaN.
+    ‖e_j‖ / max_k ‖e_k‖ (§1; a no-op in the official LLaVA path). Rows without text give NaN. Computed in
+    fp64, returned in fp32 (module docstring).
     """
-    image_tokens = image_tokens.float()
-    unit_text = F.normalize(text_embeds.float(), dim=-1)
+    image_tokens = image_tokens.double()
+    unit_text = unit_rows(text_embeds)
     if norm_gating:
-        norms = text_embeds.float().norm(dim=-1)
+        norms = text_embeds.double().norm(dim=-1)
         if text_mask is not None:
             norms = norms.masked_fill(~text_mask.bool(), 0.0)
         unit_text = unit_text * (norms / norms.amax(dim=-1, keepdim=True).clamp_min(1e-12))[..., None]
@@ -52,7 +56,7 @@ def text_relevance(
     if text_mask is not None:
         padded = ~text_mask.bool()[:, None, :]
         logits, sim = logits.masked_fill(padded, float("-inf")), sim.masked_fill(padded, 0.0)
-    return (torch.softmax(logits, dim=-1) * sim).sum(dim=-1)
+    return (torch.softmax(logits, dim=-1) * sim).sum(dim=-1).float()
 
 
 def sharpen(
@@ -66,12 +70,14 @@ def sharpen(
 
     p = softmax(s / τ_s); q = minmax(p^γ); tokens below the (1 − top_p) quantile are multiplied by
     `damping`; min-max again. In closed form t_i ≈ damping^[i ∉ top] · exp((γ/τ_s)(s_i − max s)) (§3 (6)).
+    In fp64; q is rounded to fp32 before the threshold (interpolated in fp64 between two of its values)
+    decides, and the result is returned in fp32 (module docstring).
     """
-    p = torch.softmax(relevance / temperature, dim=-1)
-    q = minmax(p.pow(gamma))
+    p = torch.softmax(relevance.double() / temperature, dim=-1)
+    q = minmax(p.pow(gamma)).float().double()
     threshold = torch.quantile(q, 1.0 - top_p, dim=-1, keepdim=True, interpolation="linear")
     q = torch.where(q < threshold, q * damping, q)
-    return minmax(q)
+    return minmax(q).float()
 
 
 def fuse(saliency: torch.Tensor, text_score: torch.Tensor | None, eta: float = 0.5, floor: float = 1e-6) -> torch.Tensor:
@@ -79,11 +85,12 @@ def fuse(saliency: torch.Tensor, text_score: torch.Tensor | None, eta: float = 0
 
     Without text, T ≡ floor: the order of f is the saliency's except that every saliency whose min-max value
     is below the floor ties with the others there. `FlashVLM.scores` therefore ranks such rows by the
-    saliency itself, and uses this formula only for rows with text.
+    saliency itself, and uses this formula only for rows with text. A and f are computed in fp64 and
+    rounded to fp32 (module docstring).
     """
-    a = minmax(saliency.float()).clamp_min(floor)
-    t = torch.full_like(a, floor) if text_score is None else text_score.clamp_min(floor)
-    return minmax(torch.exp((1.0 - eta) * a.log() + eta * t.log()))
+    a = minmax(saliency.double()).float().clamp_min(floor)
+    t = torch.full_like(a, floor) if text_score is None else text_score.float().clamp_min(floor)
+    return minmax(torch.exp((1.0 - eta) * a.double().log() + eta * t.double().log())).float()
 
 
 @dataclass

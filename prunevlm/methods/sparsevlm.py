@@ -1,6 +1,8 @@
 """SparseVLM, v1.5 code (arXiv 2410.04417): text raters chosen from the prompt's input embeddings score the
 visual tokens by their attention at three LLM layers; each stage keeps the best and recycles some of the
-deleted ones as cluster means (docs/baselines.md, SparseVLM)."""
+deleted ones as cluster means (docs/baselines.md, SparseVLM). The rater shares, scores, distances and densities
+are computed in fp64 and rounded to fp32 before they are compared, so that the choice is the same on every CPU
+(`portable.py`)."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def kept_for_total(alive: int, total: int, recycle: bool) -> int:
 def raters(embeddings: torch.Tensor, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Text positions whose share p_t = mean over visual rows of softmax_t(V·Tᵀ) exceeds 1/|T|; all of the text
     when none does (uniform p, a single text token), where the official code averages over no rater (NaN)."""
-    relevance = (embeddings[image].float() @ embeddings[text].float().T).softmax(dim=-1).mean(dim=0)
+    relevance = (embeddings[image].double() @ embeddings[text].double().T).softmax(dim=-1).mean(dim=0).float()
     chosen = text[relevance > 1.0 / text.numel()]
     return chosen if chosen.numel() else text
 
@@ -47,11 +49,11 @@ def raters(embeddings: torch.Tensor, image: torch.Tensor, text: torch.Tensor) ->
 def rater_scores(queries: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, real: torch.Tensor,
                  columns: torch.Tensor) -> torch.Tensor:
     """Mean over rater rows of the head-mean causal softmax attention (over all real keys) at `columns`."""
-    logits = queries[:, rows] @ keys.transpose(-1, -2)  # [H, R, L]
+    logits = queries[:, rows].double() @ keys.double().transpose(-1, -2)  # [H, R, L]
     positions = torch.arange(keys.shape[1], device=keys.device)
     allowed = real[None, :] & (positions[None, :] <= rows[:, None])
     attention = logits.masked_fill(~allowed, -torch.inf).softmax(dim=-1)
-    return attention.mean(dim=0)[:, columns].mean(dim=0)
+    return attention.mean(dim=0)[:, columns].mean(dim=0).float()
 
 
 def dpc_knn(tokens: torch.Tensor, clusters: int) -> torch.Tensor:
@@ -59,9 +61,10 @@ def dpc_knn(tokens: torch.Tensor, clusters: int) -> torch.Tensor:
     d = ‖x_i − x_j‖/√C; ρ_i = exp(−mean d² to its `clusters` nearest, itself included); δ_i = distance to the
     nearest denser token (the largest distance for the densest); centres = top ρ·δ; every token joins its
     nearest centre. Ties go to the earlier token (the official code breaks them with random noise)."""
-    distance = torch.cdist(tokens.float(), tokens.float()) / math.sqrt(tokens.shape[-1])
+    tokens = tokens.double()
+    distance = (torch.cdist(tokens, tokens) / math.sqrt(tokens.shape[-1])).float()
     near = distance.topk(min(clusters, tokens.shape[0]), dim=-1, largest=False).values
-    density = torch.exp(-(near ** 2).mean(dim=-1))
+    density = torch.exp(-(near.double() ** 2).mean(dim=-1)).float()
     order = torch.arange(tokens.shape[0], device=tokens.device)
     denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (order[None, :] < order[:, None]))
     delta = torch.where(denser, distance, torch.inf).amin(dim=-1)

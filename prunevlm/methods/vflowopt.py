@@ -4,6 +4,9 @@ entropy, stage-0 pruning with recycling, then progressive pruning at two LLM lay
 This module holds the pure parts: the importance map, the stage-0 selection with recycling, and the
 per-stage token counts under the layer-averaged budget T. The in-LLM stages run in
 `runtime/llm_layers.py`; the hyper-parameter search in `calibrate/`.
+
+The importance is computed in fp64 and rounded to fp32, and so is the received attention before the
+global-token threshold compares it, so that the ranking is the same on every CPU (`portable.py`).
 """
 
 from __future__ import annotations
@@ -29,40 +32,46 @@ REFERENCE_GRID = 27  # tokens per side of the SigLIP-384/14 grid on which m is m
 
 
 def global_weights(received: torch.Tensor, t: float) -> torch.Tensor:
-    """1/|G| on the global tokens G = {g : r_g > t · mean(r)} of the received attention r [..., Q], 0 elsewhere
-    (§2.1). An empty G falls back to the token that receives the most attention, instead of the official NaN."""
-    is_global = received > t * received.mean(dim=-1, keepdim=True)
+    """1/|G| on the global tokens G = {g : r_g > t · mean(r)} of the received attention r [..., Q] (fp32), 0
+    elsewhere (§2.1), in fp64. An empty G falls back to the token that receives the most attention, instead of
+    the official NaN. The threshold is computed in fp64 and rounded to fp32 (module docstring)."""
+    is_global = received > (t * received.double().mean(dim=-1, keepdim=True)).float()
     top = torch.zeros_like(is_global).scatter_(-1, received.argmax(dim=-1, keepdim=True), True)
     is_global = torch.where(is_global.any(dim=-1, keepdim=True), is_global, top)
-    return is_global.float() / is_global.sum(dim=-1, keepdim=True)
+    return is_global.double() / is_global.sum(dim=-1, keepdim=True)
 
 
 def context_relevance(attention: torch.Tensor, t: float) -> torch.Tensor:
     """c_j = mean over global tokens g of A_gj, with G = {j : r_j > t · mean(r)} and r_j the mean attention
-    token j receives (§2.1; mean(r) = 1/N when rows sum to 1). attention [B, N, N] -> [B, N]."""
-    weights = global_weights(attention.float().mean(dim=1), t)
-    return (weights[:, :, None] * attention.float()).sum(dim=1)
+    token j receives (§2.1; mean(r) = 1/N when rows sum to 1). attention [B, N, N] -> [B, N]; in fp64, rounded
+    to fp32 (module docstring)."""
+    attention = attention.double()
+    weights = global_weights(attention.mean(dim=1).float(), t)
+    return (weights[:, :, None] * attention).sum(dim=1).float()
 
 
 def crop_context_relevance(crop_attention: torch.Tensor, t: float) -> torch.Tensor:
     """c_j of §2.1 within each token's own crop, from the `crop_attention` signal [B, N, 2, Q]: row 0 the
     attention token j receives from each of the Q tokens of its crop (A_gj), row 1 the attention each of those
-    receives (r_g). Equals `context_relevance` of the crop's map for every token of the crop. -> [B, N]."""
-    received_from, received = crop_attention.float().unbind(dim=-2)
-    return (global_weights(received, t) * received_from).sum(dim=-1)
+    receives (r_g). Equals `context_relevance` of the crop's map for every token of the crop. -> [B, N]; in
+    fp64, rounded to fp32."""
+    received_from, received = crop_attention.double().unbind(dim=-2)
+    return (global_weights(received.float(), t) * received_from).sum(dim=-1).float()
 
 
 def importance(attention: torch.Tensor, entropy: torch.Tensor, t: float, alpha: float, planes=None) -> torch.Tensor:
     """I_j = c_j + α · softmax_j(H_j) (§2.3); `attention` is the map [B, N, N], or the `crop_attention`
     signal [B, N, 2, Q] of packed multi-crop images. The official softmax runs over one crop's tokens; with
     several `planes` (base crop, tile plane) it runs over each plane, scaled by the plane's size in base
-    crops, so that each crop's worth of entropy term sums to 1 like its context relevance (docs/vflowopt.md §5)."""
+    crops, so that each crop's worth of entropy term sums to 1 like its context relevance (docs/vflowopt.md §5).
+    Computed in fp64, returned in fp32 (module docstring)."""
     relevance = context_relevance(attention, t) if attention.dim() == 3 else crop_context_relevance(attention, t)
     if planes is None or len(planes) == 1:
-        return relevance + alpha * torch.softmax(entropy.float(), dim=-1)
+        return (relevance.double() + alpha * torch.softmax(entropy.double(), dim=-1)).float()
     sizes = [h * w for h, w in planes]
-    spread = [torch.softmax(part, dim=-1) * (size / sizes[0]) for part, size in zip(entropy.float().split(sizes, dim=-1), sizes)]
-    return relevance + alpha * torch.cat(spread, dim=-1)
+    parts = entropy.double().split(sizes, dim=-1)
+    spread = [torch.softmax(part, dim=-1) * (size / sizes[0]) for part, size in zip(parts, sizes)]
+    return (relevance.double() + alpha * torch.cat(spread, dim=-1)).float()
 
 
 def plane_cells(planes, cell: float, device) -> tuple[torch.Tensor, int]:
@@ -213,6 +222,20 @@ class VFlowOpt(Method):
         if self.layers is not None and not 1 <= self.layers[0] <= self.layers[1]:
             raise ValueError(f"vflowopt: option layers must be (k1, k2) with 1 <= k1 <= k2, got {self.layers}")
 
+    def rates(self, fraction: float, layers: tuple[int, int], num_layers: int) -> tuple[float, float]:
+        """(r_v, r_1) at T = `fraction`: the options', or where unset the released schedule nearest T (§3.3)."""
+        (k1, k2), r_v, r_1 = layers, self.r_v, self.r_1
+        if r_v is None or r_1 is None:
+            _, released_r_1, released_r_2 = nearest_released(fraction)[:3]
+            r_1 = released_r_1 if r_1 is None else r_1
+            if r_v is None:
+                r_v = min(1.0, fraction * num_layers / (k1 + (k2 - k1) * r_1 + (num_layers - k2) * r_1 * released_r_2))
+        if num_layers > k2 and self.r_1 is None and r_2_for_budget(fraction, r_v, r_1, layers, num_layers) > 1:
+            # T above what the released schedule keeps even with r_v = 1 (the released configs stop at
+            # T = 0.5): keep every token from k2 on and raise r_1 to meet T instead
+            r_1 = min(1.0, r_1_for_budget(fraction, r_v, 1.0, layers, num_layers))
+        return r_v, r_1
+
     def plan(self, budget: Budget, num_tokens: int, num_layers: int) -> Plan:
         """Stage counts for one image of `num_tokens` tokens: budget is T, the layer-averaged fraction or
         count of visual tokens. r_2 is derived from T (§3.3); counts are rounded so that the
@@ -223,19 +246,9 @@ class VFlowOpt(Method):
             raise Refused(f"vflowopt: layers {(k1, k2)} must lie below the LLM depth {num_layers}")
         if fraction >= 1.0:
             return Plan((num_tokens,) * 3, (k1, k2), num_layers)
-        r_v, r_1 = self.r_v, self.r_1
-        if r_v is None or r_1 is None:
-            _, released_r_1, released_r_2 = nearest_released(fraction)[:3]
-            r_1 = released_r_1 if r_1 is None else r_1
-            if r_v is None:
-                r_v = min(1.0, fraction * num_layers / (k1 + (k2 - k1) * r_1 + (num_layers - k2) * r_1 * released_r_2))
+        r_v, r_1 = self.rates(fraction, (k1, k2), num_layers)
         if num_layers > k2:  # r_2 from T (§3.3), before rounding to token counts
             r_2 = r_2_for_budget(fraction, r_v, r_1, (k1, k2), num_layers)
-            if r_2 > 1 and self.r_1 is None:
-                # T above what the released schedule keeps even with r_v = 1 (the released configs stop at
-                # T = 0.5): keep every token from k2 on and raise r_1 to meet T instead
-                r_1 = min(1.0, r_1_for_budget(fraction, r_v, 1.0, (k1, k2), num_layers))
-                r_2 = r_2_for_budget(fraction, r_v, r_1, (k1, k2), num_layers)
             if not 0 < r_2 <= 1 + 1e-9:
                 raise Refused(
                     f"vflowopt: r_v={r_v:.4f}, r_1={r_1:.4f} cannot meet T={fraction:.4f} (it would need r_2={r_2:.3f}); "

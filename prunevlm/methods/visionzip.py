@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from .base import Method, Selection, option
+from .portable import cosines, unit_rows
 
 
 def contextual_count(k: int, ratio: float) -> int:
@@ -52,8 +52,8 @@ def merge_contextual(values, metric, remaining, contextual: int, merge: str):
     ([B, R] indices, ascending), the values [B, N, D] and the merge metric [B, N, d]."""
     at_targets, at_members = target_positions(remaining.shape[1], contextual, remaining.device)
     targets, members = remaining[:, at_targets], remaining[:, at_members]
-    unit = F.normalize(metric.float(), dim=-1)
-    similarity = rows_at(unit, members) @ rows_at(unit, targets).transpose(1, 2)  # [B, R - c, c]
+    unit = unit_rows(metric)  # cosines in fp64 rounded to fp32, ties to the first target: the same on every CPU
+    similarity = cosines(rows_at(unit, members), rows_at(unit, targets))  # [B, R - c, c]
     group = similarity.argmax(dim=-1)
     source = values.float()
     sums = torch.zeros(*targets.shape, values.shape[-1], device=values.device)

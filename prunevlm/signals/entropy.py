@@ -44,8 +44,12 @@ def grey_levels(
 
 
 def patch_entropy(levels: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in bits of the 256-bin histogram of each block's grey levels: [..., h, w] -> [...]."""
+    """Shannon entropy in bits of the 256-bin histogram of each block's grey levels: [..., h, w] -> [...].
+
+    Computed in fp64 and rounded to fp32, so that it is the same on every CPU (docs/diversity.md, "Same
+    result on every CPU"): it ranks the tokens through VFlowOpt's importance."""
     flat = levels.flatten(start_dim=-2).long().clamp(0, 255)
-    counts = torch.zeros(*flat.shape[:-1], 256, device=flat.device).scatter_add_(-1, flat, torch.ones_like(flat, dtype=torch.float32))
+    counts = torch.zeros(*flat.shape[:-1], 256, dtype=torch.float64, device=flat.device).scatter_add_(
+        -1, flat, torch.ones_like(flat, dtype=torch.float64))
     p = counts / flat.shape[-1]
-    return -(p * torch.log2(p + 1e-10)).sum(dim=-1)
+    return (-(p * torch.log2(p + 1e-10)).sum(dim=-1)).float()
