@@ -13,7 +13,7 @@ nothing to compare with and ranks above every other token, so it is kept whole w
   tokens spread evenly over its grid (uniform's sample), where vLLM never goes (it floors its count at one
   whole frame).
 
-Same result on every CPU (docs/diversity.md): the cosines are computed in fp64 and rounded to fp32 before
+Same result on every CPU (docs/diversity.md, methods/portable.py): the cosines are computed in fp64 and rounded to fp32 before
 they are compared; the ranking is a stable sort of the rounded cosine (ascending), so exact ties go to the
 earlier frame, then the earlier position in raster order, as in vLLM's stable sort.
 """
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..budget import Budget
 from .base import Method, Refused, Selection
+from .portable import unit_rows
 from .uniform import grid_sample
 
 
@@ -36,7 +36,7 @@ def frame_cosines(image_tokens: torch.Tensor, frames: tuple[int, int, int]) -> t
     −inf for frame 1, which has no previous frame and ranks first."""
     batch, _, width = image_tokens.shape
     count, height, columns = frames
-    unit = F.normalize(image_tokens.detach().double(), dim=-1).view(batch, count, height * columns, width)
+    unit = unit_rows(image_tokens.detach()).view(batch, count, height * columns, width)
     first = torch.full((batch, 1, height * columns), -torch.inf, device=image_tokens.device)
     return torch.cat([first, (unit[:, 1:] * unit[:, :-1]).sum(dim=-1).float()], dim=1)
 
