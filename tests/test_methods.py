@@ -324,3 +324,17 @@ def test_list_methods_names_signals_and_options():
     assert methods["flashvlm"]["options"]["eta"] == 0.5
     assert "text_embeds" in methods["flashvlm"]["optional_signals"]
     assert methods["uniform"]["signals"] == ["image_tokens"] and methods["uniform"]["optional_signals"] == ["grid", "planes"]
+
+
+def test_uniform_spreads_a_clip_budget_evenly_in_time():
+    # 32 frames of 8 x 16 at 10 %: 409 = 32 x 12 + 25; the 25 extra tokens go to frames spread over the clip,
+    # not to the first 25 (a tie of remainders between planes of one size)
+    keep = prunevlm.select("uniform", 409, image_tokens=torch.zeros(1, 32 * 128, 4), planes=((8, 16),) * 32).keep[0]
+    per_frame = torch.bincount(keep // 128, minlength=32)
+    assert per_frame.sum() == 409 and set(per_frame.tolist()) == {12, 13}
+    extra = (per_frame == 13).int()
+    assert abs(int(extra[:16].sum()) - int(extra[16:].sum())) <= 1 and extra[0] == 1
+    assert all(extra[i:i + 4].sum() >= 2 for i in range(0, 32, 4))  # no long run of frames without one
+    for frame in range(32):  # each frame's share evenly over its grid
+        own = keep[(keep // 128) == frame] - 128 * frame
+        assert torch.equal(own, grid_sample(8, 16, int(per_frame[frame])))
