@@ -338,3 +338,54 @@ def test_uniform_spreads_a_clip_budget_evenly_in_time():
     for frame in range(32):  # each frame's share evenly over its grid
         own = keep[(keep // 128) == frame] - 128 * frame
         assert torch.equal(own, grid_sample(8, 16, int(per_frame[frame])))
+
+
+def naive_windowed_dedup(features, order, keep, frame, window, schedule="fixed"):
+    """The released loop with each A-token's redundancy taken over the B-tokens at most `window` frames away
+    (docs/diversity.md, "Clip scale"); fp64 cosines rounded to fp32."""
+    unit = F.normalize(features.double(), dim=-1)
+    out = []
+    for b in range(features.shape[0]):
+        current = order[b]
+        while current.numel() > keep:
+            r = drops_per_round(current.numel(), keep, 8, schedule, 0.1)
+            side_a, side_b = current[0::2], current[1::2]
+            cos = (unit[b, side_a] @ unit[b, side_b].T).float()
+            cos[(frame[side_a][:, None] - frame[side_b][None, :]).abs() > window] = -math.inf
+            ranked = cos.amax(dim=1).argsort(descending=True, stable=True)
+            current = torch.cat([side_a[ranked[r:]], side_b])
+        out.append(current)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("path", ["dense", "lists"])
+@pytest.mark.parametrize("window", [0, 1, 3])
+@pytest.mark.parametrize("schedule", ["fixed", "geometric"])
+def test_windowed_dedup_equals_the_released_loop_within_the_window(monkeypatch, path, window, schedule):
+    """Both paths, the lists with short chunks (blocks cut by the window, a partial last one) and short
+    lists (rebuilds within the window), index for index against the loop above."""
+    if path == "lists":
+        monkeypatch.setattr(diversity, "DENSE_TOKENS", 0)
+        monkeypatch.setattr(diversity, "NEIGHBOURS", 6)
+        monkeypatch.setattr(diversity, "CHUNK_ROWS", 40)
+    g = torch.Generator().manual_seed(window)
+    frames, size = 10, 36
+    features = torch.randn(2, frames * size, 16, generator=g, dtype=torch.float64)
+    order = torch.stack([torch.randperm(frames * size, generator=g) for _ in range(2)])
+    frame = torch.arange(frames * size) // size
+    got = bipartite_dedup(features, order, 30, schedule=schedule, frame=frame, window=window)
+    assert torch.equal(got, naive_windowed_dedup(features, order, 30, frame, window, schedule))
+    if window == 0:  # the window matters: the whole clip chooses otherwise
+        assert not torch.equal(got, bipartite_dedup(features, order, 30, schedule=schedule))
+
+
+def test_a_window_over_the_whole_clip_is_the_released_partition_and_images_ignore_it():
+    s = signals(batch=2, tokens=6 * 32)
+    exact = prunevlm.select("flashvlm", 40, frames=(6, 4, 8), **s).keep
+    assert torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_window=5, **s).keep, exact)
+    assert not torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_window=0, **s).keep, exact)
+    image = {name: value[:, :32] for name, value in s.items() if name != "text_embeds"}
+    assert torch.equal(prunevlm.select("vispruner", 12, dedup_window=0, **image).keep,
+                       prunevlm.select("vispruner", 12, **image).keep)
+    with pytest.raises(ValueError, match="option dedup_window must be >= 0, got -1"):
+        prunevlm.select("vispruner", 12, dedup_window=-1, **image)
