@@ -5,7 +5,14 @@ keeps T_div = c·K tokens; we count trials in which some cluster lost every memb
 max_v min_s (1 - cos). Speed: one partition of N random 1024-d tokens down to N/9, median of repeats after
 a warm-up (the bench's `diversity_timing`).
 
+Clip coverage (`--clip`; docs/diversity.md, "Clip scale"): the exact rounds against `dedup_window` on a
+video of 32 frames x 128 tokens. K objects, each seen in a run of 2 to 12 consecutive frames (tight
+clusters, spread 0.01, 64-d), every other token background noise; the residual in random order; trials in
+which some object lost every token, and the median cover radius over the objects' tokens, per window and
+schedule, with each one's time.
+
     python benchmarks/diversity.py [--trials 100] [--out benchmarks/results/diversity.json]
+    python benchmarks/diversity.py --clip [--trials 20] [--out benchmarks/results/diversity-clip.json]
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +50,66 @@ def coverage(schedule: str, clusters: int, factor: float, trials: int, num_token
             "trials_with_missed_cluster": missed, "trials": trials, "median_radius": statistics.median(radii)}
 
 
+def clip_objects(frames: int, size: int, objects: int, generator: torch.Generator):
+    """Unit tokens of a clip [frames·size, 64], each token's object (-1: background) and frame."""
+    frame = torch.arange(frames * size) // size
+    points = F.normalize(torch.randn(frames * size, 64, generator=generator), dim=-1)
+    labels = torch.full((frames * size,), -1)
+    centres = F.normalize(torch.randn(objects, 64, generator=generator), dim=-1)
+    for obj in range(objects):
+        length = int(torch.randint(2, 13, (1,), generator=generator))
+        start = int(torch.randint(0, frames - length + 1, (1,), generator=generator))
+        for f in range(start, start + length):  # a few tokens of the object in each frame it is seen in
+            slots = f * size + torch.randperm(size, generator=generator)[:3]
+            labels[slots] = obj
+            points[slots] = F.normalize(centres[obj] + 0.01 * torch.randn(3, 64, generator=generator), dim=-1)
+    return points, labels, frame
+
+
+def clip_coverage(window: int | None, schedule: str, objects: int, factor: float, trials: int,
+                  frames: int = 32, size: int = 128) -> dict:
+    missed, radii, seconds = 0, [], []
+    for seed in range(trials):
+        g = torch.Generator().manual_seed(seed)
+        points, labels, frame = clip_objects(frames, size, objects, g)
+        order = torch.randperm(frames * size, generator=g)[None]
+        start = time.perf_counter()
+        kept = bipartite_dedup(points[None], order, int(factor * objects), schedule=schedule, frame=frame,
+                               window=window)[0]
+        seconds.append(time.perf_counter() - start)
+        missed += int(labels[kept][labels[kept] >= 0].unique().numel() < objects)
+        members = points[labels >= 0]
+        radii.append(float((1 - members @ points[kept].T).amin(dim=1).max()))
+    return {"window": window, "schedule": schedule, "objects": objects, "t_div": int(factor * objects),
+            "factor": factor, "trials_with_missed_object": missed, "trials": trials,
+            "median_radius": statistics.median(radii), "median_ms": 1000 * statistics.median(seconds)}
+
+
+def clip_main(args) -> None:
+    rows = [clip_coverage(w, s, k, c, args.trials) for s in ("fixed", "geometric") for k in (32, 64)
+            for c in (2.0, 4.0) for w in (None, 0, 1, 2, 4)]
+    print(f"| schedule | K | T_div | window | trials with a missed object | median radius | median ms "
+          f"({torch.get_num_threads()} threads) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['schedule']} | {r['objects']} | {r['t_div']} | {'clip' if r['window'] is None else r['window']} "
+              f"| {r['trials_with_missed_object']}/{r['trials']} | {r['median_radius']:.4f} | {r['median_ms']:.0f} |")
+    with open(args.out, "w") as f:
+        json.dump({"clip_coverage": rows, "torch": torch.__version__}, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results/diversity.json")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/diversity.json, or "
+                                                     "diversity-clip.json with --clip")
+    parser.add_argument("--clip", action="store_true", help="coverage of dedup_window on a 32-frame clip instead")
     args = parser.parse_args()
+    if args.clip:
+        args.out = args.out or "benchmarks/results/diversity-clip.json"
+        return clip_main(args)
+    args.out = args.out or "benchmarks/results/diversity.json"
     rows = [coverage(s, k, c, args.trials) for s in ("fixed", "geometric") for k in (16, 32, 64) for c in (1.0, 1.25, 1.5, 2.0)]
     print("| schedule | K | T_div | trials with a missed cluster | median radius (1 - cos) |")
     print("|---|---|---|---|---|")

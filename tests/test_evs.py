@@ -1,5 +1,7 @@
 """EVS (vLLM's efficient video sampling) on tensors: closed-form clips, exact counts, tie order, refusals
-(docs/baselines.md, EVS)."""
+(docs/baselines.md, EVS); and on a tiny Qwen2.5-VL, the same choice from the tower's tokens."""
+
+import inspect
 
 import pytest
 import torch
@@ -133,3 +135,31 @@ def test_evs_declares_itself_a_whole_clip_video_method():
     methods = {m["name"]: m for m in prunevlm.list_methods()}
     assert methods["evs"]["signals"] == ["image_tokens", "frames"] and EVS.whole_clip
     assert not any(cls.whole_clip for name, cls in prunevlm.methods.METHODS.items() if name != "evs")
+
+
+@pytest.mark.skipif("video_scope" not in inspect.signature(prunevlm.prune).parameters,
+                    reason="prune(video_scope=) is the core's (branch video); runs once both are merged")
+@pytest.mark.parametrize("scope", [
+    pytest.param("per_frame", marks=pytest.mark.xfail(strict=True, reason=(
+        "the runtime's per_frame path must call select_frames once for a whole_clip method "
+        "(runtime/llm_input.py::_choose_video; the lead wires it after merging)"))),
+    "per_clip"])
+@torch.no_grad()
+def test_on_a_model_evs_chooses_from_the_towers_tokens_as_on_tensors(scope):
+    import tiny
+
+    model = tiny.qwen2_5_vl(layers=2)
+    inputs = tiny.qwen_video_inputs(model, [[(6, 8, 8)]])  # 6 frames of 4 x 4 merged tokens
+    encoded = []
+    hook = model.model.visual.register_forward_hook(lambda m, a, kw, out: encoded.append(out.pooler_output),
+                                                    with_kwargs=True)
+    budget = 5 if scope == "per_frame" else 20  # of 16 per frame; of 96 in the clip: frame 1 and 4 more
+    try:
+        with prunevlm.prune(model, "evs", budget, video_scope=scope) as handle:
+            model.generate(**inputs, max_new_tokens=1, **tiny.GREEDY)
+    finally:
+        hook.remove()
+    tokens, frames = encoded[-1][None], (6, 4, 4)
+    expected = (EVS().select_frames(Budget(budget), image_tokens=tokens, frames=frames) if scope == "per_frame"
+                else prunevlm.select("evs", budget, image_tokens=tokens, frames=frames)).keep[0]
+    assert torch.equal(handle.stats.kept[0][0], expected)
