@@ -5,11 +5,11 @@ keeps T_div = c·K tokens; we count trials in which some cluster lost every memb
 max_v min_s (1 - cos). Speed: one partition of N random 1024-d tokens down to N/9, median of repeats after
 a warm-up (the bench's `diversity_timing`).
 
-Clip coverage (`--clip`; docs/diversity.md, "Clip scale"): the exact rounds against `dedup_window` on a
-video of 32 frames x 128 tokens. K objects, each seen in a run of 2 to 12 consecutive frames (tight
-clusters, spread 0.01, 64-d), every other token background noise; the residual in random order; trials in
-which some object lost every token, and the median cover radius over the objects' tokens, per window and
-schedule, with each one's time.
+Clip coverage (`--clip`; docs/diversity.md, "Clip scale"): the exact rounds against `dedup_segment` on a
+video of 32 frames x 128 tokens: a static scene of 16 regions and K objects, each seen in a run of 2 to 12
+consecutive frames (tight clusters, spread 0.01, 64-d); the residual in random order; the partition keeps
+T_div = c·(K + 16); trials in which some object lost every token, and the median cover radius over all
+tokens, per segment length and schedule, with each one's time.
 
     python benchmarks/diversity.py [--trials 100] [--out benchmarks/results/diversity.json]
     python benchmarks/diversity.py --clip [--trials 20] [--out benchmarks/results/diversity-clip.json]
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from prunevlm.bench.diversity_partition import diversity_timing
-from prunevlm.methods.diversity import bipartite_dedup
+from prunevlm.methods.diversity import bipartite_dedup, segmented_dedup
 
 
 def clustered(num_tokens: int, clusters: int, dim: int, spread: float, generator: torch.Generator):
@@ -50,49 +50,53 @@ def coverage(schedule: str, clusters: int, factor: float, trials: int, num_token
             "trials_with_missed_cluster": missed, "trials": trials, "median_radius": statistics.median(radii)}
 
 
-def clip_objects(frames: int, size: int, objects: int, generator: torch.Generator):
-    """Unit tokens of a clip [frames·size, 64], each token's object (-1: background) and frame."""
+def clip_objects(frames: int, size: int, objects: int, generator: torch.Generator, regions: int = 16):
+    """Unit tokens of a clip [frames·size, 64], each token's object (-1: the scene) and frame. The scene is
+    static: each position shows one of `regions` region vectors in every frame; an object replaces 3 tokens
+    of each of a run of 2 to 12 consecutive frames. Every token has noise of spread 0.01."""
     frame = torch.arange(frames * size) // size
-    points = F.normalize(torch.randn(frames * size, 64, generator=generator), dim=-1)
+    scene = F.normalize(torch.randn(regions, 64, generator=generator), dim=-1)
+    centres = scene[torch.randint(regions, (size,), generator=generator)].repeat(frames, 1)
     labels = torch.full((frames * size,), -1)
-    centres = F.normalize(torch.randn(objects, 64, generator=generator), dim=-1)
-    for obj in range(objects):
+    for obj, centre in enumerate(F.normalize(torch.randn(objects, 64, generator=generator), dim=-1)):
         length = int(torch.randint(2, 13, (1,), generator=generator))
         start = int(torch.randint(0, frames - length + 1, (1,), generator=generator))
-        for f in range(start, start + length):  # a few tokens of the object in each frame it is seen in
+        for f in range(start, start + length):
             slots = f * size + torch.randperm(size, generator=generator)[:3]
-            labels[slots] = obj
-            points[slots] = F.normalize(centres[obj] + 0.01 * torch.randn(3, 64, generator=generator), dim=-1)
+            labels[slots], centres[slots] = obj, centre
+    points = F.normalize(centres + 0.01 * torch.randn(frames * size, 64, generator=generator), dim=-1)
     return points, labels, frame
 
 
-def clip_coverage(window: int | None, schedule: str, objects: int, factor: float, trials: int,
-                  frames: int = 32, size: int = 128) -> dict:
+def clip_coverage(segment: int | None, schedule: str, objects: int, factor: float, trials: int,
+                  frames: int = 32, size: int = 128, regions: int = 16) -> dict:
+    """Trials in which the partition, keeping factor·(objects + regions) tokens, lost an object, and the
+    median cover radius max_v min_s (1 − cos) over all tokens; with the median time of one partition."""
     missed, radii, seconds = 0, [], []
+    keep = int(factor * (objects + regions))
     for seed in range(trials):
         g = torch.Generator().manual_seed(seed)
-        points, labels, frame = clip_objects(frames, size, objects, g)
+        points, labels, frame = clip_objects(frames, size, objects, g, regions)
         order = torch.randperm(frames * size, generator=g)[None]
         start = time.perf_counter()
-        kept = bipartite_dedup(points[None], order, int(factor * objects), schedule=schedule, frame=frame,
-                               window=window)[0]
+        kept = (bipartite_dedup(points[None], order, keep, schedule=schedule) if segment is None else
+                segmented_dedup(points[None], order, keep, frame, segment, schedule=schedule))[0]
         seconds.append(time.perf_counter() - start)
         missed += int(labels[kept][labels[kept] >= 0].unique().numel() < objects)
-        members = points[labels >= 0]
-        radii.append(float((1 - members @ points[kept].T).amin(dim=1).max()))
-    return {"window": window, "schedule": schedule, "objects": objects, "t_div": int(factor * objects),
+        radii.append(float((1 - points @ points[kept].T).amin(dim=1).max()))
+    return {"segment": segment, "schedule": schedule, "objects": objects, "regions": regions, "t_div": keep,
             "factor": factor, "trials_with_missed_object": missed, "trials": trials,
             "median_radius": statistics.median(radii), "median_ms": 1000 * statistics.median(seconds)}
 
 
 def clip_main(args) -> None:
-    rows = [clip_coverage(w, s, k, c, args.trials) for s in ("fixed", "geometric") for k in (32, 64)
-            for c in (2.0, 4.0) for w in (None, 0, 1, 2, 4)]
-    print(f"| schedule | K | T_div | window | trials with a missed object | median radius | median ms "
+    rows = [clip_coverage(w, s, k, c, args.trials) for s in ("fixed", "geometric") for k in (16, 48)
+            for c in (1.0, 1.5, 2.0) for w in (None, 4, 8)]
+    print(f"| schedule | K | T_div | segment | trials with a missed object | median radius | median ms "
           f"({torch.get_num_threads()} threads) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['schedule']} | {r['objects']} | {r['t_div']} | {'clip' if r['window'] is None else r['window']} "
+        print(f"| {r['schedule']} | {r['objects']} | {r['t_div']} | {'clip' if r['segment'] is None else r['segment']} "
               f"| {r['trials_with_missed_object']}/{r['trials']} | {r['median_radius']:.4f} | {r['median_ms']:.0f} |")
     with open(args.out, "w") as f:
         json.dump({"clip_coverage": rows, "torch": torch.__version__}, f, indent=1)
@@ -104,7 +108,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="default benchmarks/results/diversity.json, or "
                                                      "diversity-clip.json with --clip")
-    parser.add_argument("--clip", action="store_true", help="coverage of dedup_window on a 32-frame clip instead")
+    parser.add_argument("--clip", action="store_true", help="coverage of dedup_segment on a 32-frame clip instead")
     args = parser.parse_args()
     if args.clip:
         args.out = args.out or "benchmarks/results/diversity-clip.json"

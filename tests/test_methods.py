@@ -340,52 +340,41 @@ def test_uniform_spreads_a_clip_budget_evenly_in_time():
         assert torch.equal(own, grid_sample(8, 16, int(per_frame[frame])))
 
 
-def naive_windowed_dedup(features, order, keep, frame, window, schedule="fixed"):
-    """The released loop with each A-token's redundancy taken over the B-tokens at most `window` frames away
-    (docs/diversity.md, "Clip scale"); fp64 cosines rounded to fp32."""
-    unit = F.normalize(features.double(), dim=-1)
-    out = []
-    for b in range(features.shape[0]):
-        current = order[b]
-        while current.numel() > keep:
-            r = drops_per_round(current.numel(), keep, 8, schedule, 0.1)
-            side_a, side_b = current[0::2], current[1::2]
-            cos = (unit[b, side_a] @ unit[b, side_b].T).float()
-            cos[(frame[side_a][:, None] - frame[side_b][None, :]).abs() > window] = -math.inf
-            ranked = cos.amax(dim=1).argsort(descending=True, stable=True)
-            current = torch.cat([side_a[ranked[r:]], side_b])
-        out.append(current)
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("path", ["dense", "lists"])
-@pytest.mark.parametrize("window", [0, 1, 3])
-@pytest.mark.parametrize("schedule", ["fixed", "geometric"])
-def test_windowed_dedup_equals_the_released_loop_within_the_window(monkeypatch, path, window, schedule):
-    """Both paths, the lists with short chunks (blocks cut by the window, a partial last one) and short
-    lists (rebuilds within the window), index for index against the loop above."""
-    if path == "lists":
-        monkeypatch.setattr(diversity, "DENSE_TOKENS", 0)
-        monkeypatch.setattr(diversity, "NEIGHBOURS", 6)
-        monkeypatch.setattr(diversity, "CHUNK_ROWS", 40)
-    g = torch.Generator().manual_seed(window)
-    frames, size = 10, 36
+def test_segmented_dedup_is_the_rounds_on_each_run_of_frames_then_on_their_pool(monkeypatch):
+    """Index for index against the released loop applied as the two steps say (docs/diversity.md, "Clip
+    scale"): each run of `segment` frames, in residual order, to ⌈POOL · keep · its size / R⌉, then their
+    pool, in residual order, to keep; the lists path (forced, short lists) gives the same."""
+    g = torch.Generator().manual_seed(3)
+    frames, size, keep, segment = 10, 36, 30, 3
     features = torch.randn(2, frames * size, 16, generator=g, dtype=torch.float64)
     order = torch.stack([torch.randperm(frames * size, generator=g) for _ in range(2)])
     frame = torch.arange(frames * size) // size
-    got = bipartite_dedup(features, order, 30, schedule=schedule, frame=frame, window=window)
-    assert torch.equal(got, naive_windowed_dedup(features, order, 30, frame, window, schedule))
-    if window == 0:  # the window matters: the whole clip chooses otherwise
-        assert not torch.equal(got, bipartite_dedup(features, order, 30, schedule=schedule))
+    expected = []
+    for b in range(2):
+        runs = frame[order[b]] // segment
+        pool = []
+        for run in runs.unique():
+            part = order[b][runs == run]
+            share = min(part.numel(), math.ceil(diversity.POOL * keep * part.numel() / order.shape[1]))
+            pool.append(naive_dedup(features[b : b + 1], part[None], share)[0])
+        pooled = torch.cat(pool)
+        in_order = order[b][torch.isin(order[b], pooled)]  # the pool in residual order
+        expected.append(naive_dedup(features[b : b + 1], in_order[None], keep)[0])
+    got = diversity.segmented_dedup(features, order, keep, frame, segment)
+    assert torch.equal(got, torch.stack(expected))
+    assert not torch.equal(got, bipartite_dedup(features, order, keep))  # the two steps choose otherwise
+    monkeypatch.setattr(diversity, "DENSE_TOKENS", 0)
+    monkeypatch.setattr(diversity, "NEIGHBOURS", 6)
+    assert torch.equal(diversity.segmented_dedup(features, order, keep, frame, segment), got)
 
 
-def test_a_window_over_the_whole_clip_is_the_released_partition_and_images_ignore_it():
+def test_a_segment_over_the_whole_clip_is_the_released_partition_and_images_ignore_it():
     s = signals(batch=2, tokens=6 * 32)
     exact = prunevlm.select("flashvlm", 40, frames=(6, 4, 8), **s).keep
-    assert torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_window=5, **s).keep, exact)
-    assert not torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_window=0, **s).keep, exact)
+    assert torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_segment=6, **s).keep, exact)
+    assert not torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_segment=2, **s).keep, exact)
     image = {name: value[:, :32] for name, value in s.items() if name != "text_embeds"}
-    assert torch.equal(prunevlm.select("vispruner", 12, dedup_window=0, **image).keep,
+    assert torch.equal(prunevlm.select("vispruner", 12, dedup_segment=1, **image).keep,
                        prunevlm.select("vispruner", 12, **image).keep)
-    with pytest.raises(ValueError, match="option dedup_window must be >= 0, got -1"):
-        prunevlm.select("vispruner", 12, dedup_window=-1, **image)
+    with pytest.raises(ValueError, match="option dedup_segment must be >= 1, got 0"):
+        prunevlm.select("vispruner", 12, dedup_segment=0, **image)

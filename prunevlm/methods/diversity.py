@@ -26,10 +26,10 @@ and its rounds cost far more (at N = 4608, 85 MB per image and 576 rounds).
 `schedule="geometric"` drops a fixed fraction of R per round instead, O(log(N/k)) rounds; its coverage
 against the fixed schedule is measured by benchmarks/diversity.py.
 
-At clip scale, `window` (the methods' `dedup_window`) restricts m(a) to the B-tokens at most that many
-frames from a (`frame`: each token's frame): the cosine matrix is then masked beyond the window, and the
-neighbour lists are built from the blocks of the frame-sorted residual that lie within it, so their cost
-grows with N, not N²; a GPU takes the lists too beyond DENSE_TOKENS (docs/diversity.md, "Clip scale").
+At clip scale, `segment` (the methods' `dedup_segment`) runs the partition in two steps (`segmented_dedup`):
+each run of that many frames de-duplicates its own residual tokens down to POOL times its share of `keep`,
+then the pooled tokens of the whole clip, in residual order, go through the rounds down to `keep`. Each
+step is small, so the cost grows with the clip's length, not its square (docs/diversity.md, "Clip scale").
 
 Every path compares the same numbers: cosines of fp64 unit vectors rounded to fp32 (`portable.py`), so
 their order does not depend on the CPU's kernels or threads, and ties among A go by A's order (a stable
@@ -43,7 +43,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .base import Method, Selection, option
 from .portable import cosines, unit_rows
@@ -52,6 +51,7 @@ DENSE_TOKENS = 2048  # up to this many tokens the whole cosine matrix is kept (1
 NEIGHBOURS = 64  # length of the nearest-neighbour lists; a speed knob only, results do not depend on it
 LIST_HEAD = 8  # list entries read first each round, the rest only where none is in B; a speed knob too
 CHUNK_ROWS = 1024  # side of the blocks of the cosine matrix computed at once for the lists, and rows per rebuild
+POOL = 2  # a segment keeps this many times its share of the budget for the clip-wide rounds (dedup_segment)
 
 
 def drops_per_round(residual: int, keep: int, step: int, schedule: str, ratio: float) -> int:
@@ -73,15 +73,11 @@ def bipartite_dedup(
     schedule: str = "fixed",
     ratio: float = 0.1,
     stats: dict | None = None,
-    frame: torch.Tensor | None = None,
-    window: int | None = None,
 ) -> torch.Tensor:
     """Shrink the residual `order` ([B, R] token indices into `features` [B, N, D]) to `keep` tokens.
 
     Returns [B, keep] token indices (in the final round's order, not sorted). `stats`, if given, receives
     the number of rounds, which is the same for every image: it depends only on R, `keep` and the schedule.
-    With `frame` ([N], each token's frame) and `window`, a token's redundancy counts only the B-tokens at
-    most `window` frames away.
     """
     residual = order.shape[1]
     if keep < 0:
@@ -94,18 +90,43 @@ def bipartite_dedup(
         return order[:, :0]
     chosen = features.gather(1, order[..., None].expand(-1, -1, features.shape[-1]))
     unit = unit_rows(chosen.detach())
-    near = None if frame is None or window is None else frame.to(order.device)[order]  # [B, R] frames
-    if residual <= DENSE_TOKENS or (features.device.type != "cpu" and near is None):
-        similarity = symmetric_gram(unit)
-        if near is not None:
-            similarity.masked_fill_((near[:, :, None] - near[:, None, :]).abs() > window, -math.inf)
-        positions = dense_rounds(similarity, keep, step, schedule, ratio)
+    if residual <= DENSE_TOKENS or features.device.type != "cpu":
+        positions = dense_rounds(symmetric_gram(unit), keep, step, schedule, ratio)
     else:
-        positions = torch.stack([list_rounds(image, keep, step, schedule, ratio, None if near is None else near[i], window)
-                                 for i, image in enumerate(unit)])
+        positions = torch.stack([list_rounds(image, keep, step, schedule, ratio) for image in unit])
     if stats is not None:
         stats["rounds"] = count_rounds(residual, keep, step, schedule, ratio)
     return order.gather(1, positions)
+
+
+def segmented_dedup(features: torch.Tensor, order: torch.Tensor, keep: int, frame: torch.Tensor, segment: int,
+                    step: int = 8, schedule: str = "fixed", ratio: float = 0.1) -> torch.Tensor:
+    """`bipartite_dedup` in two steps (module docstring): the residual `order` [B, R] split by `frame` ([N], each
+    token's frame) into runs of `segment` frames, each run (in residual order) shrunk to min(its size,
+    ⌈POOL · keep · its size / R⌉), then the pooled tokens, in residual order, shrunk to `keep`. One segment
+    holding the whole residual is the one-step partition. Returns [B, keep] token indices."""
+    if keep >= order.shape[1] or keep == 0:
+        return bipartite_dedup(features, order, keep, step, schedule, ratio)
+    runs = frame.to(order.device)[order] // segment  # [B, R], each residual token's run
+    rank = torch.empty(features.shape[1], dtype=torch.long, device=order.device)  # a token's position in `order`
+    chosen = []
+    for image in range(order.shape[0]):
+        rank[order[image]] = torch.arange(order.shape[1], device=order.device)
+        if runs[image].unique().numel() == 1:
+            chosen.append(bipartite_dedup(features[image : image + 1], order[image : image + 1], keep, step, schedule,
+                                          ratio)[0])
+            continue
+        pooled = []
+        for run in runs[image].unique():
+            positions = torch.nonzero(runs[image] == run).flatten()  # ascending: residual order kept
+            share = min(positions.numel(), math.ceil(POOL * keep * positions.numel() / order.shape[1]))
+            kept = bipartite_dedup(features[image : image + 1], order[image : image + 1, positions], share, step,
+                                   schedule, ratio)[0]
+            pooled.append(rank[kept])
+        pool = torch.cat(pooled).sort().values  # the pooled tokens in residual order
+        chosen.append(bipartite_dedup(features[image : image + 1], order[image : image + 1, pool], keep, step,
+                                      schedule, ratio)[0])
+    return torch.stack(chosen)
 
 
 def count_rounds(residual: int, keep: int, step: int, schedule: str, ratio: float) -> int:
@@ -155,11 +176,9 @@ def device_rounds(similarity: torch.Tensor, keep: int, step: int, schedule: str,
     return current
 
 
-def list_rounds(unit: torch.Tensor, keep: int, step: int, schedule: str, ratio: float,
-                near: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
-    """The rounds for one image [R, D] from nearest-neighbour lists (R > DENSE_TOKENS; on the CPU, or within a
-    window of frames, `near` [R] each token's frame): [keep] positions."""
-    scorer = ListRedundancy(unit, near, window)
+def list_rounds(unit: torch.Tensor, keep: int, step: int, schedule: str, ratio: float) -> torch.Tensor:
+    """The rounds for one image [R, D] from nearest-neighbour lists (CPU, R > DENSE_TOKENS): [keep] positions."""
+    scorer = ListRedundancy(unit)
     current = np.arange(unit.shape[0])
     while current.size > keep:
         r = drops_per_round(current.size, keep, step, schedule, ratio)
@@ -183,27 +202,13 @@ def symmetric_gram(unit: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def nearest_neighbours(unit: torch.Tensor, width: int, near: torch.Tensor | None = None,
-                       window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_neighbours(unit: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's `width` most similar other tokens, (similarity, index) sorted descending; `unit` are fp64
-    unit rows and the similarities their cosines rounded to fp32. With `near` ([R], each token's frame) and
-    `window`, only tokens at most `window` frames away count; a list with fewer is padded with -inf.
+    unit rows and the similarities their cosines rounded to fp32.
 
     The cosine matrix is computed in CHUNK_ROWS blocks, only those on or above the diagonal: block (i, j)
     gives candidates to the rows of chunk i, and transposed to those of chunk j (cosine is symmetric), so
-    about half the products of the full matrix are computed. Within a window the tokens are first sorted by
-    frame, so a chunk's blocks end where the window does. Each row keeps its best `width` candidates."""
-    if near is None:
-        return _blocks_neighbours(unit, width)
-    by_frame = near.argsort(stable=True)
-    similarity, neighbours = _blocks_neighbours(unit[by_frame], width, near[by_frame], window)
-    unsorted = torch.empty_like(by_frame).scatter_(0, by_frame, torch.arange(by_frame.numel(), device=by_frame.device))
-    return similarity[unsorted], by_frame[neighbours[unsorted]]
-
-
-def _blocks_neighbours(unit: torch.Tensor, width: int, near: torch.Tensor | None = None,
-                       window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`nearest_neighbours` from the blocks on and above the diagonal, `near` (if given) ascending."""
+    about half the products of the full matrix are computed. Each row keeps its best `width` candidates."""
     count = unit.shape[0]
     starts = list(range(0, count, CHUNK_ROWS))
     candidates: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in starts]
@@ -211,13 +216,7 @@ def _blocks_neighbours(unit: torch.Tensor, width: int, near: torch.Tensor | None
         rows = unit[row_start : row_start + CHUNK_ROWS]
         for j in range(i, len(starts)):
             column_start = starts[j]
-            if window is not None and near[column_start] - near[min(row_start + CHUNK_ROWS, count) - 1] > window:
-                break  # sorted by frame: this block and every later one lie beyond the window
             block = cosines(rows, unit[column_start : column_start + CHUNK_ROWS])
-            if window is not None:
-                frames = near[row_start : row_start + CHUNK_ROWS]
-                block.masked_fill_((frames[:, None] - near[column_start : column_start + CHUNK_ROWS]).abs() > window,
-                                   -math.inf)
             views = [(i, column_start, block)]
             if i == j:
                 block.fill_diagonal_(-math.inf)  # not itself
@@ -229,10 +228,6 @@ def _blocks_neighbours(unit: torch.Tensor, width: int, near: torch.Tensor | None
     similarity, neighbours = [], []
     for chunk in candidates:
         values, index = torch.cat([v for v, _ in chunk], dim=1), torch.cat([n for _, n in chunk], dim=1)
-        short = width - values.shape[1]  # within a window a chunk may see fewer candidates than `width`
-        if short > 0:
-            values = F.pad(values, (0, short), value=-math.inf)
-            index = F.pad(index, (0, short))
         best, position = values.topk(width, dim=1)
         similarity.append(best)
         neighbours.append(index.gather(1, position))
@@ -246,12 +241,12 @@ class ListRedundancy:
     The lists stay on the features' device in torch: their per-round gathers are large enough to gain from
     threads."""
 
-    def __init__(self, unit: torch.Tensor, near: torch.Tensor | None = None, window: int | None = None):
-        self.unit, self.near, self.window = unit.detach(), near, window
+    def __init__(self, unit: torch.Tensor):
+        self.unit = unit.detach()
         count = unit.shape[0]
         self.alive = torch.ones(count, dtype=torch.bool, device=unit.device)
         self.in_b = torch.zeros_like(self.alive)
-        self.similarity, self.neighbours = nearest_neighbours(self.unit, max(1, min(NEIGHBOURS, count - 1)), near, window)
+        self.similarity, self.neighbours = nearest_neighbours(self.unit, max(1, min(NEIGHBOURS, count - 1)))
 
     def redundancy(self, side_a: np.ndarray, side_b: np.ndarray) -> np.ndarray:
         side_a, side_b = (torch.from_numpy(side).to(self.unit.device) for side in (side_a, side_b))
@@ -295,9 +290,6 @@ class ListRedundancy:
             sim = cosines(self.unit.index_select(0, part), live_unit)
             itself = torch.searchsorted(live_tokens, part)  # every refreshed token is live
             sim[torch.arange(part.numel(), device=part.device), itself] = -math.inf
-            if self.window is not None:
-                far = (self.near[part][:, None] - self.near[live_tokens][None, :]).abs() > self.window
-                sim.masked_fill_(far, -math.inf)
             values, index = sim.topk(length, dim=1)
             self.similarity[part, :length], self.neighbours[part, :length] = values, live_tokens[index]
             self.similarity[part, length:] = -math.inf
@@ -318,18 +310,20 @@ def important_and_diverse(
     schedule: str = "fixed",
     ratio: float = 0.1,
     frame: torch.Tensor | None = None,
-    window: int | None = None,
+    segment: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep ⌊alpha·k⌋ top-scored tokens and fill the rest by de-duplicating the residual (docs/flashvlm.md §6),
-    within `window` frames of each token where `frame` ([N], each token's frame) is given.
+    """Keep ⌊alpha·k⌋ top-scored tokens and fill the rest by de-duplicating the residual (docs/flashvlm.md §6);
+    in two steps, runs of `segment` frames then the clip, where `frame` ([N], each token's frame) is given.
 
     Returns (keep [B, k] ascending, important [B, ⌊alpha·k⌋], diverse [B, k - ⌊alpha·k⌋]).
     """
     num_important = math.floor(alpha * k)
     ranked = scores.argsort(dim=-1, descending=True, stable=True)
     important, residual = ranked[:, :num_important], ranked[:, num_important:]
-    diverse = bipartite_dedup(features, residual, k - num_important, step=step, schedule=schedule, ratio=ratio,
-                              frame=frame, window=window)
+    if frame is None or segment is None:
+        diverse = bipartite_dedup(features, residual, k - num_important, step=step, schedule=schedule, ratio=ratio)
+    else:
+        diverse = segmented_dedup(features, residual, k - num_important, frame, segment, step, schedule, ratio)
     keep = torch.cat([important, diverse], dim=1).sort(dim=1).values
     return keep, important, diverse
 
@@ -343,18 +337,18 @@ class ImportantDiverse(Method):
     dedup_schedule: str = option("fixed", "'fixed' rounds as released, or 'geometric' (docs/diversity.md)",
                                  choices=("fixed", "geometric"))
     dedup_ratio: float = option(0.1, "fraction of the residual dropped per round when geometric", above=0, at_most=1)
-    dedup_window: int | None = option(None, "video clips: a token's redundancy counts only tokens at most this many "
-                                            "frames away; None: the whole clip, as released (docs/diversity.md, "
-                                            "clip scale)", at_least=0)
+    dedup_segment: int | None = option(None, "video clips: de-duplicate each run of this many frames first, then the "
+                                             "pooled tokens over the clip; None: the whole clip at once, as released "
+                                             "(docs/diversity.md, clip scale)", at_least=1)
 
     def split(self, scores: torch.Tensor, features: torch.Tensor, k: int, frames: tuple | None = None) -> Selection:
-        """The important share by `scores`, the rest by the partition of `features`; with a video's `frames`
-        (t, h, w) and `dedup_window`, the partition looks for redundancy within the window."""
+        """The important share by `scores`, the rest by the partition of `features`; on a video's `frames`
+        (t, h, w) with `dedup_segment`, the partition runs in two steps."""
         frame = None
-        if frames is not None and self.dedup_window is not None:
+        if frames is not None and self.dedup_segment is not None:
             frame = torch.arange(features.shape[1], device=features.device) // (frames[1] * frames[2])
         keep, important, diverse = important_and_diverse(
             scores, features, k, self.alpha, self.dedup_step, self.dedup_schedule, self.dedup_ratio, frame,
-            self.dedup_window,
+            self.dedup_segment,
         )
         return Selection(keep=keep, scores=scores, info={"important": important, "diverse": diverse})
