@@ -369,8 +369,10 @@ def test_segmented_dedup_is_the_rounds_on_each_run_of_frames_then_on_their_pool(
 
 
 def test_a_segment_over_the_whole_clip_is_the_released_partition_and_images_ignore_it():
+    """The default (8 frames) leaves short clips, frames selected alone and images as released."""
     s = signals(batch=2, tokens=6 * 32)
-    exact = prunevlm.select("flashvlm", 40, frames=(6, 4, 8), **s).keep
+    exact = prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_segment=None, **s).keep
+    assert torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), **s).keep, exact)  # 6 frames <= 8
     assert torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_segment=6, **s).keep, exact)
     assert not torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_segment=2, **s).keep, exact)
     image = {name: value[:, :32] for name, value in s.items() if name != "text_embeds"}

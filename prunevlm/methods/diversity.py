@@ -51,7 +51,7 @@ DENSE_TOKENS = 2048  # up to this many tokens the whole cosine matrix is kept (1
 NEIGHBOURS = 64  # length of the nearest-neighbour lists; a speed knob only, results do not depend on it
 LIST_HEAD = 8  # list entries read first each round, the rest only where none is in B; a speed knob too
 CHUNK_ROWS = 1024  # side of the blocks of the cosine matrix computed at once for the lists, and rows per rebuild
-POOL = 2  # a segment keeps this many times its share of the budget for the clip-wide rounds (dedup_segment)
+POOL = 4  # a segment keeps this many times its share of the budget for the clip-wide rounds (dedup_segment)
 
 
 def drops_per_round(residual: int, keep: int, step: int, schedule: str, ratio: float) -> int:
@@ -337,9 +337,10 @@ class ImportantDiverse(Method):
     dedup_schedule: str = option("fixed", "'fixed' rounds as released, or 'geometric' (docs/diversity.md)",
                                  choices=("fixed", "geometric"))
     dedup_ratio: float = option(0.1, "fraction of the residual dropped per round when geometric", above=0, at_most=1)
-    dedup_segment: int | None = option(None, "video clips: de-duplicate each run of this many frames first, then the "
-                                             "pooled tokens over the clip; None: the whole clip at once, as released "
-                                             "(docs/diversity.md, clip scale)", at_least=1)
+    dedup_segment: int | None = option(8, "video clips per clip: de-duplicate each run of this many frames first, "
+                                          "then the pooled tokens over the clip (a clip of at most this many frames, "
+                                          "and every image, as released); None: the whole clip at once "
+                                          "(docs/diversity.md, clip scale)", at_least=1)
 
     def split(self, scores: torch.Tensor, features: torch.Tensor, k: int, frames: tuple | None = None) -> Selection:
         """The important share by `scores`, the rest by the partition of `features`; on a video's `frames`
