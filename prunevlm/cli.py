@@ -12,13 +12,14 @@ import json
 import os
 
 from . import DEMO_CONFIGS, DEMO_MODEL
-from .budget import BUDGET_SCOPES, Budget
+from .budget import BUDGET_SCOPES, VIDEO_SCOPES, Budget
 from .defaults import BENCH_FAMILIES, RESULTS
 from .errors import PruneError
 
 DEMO_TYPE = "llava"  # the model_type of a demo-format folder (prunevlm/demo/build.py)
 SEEDS = 2**32  # a calibration seed seeds Optuna's sampler, which takes [0, 2**32)
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # loading.DTYPES' names (that module imports torch)
+VIDEO_BENCH_FAMILIES = ("qwen2_5vl", "onevision")  # bench/models.py VIDEO_FAMILIES (that module imports torch)
 
 
 def parse_budget(text: str) -> Budget:
@@ -67,9 +68,32 @@ def method_names(allow_none: bool):
     return parse
 
 
+def frame_counts(text: str) -> list[int]:
+    """'8,32,128' -> the frame counts of the bench's videos, each an int >= 1; a repeated one is kept once."""
+    counts = list(dict.fromkeys(positive(part.strip()) for part in text.split(",") if part.strip()))
+    if not counts:
+        raise argparse.ArgumentTypeError(f"give at least one frame count, comma-separated (e.g. 8,32,128), got {text!r}")
+    return counts
+
+
 def existing_file(text: str) -> str:
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"no file {text!r}" + (" (it is a folder)" if os.path.isdir(text) else ""))
+    return text
+
+
+def video_source(text: str) -> str:
+    """A video file, or a folder holding its frames as images (decoded when generate reads it)."""
+    if os.path.isdir(text):
+        from .loading import frame_files
+
+        try:
+            frame_files(text)
+        except PruneError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no video file or folder of frames {text!r}")
     return text
 
 
@@ -280,10 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--verbose", "-v", action="store_true", help="each option's type, allowed values, default and meaning")
     methods.add_argument("--markdown", action="store_true", help="the options as the markdown tables of docs/methods.md")
 
-    gen = command("generate", "answer questions about images, pruned (one prompt per image, or a JSONL of rows, in batches)", cmd_generate)
+    gen = command("generate", "answer questions about images and videos, pruned (one prompt per image or video, or a "
+                              "JSONL of rows, in batches)", cmd_generate)
     gen.add_argument("--model", type=model_source, required=True, help="hub id or local folder (from_pretrained)")
     gen.add_argument("--image", action="append", default=[], type=existing_file,
                      help="an image file; repeat for a batch (each image gets --prompt)")
+    gen.add_argument("--video", action="append", default=[], type=video_source,
+                     help="a video file (decoded with PyAV: pip install 'prunevlm[video]') or a folder of its frames "
+                          "as images, in name order; repeat for a batch (each video gets --prompt, in a row after "
+                          "the --image rows)")
+    gen.add_argument("--video-frames", type=positive, default=16, help="frames sampled evenly from each --video")
+    gen.add_argument("--video-scope", choices=VIDEO_SCOPES, default=None,
+                     help="per_frame: the budget counts in each frame of a video; per_clip: over the whole video, whose "
+                          "frames compete (Qwen2-VL/2.5-VL/3-VL, LLaVA-OneVision) (default: the config's, else "
+                          "per_frame)")
     gen.add_argument("--prompt", default=None, help="the question, plain text: the chat template adds the image placeholder")
     gen.add_argument("--jsonl", type=existing_file, default=None,
                      help='rows {"image": path or [paths] or null, "prompt": text}; relative paths from the file\'s folder')
@@ -308,7 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = command("bench", "speed and memory of each method on a random-weight model", cmd_bench)
     bench.add_argument("--model-family", choices=BENCH_FAMILIES, default="llava",
                        help="llava: LLaVA-1.5, one 336 px crop; next: LLaVA-NeXT, a 672 x 672 image (5 crops); "
-                            "onevision: LLaVA-OneVision, 768 x 768 (5 crops); qwen3vl: Qwen3-VL, 768 x 768 (576 tokens)")
+                            "onevision: LLaVA-OneVision, 768 x 768 (5 crops); qwen2_5vl: Qwen2.5-VL, 672 x 672 (576 "
+                            "tokens); qwen3vl: Qwen3-VL, 768 x 768 (576 tokens)")
+    bench.add_argument("--video-frames", type=frame_counts, default=None,
+                       help="comma-separated frame counts (e.g. 8,32,128): the prompt is one video of each instead of "
+                            "an image, measured in both video scopes (qwen2_5vl: 448 px frames, 128 tokens each, an "
+                            "even count; onevision: 384 px, 196 tokens each)")
     bench.add_argument("--shape", default="small",
                        help="small: for a CPU (llava: CLIP ViT-L/14-336 + Llama h1024 x 8 layers; the other families "
                             "keep their tower's width and tokens with 4 tower layers); 7b: the released 7B/8B model, "
@@ -378,15 +417,26 @@ def check(args, parser) -> None:
         if args.method and len(args.method) > 1:
             parser.error(f"generate: give one --method, got {','.join(args.method)}")
         given = (("--budget", args.budget), ("--option", args.option), ("--config", args.config),
-                 ("--budget-scope", args.budget_scope), ("--save-picture", args.save_picture))
+                 ("--budget-scope", args.budget_scope), ("--video-scope", args.video_scope),
+                 ("--save-picture", args.save_picture))
         unused = [flag for flag, value in given if value]
         if args.method == ["none"] and unused:
             parser.error(f"generate: --method none runs the unpruned model, so {', '.join(unused)} would do nothing; "
                          f"drop {'it' if len(unused) == 1 else 'them'}, or give a pruning method")
-        if args.jsonl and (args.image or args.prompt):
-            parser.error("generate: give --jsonl, or --image/--prompt, not both")
+        if args.jsonl and (args.image or args.video or args.prompt):
+            parser.error("generate: give --jsonl, or --image/--video/--prompt, not both")
         if not args.jsonl and args.prompt is None:
-            parser.error("generate: give --prompt (with --image files, or alone for a text-only answer), or --jsonl")
+            parser.error("generate: give --prompt (with --image or --video files, or alone for a text-only answer), "
+                         "or --jsonl")
+        if args.video_scope and not args.video:
+            parser.error("generate: --video-scope says how the budget counts on a video; give --video, or drop it")
+    if args.command == "bench" and args.video_frames:
+        if args.model_family not in VIDEO_BENCH_FAMILIES:
+            parser.error(f"bench: --video-frames runs on --model-family {' or '.join(VIDEO_BENCH_FAMILIES)}, not "
+                         f"{args.model_family}")
+        odd = [n for n in args.video_frames if n % 2]
+        if args.model_family == "qwen2_5vl" and odd:
+            parser.error(f"bench: Qwen2.5-VL merges 2 frames per temporal patch; give even frame counts, got {odd}")
     if args.command == "calibrate" and (args.budget.is_count or args.budget.value == 1):
         parser.error(f"calibrate: --budget is T in (0, 1), the layer-averaged fraction of visual tokens (a float "
                      f"such as 0.25, not a token count), got {args.budget}")

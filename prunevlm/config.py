@@ -6,21 +6,23 @@ import dataclasses
 import json
 import os
 
-from .budget import Budget, check_budget_scope
+from .budget import Budget, check_budget_scope, check_video_scope
 from .errors import InvalidConfig
 from .methods import get_method, make_method
 
 FORMAT = "prunevlm-config/1"
-FIELDS = ("format", "method", "budget", "budget_scope", "options")  # what prune() reads; budget_scope may be absent
+# what prune() reads; budget_scope and video_scope may be absent (configs written before the options)
+FIELDS = ("format", "method", "budget", "budget_scope", "video_scope", "options")
 # what `prunevlm calibrate` records beside them, for people (prune() reads none of it)
 PROVENANCE = ("model", "study", "storage", "trials", "seed", "best_trial", "best_is_default", "objective", "default_objective",
               "samples", "holdout", "versions")
 
 
-def save_config(path: str, method: str, budget, options: dict, budget_scope: str = "per_image", **provenance) -> dict:
+def save_config(path: str, method: str, budget, options: dict, budget_scope: str = "per_image",
+                video_scope: str = "per_frame", **provenance) -> dict:
     """Write a configuration with every option of the method (the given ones, defaults for the rest), so the
     file means the same after a release changes a default. The budget is stored as a plain number, with the
-    scope it counts in (prune's budget_scope). `provenance` takes the PROVENANCE keys, which load_config
+    scopes it counts in (prune's budget_scope and video_scope). `provenance` takes the PROVENANCE keys, which load_config
     accepts back."""
     unknown = sorted(set(provenance) - set(PROVENANCE))
     if unknown:
@@ -29,7 +31,8 @@ def save_config(path: str, method: str, budget, options: dict, budget_scope: str
     built = make_method(method, **options)
     complete = {f.name: getattr(built, f.name) for f in dataclasses.fields(built) if f.init}
     data = {"format": FORMAT, "method": method, "budget": Budget.of(budget).value,
-            "budget_scope": check_budget_scope(budget_scope), "options": complete, **provenance}
+            "budget_scope": check_budget_scope(budget_scope), "video_scope": check_video_scope(video_scope),
+            "options": complete, **provenance}
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -42,8 +45,8 @@ def load_config(config: str | os.PathLike | dict) -> dict:
     """Read and validate a configuration (a path or an already loaded dict), field by field (docs/errors.md):
     the format, no unknown key, the method, the budget, and each option against the method's declared type
     and range; the options a calibration sets (`option(calibrated=True)`) must be present. Its budget comes
-    back as a Budget, and its budget_scope as written ("per_image" where a config from before the option has
-    none). Every fault is an InvalidConfig naming the config."""
+    back as a Budget, its budget_scope and video_scope as written ("per_image" and "per_frame" where a config
+    from before the option has none). Every fault is an InvalidConfig naming the config."""
     source = "the pruning config" if isinstance(config, dict) else f"the pruning config {os.fspath(config)!r}"
     if isinstance(config, dict):
         data = config
@@ -75,6 +78,7 @@ def load_config(config: str | os.PathLike | dict) -> dict:
         cls = get_method(data["method"])
         budget = Budget.of(data["budget"])
         budget_scope = check_budget_scope(data.get("budget_scope", "per_image"))
+        video_scope = check_video_scope(data.get("video_scope", "per_frame"))
         options = data["options"]
         if not isinstance(options, dict):
             raise InvalidConfig(f"options must be an object of option names to values, got {options!r}")
@@ -85,4 +89,4 @@ def load_config(config: str | os.PathLike | dict) -> dict:
         make_method(cls.name, **options)
     except (ValueError, TypeError) as error:
         raise InvalidConfig(f"{source}: {error}") from None
-    return {**data, "budget": budget, "budget_scope": budget_scope}
+    return {**data, "budget": budget, "budget_scope": budget_scope, "video_scope": video_scope}

@@ -1,5 +1,5 @@
-"""`prunevlm generate`: answers for (images, prompt) rows, in batches, pruned or not, each printed after its
-row number and image names; optionally a picture of the kept tokens of the first batch."""
+"""`prunevlm generate`: answers for (images, videos, prompt) rows, in batches, pruned or not, each printed
+after its row number and file names; optionally a picture of the kept tokens of the first batch."""
 
 from __future__ import annotations
 
@@ -20,14 +20,25 @@ def pruning_settings(args) -> tuple[str, object, dict, str | None]:
     return method, 64 if args.budget is None else args.budget, options, None
 
 
+def video_scope(args) -> str | None:
+    """How the budget counts on the --video rows: --video-scope, else the config's (per_frame where it has
+    none). None without videos: prune() is then given none, since no row has a video it would count on."""
+    if not args.video:
+        return None
+    return args.video_scope or (args.config or {}).get("video_scope", "per_frame")
+
+
 def run(args) -> list[str]:
     from . import prune
     from .api import resolve
-    from .loading import jsonl_rows, load, prompt_inputs, read_image, with_processor_normalisation
+    from .loading import jsonl_rows, load, prompt_inputs, read_image, read_video, with_processor_normalisation
     from .viz import check_picture_path
 
-    rows = jsonl_rows(args.jsonl) if args.jsonl else (
-        [([path], args.prompt) for path in args.image] if args.image else [([], args.prompt)])
+    if args.jsonl:
+        rows = [(paths, [], prompt) for paths, prompt in jsonl_rows(args.jsonl)]
+    else:
+        rows = ([([path], [], args.prompt) for path in args.image] + [([], [path], args.prompt) for path in args.video]
+                or [([], [], args.prompt)])
     method, budget, options, config = pruning_settings(args)
     if method != "none":  # the settings are checked before the model is loaded
         chosen, budget, budget_scope = resolve(method, budget, config, options, args.budget_scope)
@@ -38,21 +49,25 @@ def run(args) -> list[str]:
     handle = None
     if method != "none":
         given = {*options, *(args.config["options"] if args.config else ())}
+        scope = video_scope(args)
         handle = prune(model, with_processor_normalisation(chosen, processor, given), budget,
-                       positions=args.positions, budget_scope=budget_scope)
+                       positions=args.positions, budget_scope=budget_scope,
+                       **({} if scope is None else {"video_scope": scope}))
     answers = []
     try:
         for start in range(0, len(rows), args.batch_size):
             batch = rows[start : start + args.batch_size]
-            images = [[read_image(p) for p in paths] or None for paths, _ in batch]
-            inputs = prompt_inputs(processor, images, [prompt for _, prompt in batch], model.device)
+            images = [[read_image(p) for p in paths] or None for paths, _, _ in batch]
+            videos = [[read_video(p, args.video_frames) for p in clips] or None for _, clips, _ in batch]
+            inputs = prompt_inputs(processor, images, [prompt for _, _, prompt in batch], model.device, videos)
             began = time.perf_counter()
             with torch.inference_mode():
                 output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
             seconds = time.perf_counter() - began
             decoded = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            for row, ((paths, _), answer) in enumerate(zip(batch, decoded), start):
-                print(f"row {row} ({', '.join(map(os.path.basename, paths)) or 'no image'}): {answer.strip()}")
+            for row, ((paths, clips, _), answer) in enumerate(zip(batch, decoded), start):
+                names = ', '.join(os.path.basename(os.path.normpath(p)) for p in paths + clips) or 'no image'
+                print(f"row {row} ({names}): {answer.strip()}")
             answers += [a.strip() for a in decoded]
             report(handle, method, inputs, seconds, start)
             if args.save_picture and start == 0:

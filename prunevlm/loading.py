@@ -1,10 +1,12 @@
-"""Load a VLM and its processor with from_pretrained, turn images + questions into model inputs, and read
-the processor's pixel normalisation."""
+"""Load a VLM and its processor with from_pretrained, turn images, videos and questions into model inputs,
+decode videos (a file through PyAV, the `video` extra, or a folder of frame images), and read the
+processor's pixel normalisation."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -13,6 +15,8 @@ from PIL import Image
 from .errors import InvalidInput, InvalidSetting, LoadError, Unsupported
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VIDEO_FRAMES = 16  # frames sampled evenly from a video when no count is given (generate --video-frames)
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # frame images in a video folder
 
 
 def resolve_device(device: str) -> torch.device:
@@ -101,29 +105,94 @@ def with_processor_normalisation(method, processor, given) -> object:
     return dataclasses.replace(method, **pixel_normalisation(processor))
 
 
-def prompt_inputs(processor, images: list, questions: list[str], device) -> dict:
+def prompt_inputs(processor, images: list, questions: list[str], device, videos: list | None = None) -> dict:
     """A left-padded batch, one question per row. Each row's entry of `images` is an image, a list of images
-    (all placed before the question) or None for a text-only row. The chat template inserts one image
-    placeholder per image, so a question must not contain the placeholder itself."""
-    image_token = getattr(processor, "image_token", "<image>")
-    texts, given = [], []
-    for row, (entry, question) in enumerate(zip(images, questions)):
+    (all placed before the question) or None for a text-only row; of `videos` (if given), None or a list of
+    videos, each a list of frames (`read_video`), placed after the row's images. The chat template inserts
+    one placeholder per image and per video, so a question must not contain a placeholder itself."""
+    placeholders = [getattr(processor, "image_token", "<image>"), getattr(processor, "video_token", "<video>")]
+    videos = videos or [None] * len(questions)
+    texts, given, given_videos = [], [], []
+    for row, (entry, clips, question) in enumerate(zip(images, videos, questions)):
         row_images = [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
-        if image_token in question:
+        row_videos = list(clips or [])
+        inside = [(kind, token) for kind, token in zip(("image", "video"), placeholders) if token in question]
+        if inside:
             raise InvalidInput(
-                f"row {row}: the question contains the image placeholder {image_token!r}; pass the question as "
-                f"plain text: the chat template adds one placeholder per image ({len(row_images)} here)"
+                f"row {row}: the question contains the {inside[0][0]} placeholder {inside[0][1]!r}; pass the question "
+                f"as plain text: the chat template adds one placeholder per image and per video ({len(row_images)} "
+                f"and {len(row_videos)} here)"
             )
-        content = [{"type": "image"} for _ in row_images] + [{"type": "text", "text": question}]
+        content = ([{"type": "image"} for _ in row_images] + [{"type": "video"} for _ in row_videos]
+                   + [{"type": "text", "text": question}])
         if getattr(processor, "chat_template", None):
             texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
         else:
-            texts.append("".join(f"{image_token}\n" for _ in row_images) + question)
+            texts.append("".join(f"{token}\n" for token, count in zip(placeholders, (len(row_images), len(row_videos)))
+                                 for _ in range(count)) + question)
         given += row_images
+        given_videos += row_videos
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    inputs = processor(images=given or None, text=texts, return_tensors="pt", padding=True)
+    media = {"videos": given_videos} if given_videos else {}  # a processor without videos takes no such argument
+    inputs = processor(images=given or None, text=texts, return_tensors="pt", padding=True, **media)
     return inputs.to(device)
+
+
+def evenly(count: int, wanted: int) -> list[int]:
+    """min(count, wanted) indices of 0..count-1 spread evenly: the middle of each of `wanted` equal spans."""
+    if count <= wanted:
+        return list(range(count))
+    return [int((i + 0.5) * count / wanted) for i in range(wanted)]
+
+
+def frame_files(folder: str | Path) -> list[Path]:
+    """The frame images of a video folder in their order: by name, numbers compared as numbers (frame_2
+    before frame_10). A folder without any is refused."""
+    files = [p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES]
+    if not files:
+        raise InvalidInput(f"the video folder {str(folder)!r} holds no frame images ({', '.join(FRAME_SUFFIXES)}); "
+                           f"give a folder of frames or a video file")
+    return sorted(files, key=lambda p: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", p.name)])
+
+
+def read_video(path: str | Path, frames: int = VIDEO_FRAMES) -> list[Image.Image]:
+    """`frames` RGB frames spread evenly over a video (all of them if it has fewer): a folder of frame
+    images (`frame_files`) or a video file, decoded with PyAV (`pip install 'prunevlm[video]'`). The frames
+    of one video must share one size."""
+    if Path(path).is_dir():
+        files = frame_files(path)
+        chosen = [read_image(files[i]) for i in evenly(len(files), frames)]
+    else:
+        chosen = _decode(path, frames)
+    sizes = sorted({frame.size for frame in chosen})
+    if len(sizes) > 1:
+        raise InvalidInput(f"the frames of the video {str(path)!r} differ in size {sizes}; a video's frames share one "
+                           f"size (resize them first)")
+    return chosen
+
+
+def _decode(path: str | Path, frames: int) -> list[Image.Image]:
+    """The evenly spread frames of a video file, decoded by PyAV: one pass to count the frames where the
+    container does not say, one to keep the chosen ones."""
+    try:
+        import av
+    except ImportError:
+        raise InvalidSetting(f"reading the video file {str(path)!r} needs PyAV: pip install 'prunevlm[video]' (or "
+                             f"give a folder of its frames as images)") from None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InvalidInput(f"{str(path)!r} holds no video stream")
+            count = container.streams.video[0].frames or sum(1 for _ in container.decode(video=0))
+        wanted = set(evenly(count, frames))
+        with av.open(str(path)) as container:
+            chosen = [frame.to_image() for index, frame in enumerate(container.decode(video=0)) if index in wanted]
+    except av.FFmpegError as error:
+        raise InvalidInput(f"cannot decode the video {str(path)!r}: {error}") from None
+    if not chosen:
+        raise InvalidInput(f"the video {str(path)!r} holds no frames")
+    return chosen
 
 
 def read_image(path: str | Path) -> Image.Image:

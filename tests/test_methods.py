@@ -324,3 +324,59 @@ def test_list_methods_names_signals_and_options():
     assert methods["flashvlm"]["options"]["eta"] == 0.5
     assert "text_embeds" in methods["flashvlm"]["optional_signals"]
     assert methods["uniform"]["signals"] == ["image_tokens"] and methods["uniform"]["optional_signals"] == ["grid", "planes"]
+
+
+def test_uniform_spreads_a_clip_budget_evenly_in_time():
+    # 32 frames of 8 x 16 at 10 %: 409 = 32 x 12 + 25; the 25 extra tokens go to frames spread over the clip,
+    # not to the first 25 (a tie of remainders between planes of one size)
+    keep = prunevlm.select("uniform", 409, image_tokens=torch.zeros(1, 32 * 128, 4), planes=((8, 16),) * 32).keep[0]
+    per_frame = torch.bincount(keep // 128, minlength=32)
+    assert per_frame.sum() == 409 and set(per_frame.tolist()) == {12, 13}
+    extra = (per_frame == 13).int()
+    assert abs(int(extra[:16].sum()) - int(extra[16:].sum())) <= 1 and extra[0] == 1
+    assert all(extra[i:i + 4].sum() >= 2 for i in range(0, 32, 4))  # no long run of frames without one
+    for frame in range(32):  # each frame's share evenly over its grid
+        own = keep[(keep // 128) == frame] - 128 * frame
+        assert torch.equal(own, grid_sample(8, 16, int(per_frame[frame])))
+
+
+def test_segmented_dedup_is_the_rounds_on_each_run_of_frames_then_on_their_pool(monkeypatch):
+    """Index for index against the released loop applied as the two steps say (docs/diversity.md, "Clip
+    scale"): each run of `segment` frames, in residual order, to ⌈POOL · keep · its size / R⌉, then their
+    pool, in residual order, to keep; the lists path (forced, short lists) gives the same."""
+    g = torch.Generator().manual_seed(3)
+    frames, size, keep, segment = 10, 36, 30, 3
+    features = torch.randn(2, frames * size, 16, generator=g, dtype=torch.float64)
+    order = torch.stack([torch.randperm(frames * size, generator=g) for _ in range(2)])
+    frame = torch.arange(frames * size) // size
+    expected = []
+    for b in range(2):
+        runs = frame[order[b]] // segment
+        pool = []
+        for run in runs.unique():
+            part = order[b][runs == run]
+            share = min(part.numel(), math.ceil(diversity.POOL * keep * part.numel() / order.shape[1]))
+            pool.append(naive_dedup(features[b : b + 1], part[None], share)[0])
+        pooled = torch.cat(pool)
+        in_order = order[b][torch.isin(order[b], pooled)]  # the pool in residual order
+        expected.append(naive_dedup(features[b : b + 1], in_order[None], keep)[0])
+    got = diversity.segmented_dedup(features, order, keep, frame, segment)
+    assert torch.equal(got, torch.stack(expected))
+    assert not torch.equal(got, bipartite_dedup(features, order, keep))  # the two steps choose otherwise
+    monkeypatch.setattr(diversity, "DENSE_TOKENS", 0)
+    monkeypatch.setattr(diversity, "NEIGHBOURS", 6)
+    assert torch.equal(diversity.segmented_dedup(features, order, keep, frame, segment), got)
+
+
+def test_a_segment_over_the_whole_clip_is_the_released_partition_and_images_ignore_it():
+    """The default (8 frames) leaves short clips, frames selected alone and images as released."""
+    s = signals(batch=2, tokens=6 * 32)
+    exact = prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_segment=None, **s).keep
+    assert torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), **s).keep, exact)  # 6 frames <= 8
+    assert torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_segment=6, **s).keep, exact)
+    assert not torch.equal(prunevlm.select("flashvlm", 40, frames=(6, 4, 8), dedup_segment=2, **s).keep, exact)
+    image = {name: value[:, :32] for name, value in s.items() if name != "text_embeds"}
+    assert torch.equal(prunevlm.select("vispruner", 12, dedup_segment=1, **image).keep,
+                       prunevlm.select("vispruner", 12, **image).keep)
+    with pytest.raises(ValueError, match="option dedup_segment must be >= 1, got 0"):
+        prunevlm.select("vispruner", 12, dedup_segment=0, **image)

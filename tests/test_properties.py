@@ -121,3 +121,18 @@ def test_attention_ranked_choices_follow_a_permutation_of_the_image_keys(method,
     kept = method.choose(0, count, columns, real, text, last_attention=attention)
     kept_permuted = method.choose(0, count, columns, real, text, last_attention=permuted)
     assert torch.equal(permutation[kept_permuted].sort().values, kept)
+
+
+@pytest.mark.property
+@given(frames=st.integers(1, 5), height=st.integers(1, 5), width=st.integers(1, 5), seed=st.integers(0, 2**16),
+       budget=st.one_of(st.integers(1, 100), st.floats(0.01, 1.0)))
+def test_evs_keeps_an_exact_count_per_clip_and_per_frame(frames, height, width, seed, budget):
+    from prunevlm.methods.evs import EVS
+
+    tokens = torch.randn(2, frames * height * width, 6, generator=torch.Generator().manual_seed(seed))
+    layout = (frames, height, width)
+    clip = prunevlm.select("evs", budget, image_tokens=tokens, frames=layout).keep
+    assert clip.shape == (2, kept_count(budget, frames * height * width)) and (clip.diff(dim=1) > 0).all()
+    per_frame = EVS().select_frames(prunevlm.Budget(budget), image_tokens=tokens, frames=layout).keep
+    counts = torch.stack([torch.bincount(row // (height * width), minlength=frames) for row in per_frame])
+    assert (counts == kept_count(budget, height * width)).all() and (per_frame.diff(dim=1) > 0).all()

@@ -1,7 +1,9 @@
 """`prunevlm bench`: time to first token, LLM prefill, selection, decode, KV cache and peak memory, per method
 and budget, on a randomly initialised model of one family (`--model-family`: LLaVA-1.5 by default, LLaVA-NeXT,
-LLaVA-OneVision or Qwen3-VL, one image of several crops; prunevlm/bench/models.py), speed not depending on
-the weights.
+LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL, one image of several crops; prunevlm/bench/models.py), speed not
+depending on the weights. With `--video-frames 8,32,128` (Qwen2.5-VL and LLaVA-OneVision) the prompt is one
+video of each frame count instead, every configuration measured in both video scopes (per_frame, per_clip;
+the unpruned model once per frame count).
 
 Every time and kv_mb is the median of `--repeats` rounds after a warm-up round, in one process; a round runs
 every (method, budget) once, so a slow spell of a shared machine spreads over all rows:
@@ -37,12 +39,13 @@ import sys
 import torch
 from tqdm import tqdm
 
+from ..budget import VIDEO_SCOPES
 from ..defaults import RESULTS
 from ..loading import resolve_device, resolve_dtype
 from ..models import get_adapter
 from .diversity_partition import diversity_timing
 from .memory import peak_memory
-from .models import build_family, family_inputs, selection_signals
+from .models import build_family, family_inputs, selection_signals, video_inputs
 from .report import device_name, summary, write
 from .timing import measure, selection_per_image
 
@@ -59,19 +62,30 @@ def run(args) -> dict:
     family, scope = args.model_family, args.budget_scope
     print(f"building a random {args.shape}-shaped {family} model ({dtype}, {device}, attn={args.attn})...", file=sys.stderr)
     model = build_family(family, args.shape, dtype, device, args.attn)
-    inputs = family_inputs(family, model, args.text_tokens, device)
     configs = [(method, budget) for method in methods for budget in ([None] if method == "none" else budgets)]
-    print(f"{len(configs)} configurations x {args.repeats + 1} rounds (the first warms up)...", file=sys.stderr)
-    rows = measure(model, inputs, configs, args.repeats, args.decode_tokens, scope)
+    prompts = [(None, None, family_inputs(family, model, args.text_tokens, device))] if not args.video_frames else [
+        (frames, video_scope, video_inputs(family, model, args.text_tokens, frames, device))
+        for frames in args.video_frames for video_scope in VIDEO_SCOPES]
+    rows, measured = [], []
+    for frames, video_scope, inputs in prompts:
+        # the unpruned model does not depend on the video scope: measured with the first
+        runs = configs if video_scope in (None, VIDEO_SCOPES[0]) else [c for c in configs if c[0] != "none"]
+        what = "" if frames is None else f" of a {frames}-frame video, {video_scope}"
+        print(f"{len(runs)} configurations{what} x {args.repeats + 1} rounds (the first warms up)...", file=sys.stderr)
+        for row in measure(model, inputs, runs, args.repeats, args.decode_tokens, scope, video_scope):
+            rows.append(row if frames is None else {"frames": frames, "video_scope": video_scope, **row})
+            measured.append((inputs, video_scope, rows[-1]))
     diversity = diversity_timing(args.diversity_tokens) if args.diversity_tokens else None
     selection = selection_timing(args, model, dtype, device, [m for m in methods if m != "none"], budgets) \
         if family == "llava" else None
-    for row in tqdm([r for r in rows if "refused" not in r], desc="peak memory", unit="run", file=sys.stderr):
-        row["peak_mb"] = peak_memory(model, inputs, row["method"], row["budget"], scope)
+    for inputs, video_scope, row in tqdm([m for m in measured if "refused" not in m[2]], desc="peak memory", unit="run",
+                                         file=sys.stderr):
+        row["peak_mb"] = peak_memory(model, inputs, row["method"], row["budget"], scope, video_scope)
     report = {
         "command": "prunevlm bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "prunevlm bench",
         "device": device_name(device), "model_family": family, "budget_scope": scope,
         "crops": get_adapter(model).crops(inputs["image_sizes"])[0] if "image_sizes" in inputs else 1,
+        "video_frames": args.video_frames,
         "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
         "attn": args.attn, "repeats": args.repeats, "decode_tokens": args.decode_tokens,
         "text_tokens": args.text_tokens, "torch": torch.__version__,

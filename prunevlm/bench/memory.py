@@ -68,11 +68,19 @@ def kv_bytes(cache) -> int:
                for layer in cache.layers)
 
 
+def attach(model, method: str, budget, budget_scope: str = "per_image", video_scope: str | None = None):
+    """The pruning of one configuration, or None for "none"; a video scope only for a prompt with a video."""
+    if method == "none":
+        return None
+    return prune(model, method, budget, budget_scope=budget_scope, **({"video_scope": video_scope} if video_scope else {}))
+
+
 @torch.inference_mode()
-def peak_memory(model, inputs, method: str, budget: int, budget_scope: str = "per_image") -> float:
+def peak_memory(model, inputs, method: str, budget: int, budget_scope: str = "per_image",
+                video_scope: str | None = None) -> float:
     """MB above the pre-call level during generate(max_new_tokens=1). On CPU this changes how glibc maps
     memory for the rest of the process, which slows it down, so it runs after every timing."""
-    handle = None if method == "none" else prune(model, method, budget, budget_scope=budget_scope)
+    handle = attach(model, method, budget, budget_scope, video_scope)
     try:
         with PeakMemory(model.device) as memory:
             model.generate(**inputs, max_new_tokens=1, do_sample=False)

@@ -1,6 +1,6 @@
 """Random-weight models of real shapes for speed measurements (speed does not depend on the weights): LLaVA
-and the bench's other families (LLaVA-NeXT, LLaVA-OneVision, Qwen3-VL), Qwen2.5-VL (for the GPU benchmark),
-their prompts, and signals of their shapes."""
+and the bench's other families (LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL), their prompts of one
+image or one video (Qwen2.5-VL and LLaVA-OneVision), and signals of their shapes."""
 
 from __future__ import annotations
 
@@ -95,9 +95,9 @@ QWEN_SHAPES = {
 }
 
 
-def build_qwen(shape: str, dtype: torch.dtype, device: torch.device, attn: str = "sdpa") -> Qwen2_5_VLForConditionalGeneration:
+def qwen2_5_vl_config(shape: str) -> Qwen2_5_VLConfig:
     vision, text, sections = QWEN_SHAPES[shape]
-    config = Qwen2_5_VLConfig(
+    return Qwen2_5_VLConfig(
         vision_config=dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            in_channels=3),
         text_config=dict(text, vocab_size=152064, max_position_embeddings=32768,
@@ -105,6 +105,10 @@ def build_qwen(shape: str, dtype: torch.dtype, device: torch.device, attn: str =
         image_token_id=QWEN_TOKENS["image"], video_token_id=QWEN_TOKENS["video"],
         vision_start_token_id=QWEN_TOKENS["start"], vision_end_token_id=QWEN_TOKENS["end"],
     )
+
+
+def build_qwen(shape: str, dtype: torch.dtype, device: torch.device, attn: str = "sdpa") -> Qwen2_5_VLForConditionalGeneration:
+    config = qwen2_5_vl_config(shape)
     config._attn_implementation = attn
     torch.manual_seed(0)
     with torch.device(device):
@@ -154,9 +158,19 @@ def selection_signals(shape: str, images: int, text_tokens: int, seed: int = 0) 
 # generate on 2 cores) and the LLM to the LLaVA bench's h1024 x 8 layers; "7b" is the released model's shape
 # (for a GPU); "tiny" has tiny widths, for tests of the benchmark code.
 SMALL_TOWER_LAYERS = 4
+# Qwen2.5-VL scaled like the other families: its tower's width and heads with SMALL_TOWER_LAYERS layers (the
+# last one full attention), the LLaVA bench's h1024 x 8 LLM with Qwen2.5-7B's 4 KV heads
+QWEN_SHAPES["small"] = (
+    dict(depth=SMALL_TOWER_LAYERS, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=1024,
+         fullatt_block_indexes=[SMALL_TOWER_LAYERS - 1]),
+    dict(TEXT["small"], num_key_value_heads=4), [8, 12, 12])
 # one image of a fixed aspect ratio per prompt, (h, w) pixels: NeXT 672 x 672 and OneVision 768 x 768 are
 # 2 x 2 tiles plus the base (5 crops); Qwen3-VL 768 x 768 is 48 x 48 patches of 16, 576 merged tokens
 FAMILY_IMAGE = {"next": (672, 672), "onevision": (768, 768), "qwen3vl": (768, 768)}
+# a video's frames, (h, w) pixels: Qwen2.5-VL 448 x 448 is 32 x 32 patches of 14, 256 merged tokens per
+# temporal patch of 2 frames (128 per frame); OneVision resizes every frame to its tower's 384 square,
+# 196 tokens after its 2 x 2 pooling, and adds one newline after the last frame
+VIDEO_FRAME = {"qwen2_5vl": (448, 448), "onevision": (384, 384)}
 TINY_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
 # SigLIP-so400m/384 (LLaVA-OneVision-7B's tower; transformers' default LLaVA-OneVision vision config)
 SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
@@ -198,6 +212,8 @@ def family_config(family: str, shape: str):
         raise InvalidSetting(f"shape must be one of {list(TEXT)}, got {shape!r}")
     if family == "llava":
         return llava_config(shape)
+    if family == "qwen2_5vl":
+        return qwen2_5_vl_config(shape)
     if family == "next":  # LLaVA-NeXT-7B: CLIP ViT-L/14-336, Vicuna-7B, the default pinpoints (2 to 4 tiles)
         return LlavaNextConfig(
             vision_config=CLIPVisionConfig(**_tower(CLIP_L_336, shape)),
@@ -221,7 +237,8 @@ def family_config(family: str, shape: str):
 
 
 FAMILY_CLASSES = {"llava": LlavaForConditionalGeneration, "next": LlavaNextForConditionalGeneration,
-                  "onevision": LlavaOnevisionForConditionalGeneration, "qwen3vl": Qwen3VLForConditionalGeneration}
+                  "onevision": LlavaOnevisionForConditionalGeneration, "qwen2_5vl": Qwen2_5_VLForConditionalGeneration,
+                  "qwen3vl": Qwen3VLForConditionalGeneration}
 
 
 def build_family(family: str, shape: str, dtype: torch.dtype, device: torch.device, attn: str = "sdpa"):
@@ -241,6 +258,8 @@ def family_inputs(family: str, model, text_tokens: int, device: torch.device) ->
     `text_tokens` random text tokens, with as many placeholders as the model packs for it."""
     if family == "llava":
         return prompt_inputs(model, text_tokens, device)
+    if family == "qwen2_5vl":
+        return qwen_prompt_inputs(model, text_tokens, device)
     if family == "qwen3vl":
         side = FAMILY_IMAGE[family][0] // model.config.vision_config.patch_size
         return qwen_prompt_inputs(model, text_tokens, device, side=side)
@@ -258,3 +277,40 @@ def family_inputs(family: str, model, text_tokens: int, device: torch.device) ->
     pixels = torch.randn(1, crops, 3, tile, tile, generator=g).to(model.dtype)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "pixel_values": pixels.to(device), "image_sizes": sizes.to(device)}
+
+
+VIDEO_FAMILIES = tuple(VIDEO_FRAME)  # prunevlm bench --video-frames
+
+
+def video_inputs(family: str, model, text_tokens: int, frames: int, device: torch.device) -> dict:
+    """One prompt of one video of `frames` frames (`VIDEO_FRAME`) between two halves of `text_tokens` random
+    text tokens, with as many placeholders as the model gives it: Qwen2.5-VL (an even number of frames: two
+    per temporal patch) frames / 2 x (h/28) x (w/28) between its vision start and end tokens; OneVision
+    frames x 196 + 1."""
+    if family not in VIDEO_FAMILIES:
+        raise InvalidSetting(f"the video bench runs on {', '.join(VIDEO_FAMILIES)}, not {family!r}")
+    g = torch.Generator().manual_seed(0)
+    half = text_tokens // 2
+    text = torch.randint(3, 150000, (text_tokens,), generator=g)
+    height, width = VIDEO_FRAME[family]
+    config = model.config
+    if family == "qwen2_5vl":
+        vision = config.vision_config
+        steps, rows, columns = frames // vision.temporal_patch_size, height // vision.patch_size, width // vision.patch_size
+        if steps * vision.temporal_patch_size != frames:
+            raise InvalidSetting(f"Qwen2.5-VL merges {vision.temporal_patch_size} frames per temporal patch: give an "
+                                 f"even number of frames, got {frames}")
+        count = steps * rows * columns // vision.spatial_merge_size**2
+        video = torch.tensor([QWEN_TOKENS["start"]] + [QWEN_TOKENS["video"]] * count + [QWEN_TOKENS["end"]])
+        ids = torch.cat([text[:half], video, text[half:]])[None]
+        pixels = torch.randn(steps * rows * columns, 3 * vision.temporal_patch_size * vision.patch_size**2, generator=g)
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                "mm_token_type_ids": (2 * (ids == QWEN_TOKENS["video"])).int().to(device),
+                "pixel_values_videos": pixels.to(model.dtype).to(device),
+                "video_grid_thw": torch.tensor([[steps, rows, columns]]).to(device)}
+    side = config.vision_config.image_size // config.vision_config.patch_size  # 27 patches, pooled to 14
+    count = frames * ((side + 1) // 2) ** 2 + 1
+    ids = torch.cat([torch.tensor([1]), text[:half], torch.full((count,), config.video_token_id), text[half:]])[None]
+    pixels = torch.randn(1, frames, 3, height, width, generator=g).to(model.dtype)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values_videos": pixels.to(device)}

@@ -22,19 +22,25 @@ def device_name(device: torch.device) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["method"] == "none"), None)
-    lines = ["| method | budget | tokens at LLM input | TTFT ms | LLM prefill ms | prefill speed-up | selection ms "
-             "| of which signals ms | selection / prefill | decode ms/tok | KV cache MB | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """One line per measured row; a video report (rows with "frames") leads with the frames and the video
+    scope, and compares each row's prefill with the unpruned one of the same frame count."""
+    base = {r.get("frames"): r for r in rows if r["method"] == "none"}
+    video = any("frames" in r for r in rows)
+    lines = [("| frames | video scope " if video else "") + "| method | budget | tokens at LLM input | TTFT ms | LLM prefill "
+             "ms | prefill speed-up | selection ms | of which signals ms | selection / prefill | decode ms/tok | KV cache "
+             "MB | peak MB |", "|---|---|" * video + "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "refused" in r:
             continue
-        speedup = f"{base['prefill_ms'] / r['prefill_ms']:.2f}x" if base else "-"
+        first = base.get(r.get("frames"))
+        speedup = f"{first['prefill_ms'] / r['prefill_ms']:.2f}x" if first else "-"
         share = f"{100 * r['selection_ms'] / r['prefill_ms']:.1f} %" if r["method"] != "none" else "-"
         selection = f"{r['selection_ms']:.2f}" + (f" (in LLM {r['llm_choice_ms']:.2f})" if r.get("llm_choice_ms") else "")
-        lines.append(f"| {r['method']} | {r['budget'] or 'all'} | {r['kept']} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} | {speedup} "
+        lines.append((f"| {r['frames']} | {r['video_scope'] if r['method'] != 'none' else '-'} " if video else "")
+                     + f"| {r['method']} | {r['budget'] or 'all'} | {r['kept']} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} | {speedup} "
                      f"| {selection} | {r['signal_ms']:.2f} | {share} | {r['decode_ms']:.1f} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
-    lines += [f"\n{r['method']} at {r['budget']} refused: {r['refused']}" for r in rows if "refused" in r]
+    lines += [f"\n{r['method']} at {r['budget']}" + (f" ({r['frames']} frames, {r['video_scope']})" if video else "")
+              + f" refused: {r['refused']}" for r in rows if "refused" in r]
     return "\n".join(lines)
 
 
@@ -53,8 +59,10 @@ def selection_table(rows: list[dict], batches: list[int]) -> str:
 
 def summary(report: dict) -> str:
     """The markdown of a report: what ran where, the table, and the diversity partition's times if measured."""
-    text = (f"`{report['command']}` on {report['device']}, {report['model_family']} family ({report['crops']} "
-            f"crop(s) per image, budgets {report['budget_scope']}), {report['shape']} shape, {report['dtype']}, "
+    prompt = (f"one video of {', '.join(map(str, report['video_frames']))} frames" if report.get("video_frames")
+              else f"{report['crops']} crop(s) per image")
+    text = (f"`{report['command']}` on {report['device']}, {report['model_family']} family ({prompt}, budgets "
+            f"{report['budget_scope']}), {report['shape']} shape, {report['dtype']}, "
             f"median of {report['repeats']} runs, torch {report['torch']}\n\n{table(report['rows'])}\n")
     selection = report.get("selection_per_image")
     if selection:

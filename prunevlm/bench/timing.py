@@ -10,14 +10,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from .. import prune
 from ..budget import Budget
 from ..methods import make_method
 from ..methods.base import Refused
 from ..models import get_adapter
 from ..models.base import synchronize
 from ..runtime.contract import output_cache
-from .memory import kv_bytes
+from .memory import attach, kv_bytes
 
 
 class Stopwatch:
@@ -55,10 +54,11 @@ class Stopwatch:
 
 
 @torch.inference_mode()
-def measure_once(model, inputs, method: str, budget: int, decode_tokens: int, budget_scope: str = "per_image") -> dict:
+def measure_once(model, inputs, method: str, budget: int, decode_tokens: int, budget_scope: str = "per_image",
+                 video_scope: str | None = None) -> dict:
     """One run of one (method, budget) with its pruning attached: a one-token generate (TTFT, prefill,
     selection and its signal part, KV cache), then a `decode_tokens` generate (decode ms per token)."""
-    handle = None if method == "none" else prune(model, method, budget, budget_scope=budget_scope)
+    handle = attach(model, method, budget, budget_scope, video_scope)
     watch = Stopwatch(model)
     try:
         synchronize(model.device)
@@ -71,7 +71,7 @@ def measure_once(model, inputs, method: str, budget: int, decode_tokens: int, bu
                "llm_choice_ms": handle.stats.llm_choice_ms if handle else 0.0,
                "signal_ms": handle.stats.signal_ms if handle else 0.0,
                "kv_mb": kv_bytes(output_cache(out)) / 2**20,
-               "kept": handle.stats.tokens_after[0][0] if handle else get_adapter(model).image_token_counts(inputs)[0]}
+               "kept": handle.stats.tokens_after[0][0] if handle else visual_tokens(model, inputs)}
         del out
         watch.steps.clear()
         model.generate(**inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
@@ -83,8 +83,15 @@ def measure_once(model, inputs, method: str, budget: int, decode_tokens: int, bu
     return run
 
 
+def visual_tokens(model, inputs: dict) -> int:
+    """The unpruned visual tokens of the prompt's one image or one video (its placeholders)."""
+    if "pixel_values_videos" in inputs:
+        return int((inputs["input_ids"] == model.config.video_token_id).sum())
+    return get_adapter(model).image_token_counts(inputs)[0]
+
+
 def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, decode_tokens: int,
-            budget_scope: str = "per_image") -> list[dict]:
+            budget_scope: str = "per_image", video_scope: str | None = None) -> list[dict]:
     """Median figures per (method, budget) over `repeats` rounds after a warm-up round; a budget a method
     cannot reach on this model, or a method the model's family refuses, is a row with the reason under
     "refused" (found in the warm-up round).
@@ -101,7 +108,7 @@ def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, 
                 if (method, budget) in refused:
                     continue
                 try:
-                    run = measure_once(model, inputs, method, budget, decode_tokens, budget_scope)
+                    run = measure_once(model, inputs, method, budget, decode_tokens, budget_scope, video_scope)
                 except Refused as error:
                     refused[(method, budget)] = str(error)
                     continue

@@ -1,6 +1,7 @@
 """What the lmms-eval model class does, without importing lmms-eval (so that the project's own tests run it):
 read `--model_args`, load the model with from_pretrained and attach the pruning, answer batches of prompts
-with `generate`, score continuations, and report per row what the pruning did."""
+with `generate`, score continuations, and report per row what the pruning did. A row's visuals are images
+and video files (paths, as lmms-eval's video tasks give them), decoded by `loading.read_video`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 
 from .. import prune
 from ..api import resolve
-from ..budget import Budget
+from ..budget import Budget, check_video_scope
 from ..config import load_config
-from ..loading import load, prompt_inputs, resolve_dtype, with_processor_normalisation
+from ..loading import VIDEO_FRAMES, load, prompt_inputs, read_video, resolve_dtype, with_processor_normalisation
 from ..methods import Method
 from ..models import get_adapter
 
@@ -26,6 +27,9 @@ MODEL_ARGS = {
     "config": "a saved configuration, e.g. from prunevlm calibrate (method options and budget)",
     "budget_scope": "per_image (the default, or the config's) or per_crop (LLaVA-NeXT/OneVision: the budget counts "
                     "in each crop)",
+    "video_scope": "per_frame (the default, or the config's) or per_clip: the budget counts in each frame of a video "
+                   "or over the whole video (Qwen2-VL/2.5-VL/3-VL, LLaVA-OneVision)",
+    "video_frames": f"frames sampled evenly from each video file (default {VIDEO_FRAMES})",
     f"{OPTION_PREFIX}NAME": "a method option, e.g. option_eta=0.3 (prunevlm methods --verbose lists them)",
     "positions": "RoPE positions of kept tokens: original (required for Qwen's M-RoPE) or compact",
     "dtype": "auto (the checkpoint's), float32, bfloat16 or float16",
@@ -40,6 +44,8 @@ class Settings:
     method: Method | None  # None: the unpruned model
     budget: Budget | None
     budget_scope: str = "per_image"
+    video_scope: str | None = None  # None: prune()'s default (per_frame)
+    video_frames: int = VIDEO_FRAMES
     positions: str = "original"
     dtype: str = "auto"
     attn: str = "sdpa"
@@ -66,18 +72,32 @@ def parse_model_args(args: dict) -> Settings:
         raise ValueError(f"positions must be original or compact, got {positions!r}")
     dtype = str(args.get("dtype", "auto"))
     resolve_dtype(dtype)
-    common = {"pretrained": args["pretrained"], "positions": positions, "dtype": dtype, "attn": str(args.get("attn", "sdpa"))}
+    video_frames = args.get("video_frames", VIDEO_FRAMES)
+    if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 1:
+        raise ValueError(f"video_frames must be an int >= 1 ({MODEL_ARGS['video_frames']}), got {video_frames!r}")
+    common = {"pretrained": args["pretrained"], "positions": positions, "dtype": dtype, "attn": str(args.get("attn", "sdpa")),
+              "video_frames": video_frames}
     budget = args.get("budget")
     if isinstance(budget, str):
         budget = Budget.parse(budget)
     if args["method"] == "none":
-        given = [name for name in ("budget", "config", "budget_scope") if name in args] + [f"{OPTION_PREFIX}{o}" for o in options]
+        given = [name for name in ("budget", "config", "budget_scope", "video_scope") if name in args] + [f"{OPTION_PREFIX}{o}" for o in options]
         if given:
             raise ValueError(f"method=none is the unpruned model: drop {', '.join(given)}")
         return Settings(method=None, budget=None, **common)
     method, budget, budget_scope = resolve(args["method"], budget, args.get("config"), options, args.get("budget_scope"))
-    given = (*options, *(load_config(args["config"])["options"] if args.get("config") else ()))
-    return Settings(method=method, budget=budget, budget_scope=budget_scope, given=given, **common)
+    loaded = load_config(args["config"]) if args.get("config") else None
+    video_scope = args.get("video_scope")
+    if video_scope is not None:
+        check_video_scope(video_scope)
+        if loaded is not None and video_scope != loaded["video_scope"]:
+            raise ValueError(f"the config was calibrated with video_scope={loaded['video_scope']!r}; pass that (or "
+                             f"none), or calibrate with {video_scope!r}")
+    elif loaded is not None:
+        video_scope = loaded["video_scope"]
+    given = (*options, *(loaded["options"] if loaded else ()))
+    return Settings(method=method, budget=budget, budget_scope=budget_scope, video_scope=video_scope, given=given,
+                    **common)
 
 
 def _option_value(value):
@@ -100,11 +120,17 @@ class PrunedModel:
         self.handle = None
         if settings.method is not None:
             method = with_processor_normalisation(settings.method, self.processor, settings.given)
+            scope = {} if settings.video_scope is None else {"video_scope": settings.video_scope}
             self.handle = prune(self.model, method, settings.budget, positions=settings.positions,
-                                 budget_scope=settings.budget_scope)
+                                 budget_scope=settings.budget_scope, **scope)
 
-    def _inputs(self, images: list, texts: list[str]) -> dict:
-        inputs = prompt_inputs(self.processor, images, texts, self.model.device)
+    def _inputs(self, visuals: list, texts: list[str]) -> dict:
+        """The batch of `visuals[i]` (None, or images and video paths: the images first, then the videos, as
+        prompt_inputs places them) and `texts[i]`, pixels in the model's dtype."""
+        images = [None if entry is None else [v for v in entry if not isinstance(v, str)] or None for entry in visuals]
+        videos = [None if entry is None else [read_video(v, self.settings.video_frames) for v in entry
+                                              if isinstance(v, str)] or None for entry in visuals]
+        inputs = prompt_inputs(self.processor, images, texts, self.model.device, videos)
         for key, value in inputs.items():
             if key.startswith("pixel_values") and value.is_floating_point():
                 inputs[key] = value.to(self.model.dtype)
@@ -112,8 +138,8 @@ class PrunedModel:
 
     @torch.inference_mode()
     def generate(self, images: list, texts: list[str], gen_kwargs: dict) -> tuple[list[str], list[dict]]:
-        """Answers to one left-padded batch (`images[i]`: a list of images or None for row i) under lmms-eval's
-        generation kwargs, each cut at the first of its `until` strings; and `row_stats` per row."""
+        """Answers to one left-padded batch (`images[i]`: images and video paths, or None, for row i) under
+        lmms-eval's generation kwargs, each cut at the first of its `until` strings; and `row_stats` per row."""
         until, kwargs = generation_kwargs(gen_kwargs, self.model.generation_config)
         inputs = self._inputs(images, texts)
         output = self.model.generate(**inputs, **kwargs)
@@ -133,8 +159,8 @@ class PrunedModel:
         if self.handle is None:
             counts = self.adapter.image_token_counts(inputs)
             per_row, start = [], 0
-            for entry in images:
-                n = 0 if entry is None else len(entry)
+            for entry in images:  # images only: the unpruned counts leave videos out
+                n = 0 if entry is None else sum(not isinstance(v, str) for v in entry)
                 per_row.append(counts[start:start + n])
                 start += n
             prompts = inputs["attention_mask"].sum(dim=1).tolist()

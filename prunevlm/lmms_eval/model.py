@@ -63,16 +63,17 @@ class PruneVLM(lmms):
         return self.batch_size_per_process
 
     def _visuals(self, request: Instance):
-        """The images of a request's document (a list), or None for a text-only request."""
+        """The images and video files (paths) of a request's document (a list), or None for a text-only request."""
         args = request.args
         if len(args) < 6:
             return None
         doc_to_visual, doc_id, task, split = args[2:6]
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
-        if any(not isinstance(v, Image.Image) for v in visuals):
+        if any(not isinstance(v, (Image.Image, str)) for v in visuals):
             kinds = sorted({type(v).__name__ for v in visuals})
-            raise NotImplementedError(f"prunevlm prunes images; task {task!r} gives {', '.join(kinds)} (video or audio)")
-        return [v.convert("RGB") for v in visuals] or None
+            raise NotImplementedError(f"prunevlm prunes images and videos (video files); task {task!r} gives "
+                                      f"{', '.join(kinds)} (audio?)")
+        return [v if isinstance(v, str) else v.convert("RGB") for v in visuals] or None
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         """Batches of `batch_size` requests in their given order, one batch per set of generation kwargs."""

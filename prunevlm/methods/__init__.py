@@ -6,6 +6,7 @@ from .base import SIGNALS, Method, Selection
 from .cdpruner import CDPruner
 from .dart import DART
 from .divprune import DivPrune
+from .evs import EVS
 from .fastv import FastV
 from .flashvlm import FlashVLM
 from .pdrop import PyramidDrop
@@ -18,7 +19,7 @@ from .visionzip import VisionZip
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FlashVLM, VisPruner, VFlowOpt, Random, Uniform, VisionZip, DivPrune, CDPruner,
-                                FastV, PyramidDrop, DART, SparseVLM)
+                                EVS, FastV, PyramidDrop, DART, SparseVLM)
 }
 
 

@@ -114,6 +114,9 @@ class Method:
     # important survivors by the importance its `select` carried (VFlowOpt)
     llm_signals: ClassVar[tuple[str, ...]] = ()
     decision_lead: ClassVar[int] = 0  # a stage starting at layer l decides on the input of layer l - lead
+    # video_scope="per_frame" calls `select_frames(budget, **signals)` once on the whole clip instead of the method
+    # once per frame: the method compares frames (EVS)
+    whole_clip: ClassVar[bool] = False
 
     @property
     def text_before_first_image(self) -> bool:

@@ -26,6 +26,11 @@ and its rounds cost far more (at N = 4608, 85 MB per image and 576 rounds).
 `schedule="geometric"` drops a fixed fraction of R per round instead, O(log(N/k)) rounds; its coverage
 against the fixed schedule is measured by benchmarks/diversity.py.
 
+At clip scale, `segment` (the methods' `dedup_segment`) runs the partition in two steps (`segmented_dedup`):
+each run of that many frames de-duplicates its own residual tokens down to POOL times its share of `keep`,
+then the pooled tokens of the whole clip, in residual order, go through the rounds down to `keep`. Each
+step is small, so the cost grows with the clip's length, not its square (docs/diversity.md, "Clip scale").
+
 Every path compares the same numbers: cosines of fp64 unit vectors rounded to fp32 (`portable.py`), so
 their order does not depend on the CPU's kernels or threads, and ties among A go by A's order (a stable
 sort), as in the released loop (docs/diversity.md, "Same result on every CPU").
@@ -46,6 +51,7 @@ DENSE_TOKENS = 2048  # up to this many tokens the whole cosine matrix is kept (1
 NEIGHBOURS = 64  # length of the nearest-neighbour lists; a speed knob only, results do not depend on it
 LIST_HEAD = 8  # list entries read first each round, the rest only where none is in B; a speed knob too
 CHUNK_ROWS = 1024  # side of the blocks of the cosine matrix computed at once for the lists, and rows per rebuild
+POOL = 4  # a segment keeps this many times its share of the budget for the clip-wide rounds (dedup_segment)
 
 
 def drops_per_round(residual: int, keep: int, step: int, schedule: str, ratio: float) -> int:
@@ -91,6 +97,36 @@ def bipartite_dedup(
     if stats is not None:
         stats["rounds"] = count_rounds(residual, keep, step, schedule, ratio)
     return order.gather(1, positions)
+
+
+def segmented_dedup(features: torch.Tensor, order: torch.Tensor, keep: int, frame: torch.Tensor, segment: int,
+                    step: int = 8, schedule: str = "fixed", ratio: float = 0.1) -> torch.Tensor:
+    """`bipartite_dedup` in two steps (module docstring): the residual `order` [B, R] split by `frame` ([N], each
+    token's frame) into runs of `segment` frames, each run (in residual order) shrunk to min(its size,
+    ⌈POOL · keep · its size / R⌉), then the pooled tokens, in residual order, shrunk to `keep`. One segment
+    holding the whole residual is the one-step partition. Returns [B, keep] token indices."""
+    if keep >= order.shape[1] or keep == 0:
+        return bipartite_dedup(features, order, keep, step, schedule, ratio)
+    runs = frame.to(order.device)[order] // segment  # [B, R], each residual token's run
+    rank = torch.empty(features.shape[1], dtype=torch.long, device=order.device)  # a token's position in `order`
+    chosen = []
+    for image in range(order.shape[0]):
+        rank[order[image]] = torch.arange(order.shape[1], device=order.device)
+        if runs[image].unique().numel() == 1:
+            chosen.append(bipartite_dedup(features[image : image + 1], order[image : image + 1], keep, step, schedule,
+                                          ratio)[0])
+            continue
+        pooled = []
+        for run in runs[image].unique():
+            positions = torch.nonzero(runs[image] == run).flatten()  # ascending: residual order kept
+            share = min(positions.numel(), math.ceil(POOL * keep * positions.numel() / order.shape[1]))
+            kept = bipartite_dedup(features[image : image + 1], order[image : image + 1, positions], share, step,
+                                   schedule, ratio)[0]
+            pooled.append(rank[kept])
+        pool = torch.cat(pooled).sort().values  # the pooled tokens in residual order
+        chosen.append(bipartite_dedup(features[image : image + 1], order[image : image + 1, pool], keep, step,
+                                      schedule, ratio)[0])
+    return torch.stack(chosen)
 
 
 def count_rounds(residual: int, keep: int, step: int, schedule: str, ratio: float) -> int:
@@ -273,15 +309,21 @@ def important_and_diverse(
     step: int = 8,
     schedule: str = "fixed",
     ratio: float = 0.1,
+    frame: torch.Tensor | None = None,
+    segment: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep ⌊alpha·k⌋ top-scored tokens and fill the rest by de-duplicating the residual (docs/flashvlm.md §6).
+    """Keep ⌊alpha·k⌋ top-scored tokens and fill the rest by de-duplicating the residual (docs/flashvlm.md §6);
+    in two steps, runs of `segment` frames then the clip, where `frame` ([N], each token's frame) is given.
 
     Returns (keep [B, k] ascending, important [B, ⌊alpha·k⌋], diverse [B, k - ⌊alpha·k⌋]).
     """
     num_important = math.floor(alpha * k)
     ranked = scores.argsort(dim=-1, descending=True, stable=True)
     important, residual = ranked[:, :num_important], ranked[:, num_important:]
-    diverse = bipartite_dedup(features, residual, k - num_important, step=step, schedule=schedule, ratio=ratio)
+    if frame is None or segment is None:
+        diverse = bipartite_dedup(features, residual, k - num_important, step=step, schedule=schedule, ratio=ratio)
+    else:
+        diverse = segmented_dedup(features, residual, k - num_important, frame, segment, step, schedule, ratio)
     keep = torch.cat([important, diverse], dim=1).sort(dim=1).values
     return keep, important, diverse
 
@@ -295,9 +337,19 @@ class ImportantDiverse(Method):
     dedup_schedule: str = option("fixed", "'fixed' rounds as released, or 'geometric' (docs/diversity.md)",
                                  choices=("fixed", "geometric"))
     dedup_ratio: float = option(0.1, "fraction of the residual dropped per round when geometric", above=0, at_most=1)
+    dedup_segment: int | None = option(8, "video clips per clip: de-duplicate each run of this many frames first, "
+                                          "then the pooled tokens over the clip (a clip of at most this many frames, "
+                                          "and every image, as released); None: the whole clip at once "
+                                          "(docs/diversity.md, clip scale)", at_least=1)
 
-    def split(self, scores: torch.Tensor, features: torch.Tensor, k: int) -> Selection:
+    def split(self, scores: torch.Tensor, features: torch.Tensor, k: int, frames: tuple | None = None) -> Selection:
+        """The important share by `scores`, the rest by the partition of `features`; on a video's `frames`
+        (t, h, w) with `dedup_segment`, the partition runs in two steps."""
+        frame = None
+        if frames is not None and self.dedup_segment is not None:
+            frame = torch.arange(features.shape[1], device=features.device) // (frames[1] * frames[2])
         keep, important, diverse = important_and_diverse(
-            scores, features, k, self.alpha, self.dedup_step, self.dedup_schedule, self.dedup_ratio
+            scores, features, k, self.alpha, self.dedup_step, self.dedup_schedule, self.dedup_ratio, frame,
+            self.dedup_segment,
         )
         return Selection(keep=keep, scores=scores, info={"important": important, "diverse": diverse})

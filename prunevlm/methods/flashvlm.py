@@ -101,7 +101,7 @@ class FlashVLM(ImportantDiverse):
         "saliency; half the budget by that score, half by a diversity-preserving partition"
     )
     signals: ClassVar[tuple[str, ...]] = ("image_tokens", "saliency")
-    optional_signals: ClassVar[tuple[str, ...]] = ("text_embeds", "text_mask", "features")
+    optional_signals: ClassVar[tuple[str, ...]] = ("text_embeds", "text_mask", "features", "frames")
 
     eta: float = option(0.5, "text weight in the log-domain fusion (docs/flashvlm.md §5)", at_least=0, at_most=1)
     text_temperature: float = option(0.05, "softmax pooling over the text tokens (§2 step 3)", above=0)
@@ -153,6 +153,7 @@ class FlashVLM(ImportantDiverse):
         fused = fuse(saliency, self.text_score(image_tokens, text_embeds, text_mask), self.eta, self.floor)
         return torch.where(has_text[:, None], fused, saliency.float())
 
-    def select(self, k, image_tokens, saliency, text_embeds=None, text_mask=None, features=None) -> Selection:
+    def select(self, k, image_tokens, saliency, text_embeds=None, text_mask=None, features=None,
+               frames=None) -> Selection:
         fused = self.scores(image_tokens, saliency, text_embeds, text_mask)
-        return self.split(fused, image_tokens if features is None else features, k)
+        return self.split(fused, image_tokens if features is None else features, k, frames)

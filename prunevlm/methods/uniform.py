@@ -50,10 +50,19 @@ class Uniform(Method):
 
 def plane_shares(k: int, sizes: list[int]) -> list[int]:
     """k <= sum(sizes) split over planes of these sizes in proportion to them: the floors, then one more for
-    the largest remainders (ties: the earlier plane); no share exceeds its plane."""
+    the largest remainders; among equal remainders (planes of one size: a video's frames), the extra tokens
+    are spread evenly over the tied planes, the first of them first (so of two, the earlier plane), not
+    given to the earliest ones. No share exceeds its plane."""
     exact = [k * size / sum(sizes) for size in sizes]
     shares = [math.floor(e) for e in exact]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: (shares[i] - exact[i], i))
-    for i in by_remainder[: k - sum(shares)]:
+    extra = k - sum(shares)
+    if not extra:
+        return shares
+    remainder = [e - s for e, s in zip(exact, shares)]
+    last = sorted(remainder, reverse=True)[extra - 1]  # the smallest remainder that gets one more
+    above = [i for i, r in enumerate(remainder) if r > last]
+    tied = [i for i, r in enumerate(remainder) if r == last]
+    needed = extra - len(above)
+    for i in above + [tied[j * len(tied) // needed] for j in range(needed)]:
         shares[i] += 1
     return shares

@@ -19,7 +19,7 @@ class VisPruner(ImportantDiverse):
     name: ClassVar[str] = "vispruner"
     description: ClassVar[str] = "text-agnostic: half the budget by vision saliency, half by a diversity-preserving partition"
     signals: ClassVar[tuple[str, ...]] = ("image_tokens", "saliency")
-    optional_signals: ClassVar[tuple[str, ...]] = ("features",)
+    optional_signals: ClassVar[tuple[str, ...]] = ("features", "frames")
 
-    def select(self, k, image_tokens, saliency, features=None) -> Selection:
-        return self.split(saliency.float(), image_tokens if features is None else features, k)
+    def select(self, k, image_tokens, saliency, features=None, frames=None) -> Selection:
+        return self.split(saliency.float(), image_tokens if features is None else features, k, frames)
