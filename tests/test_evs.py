@@ -1,8 +1,6 @@
 """EVS (vLLM's efficient video sampling) on tensors: closed-form clips, exact counts, tie order, refusals
 (docs/baselines.md, EVS); and on a tiny Qwen2.5-VL, the same choice from the tower's tokens."""
 
-import inspect
-
 import pytest
 import torch
 
@@ -137,13 +135,7 @@ def test_evs_declares_itself_a_whole_clip_video_method():
     assert not any(cls.whole_clip for name, cls in prunevlm.methods.METHODS.items() if name != "evs")
 
 
-@pytest.mark.skipif("video_scope" not in inspect.signature(prunevlm.prune).parameters,
-                    reason="prune(video_scope=) is the core's (branch video); runs once both are merged")
-@pytest.mark.parametrize("scope", [
-    pytest.param("per_frame", marks=pytest.mark.xfail(strict=True, reason=(
-        "the runtime's per_frame path must call select_frames once for a whole_clip method "
-        "(runtime/llm_input.py::_choose_video; the lead wires it after merging)"))),
-    "per_clip"])
+@pytest.mark.parametrize("scope", ["per_frame", "per_clip"])
 @torch.no_grad()
 def test_on_a_model_evs_chooses_from_the_towers_tokens_as_on_tensors(scope):
     import tiny

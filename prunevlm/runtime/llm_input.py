@@ -360,6 +360,12 @@ class InputPruning:
             with torch.no_grad():
                 selection = self.method(Budget(min(plan.counts[0], num_tokens)), **self._stack([clip]))
             return ImageChoice(row, columns, selection, 0, plan, *candidates, "keep_all", (frames, height, width))
+        if self.method.whole_clip:  # it compares frames: every frame's count, chosen on the whole clip at once
+            clip = {name: value for name, value in signals.items() if name != "grid"}
+            with torch.no_grad():
+                selection = self.method.select_frames(self.budget, **self._stack([clip]))
+            plan = Plan((selection.keep.shape[1],), (), self.num_layers)
+            return ImageChoice(row, columns, selection, 0, plan, *candidates, "keep_all", (frames, height, width))
         if self.method.prunes_in_llm:
             budget = Budget(frames * min(self.budget.value, per_frame)) if self.budget.is_count else self.budget
             clip_plan = self._plan(budget, num_tokens)
