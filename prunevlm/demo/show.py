@@ -72,4 +72,4 @@ def run(args) -> None:
     titles = ["image, question"] + [f"{name} tokens\n(kept of {tokens})" for name in names[1:]]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     panel(rows, titles).save(args.out)
-    print(f"\nwrote {args.out} (kept tokens bright, pruned dark); {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(f"\nwrote {args.out} (pruned tokens darkened and hatched); {time.perf_counter() - start:.0f} s", file=sys.stderr)
