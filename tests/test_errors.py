@@ -305,7 +305,8 @@ BUILTIN_ALLOWED = {
     ("prunevlm/models/base.py", "Adapter.install"): "abstract: each family's adapter defines it",
     ("prunevlm/demo/dataset.py", "_shape"): "a bug, not a refusal: the shapes drawn come from SHAPES only",
 }
-BUILTIN_ERRORS = {name for name, value in vars(builtins).items() if isinstance(value, type) and issubclass(value, Exception)}
+BUILTIN_ERRORS = {name for name, value in vars(builtins).items()
+                  if isinstance(value, type) and issubclass(value, Exception)}
 
 
 def swept_files() -> list[str]:
@@ -343,8 +344,19 @@ def test_deliberate_errors_are_prunevlm_kinds(path):
 
 
 def test_the_sweep_finds_a_bare_builtin():
-    source = "class A:\n    def f(self):\n        raise ValueError('x')\n    def g(self):\n        raise NotImplementedError\n" \
-             "def h():\n    return RuntimeError('y')\ndef i():\n    raise prunevlm.InvalidInput('z')\n"
+    source = """
+class A:
+    def f(self):
+        raise ValueError("x")
+    def g(self):
+        raise NotImplementedError
+def h():
+    return RuntimeError("y")  # built here, raised by the caller
+def i(error):
+    if isinstance(error, ValueError):
+        raise
+    raise prunevlm.InvalidInput("z") from error
+"""
     assert builtin_errors(ast.parse(source)) == {"A.f", "A.g", "h"}
 
 
