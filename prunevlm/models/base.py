@@ -85,7 +85,7 @@ class Capture:
             if not torch.isfinite(tokens.sum(dtype=torch.float32)):
                 self.clear()
                 raise InvalidInput("the image features contain NaN or infinite values; check the model's dtype "
-                                 "(fp16 overflow?) and the pixel values")
+                                   "(fp16 overflow?) and the pixel values")
             candidates = by_key.get(_fingerprint(tokens), [])
             record = next((r for r in candidates if _identical(r["tokens"].to(tokens), tokens)), None)
             if record is None:

@@ -36,7 +36,7 @@ def fix_decode(prefill: Prefill, call: Call, past, caller_positions: bool) -> tu
     if mask is not None:
         if isinstance(mask, dict) or mask.dim() != 2:
             raise Unsupported("pruning needs 2D attention masks [batch, length] while decoding, not prepared 4D ones: "
-                              "pass the attention_mask generate() builds (use the dynamic cache)")
+                              "pass the 2D mask (generate() does, with the default dynamic cache)")
         new = mask.shape[1] - prefill.prompt_length - cached
         if new < 1 or steps - new not in (0, removed):
             raise InvalidInput(
