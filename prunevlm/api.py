@@ -6,6 +6,7 @@ from torch import nn
 
 from .budget import Budget, check_budget_scope, check_video_scope
 from .config import load_config
+from .errors import HandleConflict, InvalidBudget, InvalidConfig
 from .methods import METHODS, SIGNALS, Method, Selection, make_method
 from .models import get_adapter
 from .runtime.contract import warn_if_untested
@@ -29,7 +30,7 @@ class PruneHandle:
         # marked on the base model, which the generation class and its .model share: one handle for both
         existing = getattr(self.adapter.base, _ATTACHED, None)
         if existing is not None:
-            raise RuntimeError(f"{existing!r} is already attached to this model (or to the model it wraps, or to its "
+            raise HandleConflict(f"{existing!r} is already attached to this model (or to the model it wraps, or to its "
                                f".model); call .remove() on it first")
         method.plan(Budget(1.0), 1, self.adapter.num_layers)  # refuses stage layers this LLM lacks (docs/errors.md)
         warn_if_untested()
@@ -96,21 +97,22 @@ def resolve(method: str | Method | None = None, budget: int | float | Budget | N
         method = loaded["method"] if method is None else method
         name = method if isinstance(method, str) else method.name
         if name != loaded["method"]:
-            raise ValueError(f"the config is for {loaded['method']!r}, not {name!r}")
+            raise InvalidConfig(f"the config is for {loaded['method']!r}, not {name!r}: give method "
+                                f"{loaded['method']!r} or none (the config's is then taken)")
         overlap = set(options) & set(loaded["options"])
         if overlap:
-            raise ValueError(f"options {sorted(overlap)} are set by the config; edit the config or drop them here")
+            raise InvalidConfig(f"options {sorted(overlap)} are set by the config; edit the config or drop them here")
         if budget is not None and budget != loaded["budget"]:
-            raise ValueError(
+            raise InvalidConfig(
                 f"the config was calibrated for budget {loaded['budget']}; pass that budget (or none), or "
                 f"calibrate for {budget}"
             )
         if budget_scope is not None and budget_scope != loaded["budget_scope"]:
-            raise ValueError(f"the config was calibrated with budget_scope={loaded['budget_scope']!r}; pass that "
-                             f"(or none), or calibrate with {budget_scope!r}")
+            raise InvalidConfig(f"the config was calibrated with budget_scope={loaded['budget_scope']!r}; pass that "
+                                f"(or none), or calibrate with {budget_scope!r}")
         budget, options, budget_scope = loaded["budget"], {**loaded["options"], **options}, loaded["budget_scope"]
     if budget is None:
-        raise TypeError("prune() needs a budget: tokens per image (int) or a fraction of each image (float in (0, 1])")
+        raise InvalidBudget("prune() needs a budget: tokens per image (int) or a fraction of each image (float in (0, 1])")
     return make_method("flashvlm" if method is None else method, **options), budget, budget_scope or "per_image"
 
 

@@ -41,9 +41,16 @@ class InvalidInput(PruneError, ValueError):
 
 class Unsupported(PruneError, NotImplementedError):
     """A model, model configuration or input kind prunevlm does not handle (a text-only LLM, a vision tower
-    of another kind, video, a static cache): nothing is pruned."""
+    of another kind, a video on LLaVA-1.5 or LLaVA-NeXT, a static cache, a 4D attention mask): nothing is
+    pruned."""
 
 
 class LoadError(PruneError, RuntimeError):
     """A model folder or hub id whose config, processor or weights could not be read (a damaged or truncated
     weights file, missing processor files)."""
+
+
+class HandleConflict(PruneError, RuntimeError, TypeError):
+    """What was asked conflicts with a pruning handle's hold on its model: a second handle on a model that has
+    one, a deep copy of a model under one, a KV cache or image features made outside the handle. Also a
+    TypeError because `copy.deepcopy` raises one for what it cannot copy (docs/errors.md §1)."""

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import InvalidInput, InvalidSetting
+
 PRUNED_SHADE = 0.72  # how much a pruned token's cell is darkened
 HATCH = (160, 160, 160)  # the diagonal lines over pruned cells, so that they show on dark images too
 HATCH_PERIOD = 6  # pixels between two hatch lines
@@ -174,9 +176,9 @@ def check_picture_path(path: str | None) -> None:
         return
     extension = os.path.splitext(str(path))[1].lower()
     if Image.registered_extensions().get(extension) not in Image.SAVE:
-        raise ValueError(f"cannot tell which image format to write {str(path)!r} in: "
-                         + (f"{extension!r} is not an image format Pillow writes" if extension else "it has no file extension")
-                         + "; give a file name ending in .png (or .jpg, .webp, ...)")
+        raise InvalidSetting(f"cannot tell which image format to write {str(path)!r} in: "
+                             + (f"{extension!r} is not an image format Pillow writes" if extension else "it has no file extension")
+                             + "; give a file name ending in .png (or .jpg, .webp, ...)")
 
 
 def normalisation(processor) -> tuple[list, list]:
@@ -184,9 +186,9 @@ def normalisation(processor) -> tuple[list, list]:
     image_processor = getattr(processor, "image_processor", processor)
     mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
     if mean is None or std is None:
-        raise ValueError(f"draw needs the processor that made the inputs (its image_mean and image_std turn the "
-                         f"pixel values back into the picture the model saw); got {type(processor).__name__}, "
-                         f"which has none: pass the processor, e.g. AutoProcessor.from_pretrained(model_id)")
+        raise InvalidSetting(f"draw needs the processor that made the inputs (its image_mean and image_std turn the "
+                             f"pixel values back into the picture the model saw); got {type(processor).__name__}, "
+                             f"which has none: pass the processor, e.g. AutoProcessor.from_pretrained(model_id)")
     return list(mean), list(std)
 
 
@@ -216,8 +218,8 @@ def kept_tokens_picture(adapter, inputs: dict, processor, stats, path: str | Non
     check_picture_path(path)
     mean, std = normalisation(processor)
     if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:
-        raise ValueError("the inputs hold no images or videos (no pixel_values, no pixel_values_videos): draw the "
-                         "processor's output for a prompt with images or videos, the one generate() just ran on")
+        raise InvalidInput("the inputs hold no images or videos (no pixel_values, no pixel_values_videos): draw the "
+                           "processor's output for a prompt with images or videos, the one generate() just ran on")
     places = [(row, index) for row, images in enumerate(stats.kept) for index in range(len(images))]
     kept = [indices for images in stats.kept for indices in images]
     recycled = [indices for images in stats.recycled for indices in images] or [None] * len(kept)
@@ -228,8 +230,8 @@ def kept_tokens_picture(adapter, inputs: dict, processor, stats, path: str | Non
     strips = adapter.video_views(inputs) if inputs.get("pixel_values_videos") is not None else []
     images = len({image for image, _, _ in cells})
     if (len(image_items), len(video_items)) != (images, len(strips)):
-        raise ValueError(f"the stats hold {len(image_items)} image(s) and {len(video_items)} video(s) but the inputs "
-                         f"{images} and {len(strips)}: draw right after the generate() call on these inputs")
+        raise InvalidInput(f"the stats hold {len(image_items)} image(s) and {len(video_items)} video(s) but the inputs "
+                           f"{images} and {len(strips)}: draw right after the generate() call on these inputs")
     blocks: list[list[list[tuple[Image.Image, str]]]] = [[[]] for _ in kept]  # per item: lines of pictures
     drawn, shown = [0] * len(kept), [0] * len(kept)
     if cells:

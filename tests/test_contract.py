@@ -84,7 +84,7 @@ def test_a_decoding_step_on_another_cache_raises(case):
         step = out.logits[:, -1:].argmax(dim=-1)
         extra = {"mm_token_type_ids": torch.zeros_like(step)} if "mm_token_type_ids" in inputs else {}
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
-        with pytest.raises(ContractError, match="did not produce"):
+        with pytest.raises(prunevlm.HandleConflict, match="no prefill under this pruning handle produced"):
             model(input_ids=step, attention_mask=mask, use_cache=True, **{cache_keyword(model): copied}, **extra)
 
 

@@ -5,6 +5,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import pytest
 
+import prunevlm
 from prunevlm.demo import accuracy, build, dataset
 
 FOLDER = accuracy.MODEL_DIR
@@ -59,5 +60,5 @@ def test_batched_left_padded_equals_one_by_one(loaded):
 
 
 def test_load_refuses_a_folder_without_a_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prunevlm.demo.train"):
+    with pytest.raises(prunevlm.LoadError, match="prunevlm.demo.train"):
         accuracy.load(tmp_path)

@@ -1,5 +1,8 @@
 """Bad input gets an error that says what is wrong and what to do."""
 
+import ast
+import builtins
+import copy
 import json
 import math
 import os
@@ -14,7 +17,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import prunevlm
 import tiny
 import prunevlm.methods
+from prunevlm.calibrate.storage import HEARTBEAT_INTERVAL, heartbeat_settings
 from prunevlm.config import FORMAT, load_config, save_config
+from prunevlm.demo import dataset
+from prunevlm.models import adapter_class
+from prunevlm.runtime.contract import cache_keyword, output_cache
+from prunevlm.signals.entropy import grey_levels
+from prunevlm.viz import check_picture_path
 
 
 def signals(tokens=16):
@@ -236,8 +245,8 @@ def test_stage_layers_the_llm_lacks_are_refused_at_prune(method, options, messag
 
 ERRORS = {"InvalidSetting": ValueError, "InvalidBudget": (ValueError, TypeError), "InvalidOption": (ValueError, TypeError),
           "InvalidConfig": (ValueError, TypeError), "InvalidInput": ValueError, "Unsupported": NotImplementedError,
-          "LoadError": RuntimeError, "Refused": ValueError, "SignalsUnavailable": (ValueError, NotImplementedError),
-          "ContractError": RuntimeError}
+          "LoadError": RuntimeError, "HandleConflict": (RuntimeError, TypeError), "Refused": ValueError,
+          "SignalsUnavailable": (ValueError, NotImplementedError), "ContractError": RuntimeError}
 
 
 @pytest.mark.parametrize("name", ERRORS)
@@ -279,3 +288,149 @@ def test_a_saved_config_lists_every_option_and_loads_back(tmp_path):
     saved = json.loads(path.read_text())["options"]
     assert set(saved) == set(prunevlm.methods.METHODS["vflowopt"].options())
     assert load_config(str(path))["options"] == saved
+
+
+# -- every deliberate raise is a prunevlm kind (#26 item 11) --------------------------------------------------
+
+PACKAGE = Path(__file__).resolve().parents[1]
+# The files (or folders) whose deliberate errors must be prunevlm kinds, never a bare built-in; extend it as
+# the rest of the package is swept, up to "prunevlm" itself.
+SWEPT = ["prunevlm/api.py", "prunevlm/budget.py", "prunevlm/errors.py", "prunevlm/generate.py", "prunevlm/viz.py",
+         "prunevlm/calibrate", "prunevlm/demo", "prunevlm/models", "prunevlm/runtime", "prunevlm/signals"]
+# Built-in exceptions raised on purpose that are no refusal of the caller's: (file, function) -> why.
+BUILTIN_ALLOWED = {
+    ("prunevlm/models/base.py", "Adapter.image_token_counts"): "abstract: each family's adapter defines it",
+    ("prunevlm/models/base.py", "Adapter.image_grids"): "abstract: each family's adapter defines it",
+    ("prunevlm/models/base.py", "Adapter.pixel_views"): "abstract: each family's adapter defines it",
+    ("prunevlm/models/base.py", "Adapter.install"): "abstract: each family's adapter defines it",
+    ("prunevlm/demo/dataset.py", "_shape"): "a bug, not a refusal: the shapes drawn come from SHAPES only",
+}
+BUILTIN_ERRORS = {name for name, value in vars(builtins).items()
+                  if isinstance(value, type) and issubclass(value, Exception)}
+
+
+def swept_files() -> list[str]:
+    files = []
+    for entry in SWEPT:
+        path = PACKAGE / entry
+        files += [str(p.relative_to(PACKAGE)) for p in sorted(path.rglob("*.py"))] if path.is_dir() else [entry]
+    return files
+
+
+def builtin_errors(tree: ast.AST, scope: str = "") -> set[str]:
+    """The functions (dotted within their classes) that raise or build a built-in exception: `raise
+    ValueError(...)`, `raise NotImplementedError`, or `ValueError(...)` built to be raised elsewhere."""
+    found = set()
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found |= builtin_errors(node, f"{scope}.{node.name}".lstrip("."))
+            continue
+        made = node.func if isinstance(node, ast.Call) else node.exc if isinstance(node, ast.Raise) else None
+        if isinstance(made, ast.Name) and made.id in BUILTIN_ERRORS:
+            found.add(scope or "<module>")
+        found |= builtin_errors(node, scope)
+    return found
+
+
+@pytest.mark.parametrize("path", swept_files())
+def test_deliberate_errors_are_prunevlm_kinds(path):
+    """Each error raised on purpose is a prunevlm.PruneError kind (docs/errors.md), so `except
+    prunevlm.PruneError` catches it; the allowed exceptions are listed above, each still there."""
+    found = builtin_errors(ast.parse((PACKAGE / path).read_text()))
+    allowed = {function for file, function in BUILTIN_ALLOWED if file == path}
+    assert not found - allowed, f"{path}: {sorted(found - allowed)} raise a built-in exception; raise the " \
+                                f"prunevlm kind that says what is wrong (prunevlm/errors.py, docs/errors.md)"
+    assert not allowed - found, f"{path}: BUILTIN_ALLOWED lists {sorted(allowed - found)}, which raise none now"
+
+
+def test_the_sweep_finds_a_bare_builtin():
+    source = """
+class A:
+    def f(self):
+        raise ValueError("x")
+    def g(self):
+        raise NotImplementedError
+def h():
+    return RuntimeError("y")  # built here, raised by the caller
+def i(error):
+    if isinstance(error, ValueError):
+        raise
+    raise prunevlm.InvalidInput("z") from error
+"""
+    assert builtin_errors(ast.parse(source)) == {"A.f", "A.g", "h"}
+
+
+def copied_cache_step():
+    model, inputs = tiny.llava(), tiny.llava_inputs([1])
+    with prunevlm.prune(model, "flashvlm", 4), torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        step = out.logits[:, -1:].argmax(dim=-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
+        model(input_ids=step, attention_mask=mask, **{cache_keyword(model): copy.deepcopy(output_cache(out))})
+
+
+def second_handle():
+    model = tiny.llava()
+    prunevlm.prune(model, "flashvlm", 4)
+    prunevlm.prune(model.model, "flashvlm", 4)
+
+
+def deep_copy():
+    model = tiny.llava()
+    prunevlm.prune(model, "flashvlm", 4)
+    copy.deepcopy(model)
+
+
+def with_handle(model, inputs, **options):
+    with prunevlm.prune(model, "flashvlm", 4), torch.no_grad():
+        model(**inputs, **options)
+
+
+def mismatched_placeholders():
+    inputs = tiny.llava_inputs([1])
+    inputs["input_ids"][0, int((inputs["input_ids"][0] == tiny.LLAVA_IMAGE).nonzero()[0])] = 5
+    with_handle(tiny.llava(), inputs)
+
+
+def config_for_another_method(tmp_path, monkeypatch):
+    save_config(str(tmp_path / "v.json"), "vflowopt", 0.25, CALIBRATED)
+    prunevlm.prune(tiny.llava(layers=4), "flashvlm", config=str(tmp_path / "v.json"))
+
+
+def heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setenv(HEARTBEAT_INTERVAL, "soon")
+    heartbeat_settings()
+
+
+@pytest.mark.parametrize("call,kind,builtin,message", [
+    # the user's mistakes that said "Install a supported release" (ContractError) or were bare built-ins
+    (lambda *_: copied_cache_step(), "HandleConflict", RuntimeError, "a KV cache that no prefill under this pruning "
+     r"handle produced: a copy of a cache .* Continue the cache the pruned prefill returned"),
+    (lambda *_: second_handle(), "HandleConflict", RuntimeError, "already attached"),
+    (lambda *_: deep_copy(), "HandleConflict", TypeError, "cannot be deep-copied"),
+    (lambda *_: mismatched_placeholders(), "InvalidInput", ValueError, "placeholders do not match"),
+    (lambda *_: with_handle(tiny.llava(), tiny.llava_inputs([1]), labels=torch.zeros(1, 1, dtype=torch.long)),
+     "InvalidInput", ValueError, "labels"),
+    (lambda *_: prunevlm.prune(tiny.qwen2_vl(), "flashvlm", 4, positions="compact"), "Refused", ValueError, "M-RoPE"),
+    (lambda *_: prunevlm.prune(tiny.llava(), "flashvlm", 4, positions="middle"), "InvalidSetting", ValueError,
+     "positions must be"),
+    (lambda *_: prunevlm.prune(tiny.llava(), "flashvlm"), "InvalidBudget", TypeError, r"prune\(\) needs a budget"),
+    (config_for_another_method, "InvalidConfig", ValueError,
+     "the config is for 'vflowopt', not 'flashvlm': give method 'vflowopt' or none"),
+    (lambda *_: adapter_class("GPT2LMHeadModel"), "Unsupported",
+     NotImplementedError, "does not support GPT2LMHeadModel"),
+    (lambda *_: check_picture_path("kept"), "InvalidSetting", ValueError,
+     "no file extension"),
+    (lambda *_: grey_levels(torch.zeros(1, 3, 2, 2), mode="x"),
+     "InvalidOption", ValueError, "entropy mode must be"),
+    (lambda *_: dataset.render("train2", 0), "InvalidSetting", ValueError,
+     "unknown split"),
+    (heartbeat, "InvalidSetting", ValueError, "give a whole number of seconds"),
+], ids=["copied cache", "second handle", "deep copy", "placeholders", "labels", "compact M-RoPE", "positions",
+        "no budget", "config of another method", "unsupported model", "picture path", "entropy mode", "demo split",
+        "heartbeat"])
+def test_refusals_are_their_kind_and_the_builtin_they_were(call, kind, builtin, message, tmp_path, monkeypatch):
+    with pytest.raises(getattr(prunevlm, kind), match=message) as raised:
+        call(tmp_path, monkeypatch)
+    assert isinstance(raised.value, builtin) and "Install a supported release" not in str(raised.value)
+

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ..defaults import RESULTS
+from ..errors import InvalidInput
 from ..config import save_config
 from ..loading import jsonl_rows, pixel_normalisation, read_image
 from ..methods.vflowopt import default_layers
@@ -37,7 +38,7 @@ def jsonl_samples(path: str) -> list[tuple[Image.Image, str]]:
     samples = []
     for number, (images, prompt) in enumerate(jsonl_rows(path), 1):
         if len(images) != 1:
-            raise ValueError(f"{path}: row {number} has {len(images)} images; calibration takes one per row")
+            raise InvalidInput(f"{path}: row {number} has {len(images)} images; calibration takes one per row")
         samples.append((read_image(images[0]), prompt))
     return samples
 

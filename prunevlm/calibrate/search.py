@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from ..api import prune
 from ..budget import Budget
+from ..errors import InvalidSetting
 from ..methods.vflowopt import VFlowOpt, default_layers, r_1_for_budget
 from .flow import flow_similarity, last_token_states, unusable
 
@@ -79,8 +80,8 @@ class FlowObjective:
         states = last_token_states(self.model, self.processor, self.samples, self.batch_size)
         problem = unusable(states)
         if problem:
-            raise ValueError(f"the unpruned model's last-token states {problem}: every trial would score 0 on "
-                             f"them; load the model in float32 (--dtype float32) or check its weights")
+            raise InvalidSetting(f"the unpruned model's last-token states {problem}: every trial would score 0 on "
+                                 f"them; load the model in float32 (--dtype float32) or check its weights")
         if cache:
             save_file({"states": states}, cache, metadata={"key": key})
         return states

@@ -12,6 +12,7 @@ import re
 import sys
 import time
 
+from ..errors import InvalidInput, InvalidSetting
 from .search import sampler
 
 HEARTBEAT_INTERVAL = "PRUNEVLM_HEARTBEAT_INTERVAL"  # seconds between a running trial's heartbeats (default 30)
@@ -44,17 +45,17 @@ def heartbeat_settings() -> tuple[int, int]:
     for name, default in ((HEARTBEAT_INTERVAL, 30), (HEARTBEAT_GRACE, 120)):
         text = os.environ.get(name, str(default))
         if not text.strip().isdigit() or int(text) < 1:
-            raise ValueError(f"{name}={text!r}: give a whole number of seconds >= 1 (default {default})")
+            raise InvalidSetting(f"{name}={text!r}: give a whole number of seconds >= 1 (default {default})")
         values.append(int(text))
     if values[1] <= values[0]:
-        raise ValueError(f"{HEARTBEAT_GRACE}={values[1]} must exceed {HEARTBEAT_INTERVAL}={values[0]}: a live "
-                         f"worker's trial would be failed between two of its heartbeats")
+        raise InvalidSetting(f"{HEARTBEAT_GRACE}={values[1]} must exceed {HEARTBEAT_INTERVAL}={values[0]}: a live "
+                             f"worker's trial would be failed between two of its heartbeats")
     return values[0], values[1]
 
 
 def open_study(storage: str, study: str, seed: int, initial: int):
     """Create or load the study in an RDB storage (a SQLite file or a database URL) with heartbeats, so that a
-    killed worker's trial is failed and retried once; a storage that cannot be opened raises ValueError."""
+    killed worker's trial is failed and retried once; a storage that cannot be opened raises InvalidSetting."""
     import warnings
 
     import optuna
@@ -67,8 +68,8 @@ def open_study(storage: str, study: str, seed: int, initial: int):
     try:
         sqlalchemy.engine.make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError) as error:
-        raise ValueError(f"cannot open the study storage {storage_name(storage)}: not a database URL ({error}); "
-                         f"{URL_HINT}") from None
+        raise InvalidSetting(f"cannot open the study storage {storage_name(storage)}: not a database URL ({error}); "
+                             f"{URL_HINT}") from None
     try:
         rdb = _rdb_storage(url, interval, grace)
         names = optuna.get_all_study_names(rdb)
@@ -118,8 +119,8 @@ def _racing(error) -> bool:
     return isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in text or "locked" in text
 
 
-def _storage_error(storage: str, error: Exception) -> ValueError | None:
-    """A ValueError naming the storage, the database's own words and what to do; None for an error that is
+def _storage_error(storage: str, error: Exception) -> InvalidSetting | None:
+    """An InvalidSetting naming the storage, the database's own words and what to do; None for an error that is
     not the storage's."""
     import optuna
     import sqlalchemy.exc
@@ -133,7 +134,7 @@ def _storage_error(storage: str, error: Exception) -> ValueError | None:
     words = str(getattr(cause, "orig", None) or cause).strip().splitlines()
     words = words[0].strip() if words else type(cause).__name__
     hint = next((hint for key, hint in HINTS if key in words.lower()), REACH)
-    return ValueError(f"cannot open the study storage {storage_name(storage)}: {words}; {hint}")
+    return InvalidSetting(f"cannot open the study storage {storage_name(storage)}: {words}; {hint}")
 
 
 def prepare_study(study, storage: str, **attrs) -> None:
@@ -146,11 +147,11 @@ def prepare_study(study, storage: str, **attrs) -> None:
     foreign = study.directions != [optuna.study.StudyDirection.MAXIMIZE] or (
         "budget" not in made and study.get_trials(deepcopy=False))
     if foreign:
-        raise ValueError(f"{where} was not made by prunevlm calibrate (it has no calibration records, or it "
-                         f"minimises): give another --study name, or another --storage")
+        raise InvalidSetting(f"{where} was not made by prunevlm calibrate (it has no calibration records, or it "
+                             f"minimises): give another --study name, or another --storage")
     for key, value in attrs.items():
         if key in made and made[key] != value:
-            raise ValueError(f"{where} searches {key} {made[key]!r}, this run's is {value!r}: {_MISMATCH[key]}")
+            raise InvalidSetting(f"{where} searches {key} {made[key]!r}, this run's is {value!r}: {_MISMATCH[key]}")
         if key not in made:
             study.set_user_attr(key, value)
 
@@ -183,5 +184,5 @@ def check_trials(study, storage: str, space: dict, samples: int) -> None:
         if problem is None and not (math.isfinite(trial.value) and abs(trial.value) <= samples + 1e-3):
             problem = f"the objective {trial.value!r}, beyond ±{samples} (the sum of {samples} cosines)"
         if problem:
-            raise ValueError(f"{where}: trial {trial.number} holds {problem}; the study was edited or another "
-                             f"search wrote it: give another --study name or a new --storage")
+            raise InvalidInput(f"{where}: trial {trial.number} holds {problem}; the study was edited or another "
+                               f"search wrote it: give another --study name or a new --storage")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import DEMO_MODEL
+from ..errors import InvalidInput, InvalidSetting, LoadError
 from ..loading import prompt_inputs
 from . import dataset
 
@@ -36,8 +37,8 @@ def load(folder: str | Path = MODEL_DIR, dtype: torch.dtype | str = torch.float3
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {folder}; train one with "
-                                "`python -m prunevlm.demo.train --out DIR`")
+        raise LoadError(f"no config.json in {folder}: it holds no model; train one with "
+                        "`python -m prunevlm.demo.train --out DIR`")
     model = from_pretrained(LlavaForConditionalGeneration, folder, dtype=dtype).to(resolve_device(device)).eval()
     return model, AutoProcessor.from_pretrained(folder)
 
@@ -55,7 +56,7 @@ def predict(model, processor, items: list[dataset.Item], batch_size: int = 32,
     With ``return_states`` also the [N, D] final-norm hidden state of each prompt's last token at
     prefill (VFlowOpt's flow measure, docs/vflowopt.md §4), read from the same ``generate`` call."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidSetting(f"batch_size must be >= 1, got {batch_size}")
     answers, states = [], []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
@@ -74,7 +75,7 @@ def predict(model, processor, items: list[dataset.Item], batch_size: int = 32,
 def score(items: list[dataset.Item], answers: list[str]) -> dict:
     """Exact-match accuracy per question type plus ``overall`` and ``n`` (number of questions)."""
     if not items:
-        raise ValueError("no items to evaluate")
+        raise InvalidInput("no items to evaluate: give at least one question")
     hits: dict[str, list[bool]] = {}
     for it, got in zip(items, answers, strict=True):
         hits.setdefault(it.qtype, []).append(got == dataset.normalize(it.answer))

@@ -48,6 +48,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import InvalidSetting
+
 SPLITS = {"train": 0, "val": 1, "test": 2}
 IMAGE_SIZE = 192
 GRID = 3
@@ -129,16 +131,16 @@ class Item(NamedTuple):
 def generate(split: str, n_images: int, seed: int = 0) -> list[Sample]:
     """``n_images`` samples of ``split``, each with one question per type in ``QTYPES``."""
     if not isinstance(n_images, int) or n_images < 0:
-        raise ValueError(f"n_images must be a non-negative int, got {n_images!r}")
+        raise InvalidSetting(f"n_images must be a non-negative int, got {n_images!r}")
     return [render(split, i, seed) for i in range(n_images)]
 
 
 def render(split: str, index: int, seed: int = 0) -> Sample:
     """Image ``index`` of ``split``: a pure function of ``(seed, split, index)``."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
+        raise InvalidSetting(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
     if index < 0 or seed < 0:
-        raise ValueError(f"index and seed must be non-negative, got index={index}, seed={seed}")
+        raise InvalidSetting(f"index and seed must be non-negative, got index={index}, seed={seed}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
     while True:  # rejection: redraw until every question type has an unambiguous question
         objects, count_q = _scene(rng)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import Unsupported
+
 from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
@@ -26,7 +28,7 @@ def adapter_class(model_class: str) -> type[Adapter]:
     for adapter in ADAPTERS:
         if model_class in adapter.model_classes:
             return adapter
-    raise NotImplementedError(
+    raise Unsupported(
         f"prunevlm does not support {model_class}; supported model classes: {', '.join(supported_models())}"
     )
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import Unsupported
+from ..errors import HandleConflict, InvalidInput, Unsupported
+from ..methods.base import SignalsUnavailable
 
 
 class Capture:
@@ -83,13 +84,13 @@ class Capture:
         for tokens in image_tokens:
             if not torch.isfinite(tokens.sum(dtype=torch.float32)):
                 self.clear()
-                raise ValueError("the image features contain NaN or infinite values; check the model's dtype "
-                                 "(fp16 overflow?) and the pixel values")
+                raise InvalidInput("the image features contain NaN or infinite values; check the model's dtype "
+                                   "(fp16 overflow?) and the pixel values")
             candidates = by_key.get(_fingerprint(tokens), [])
             record = next((r for r in candidates if _identical(r["tokens"].to(tokens), tokens)), None)
             if record is None:
                 self.clear()
-                raise RuntimeError(
+                raise HandleConflict(
                     "an image in the prompt was not encoded while pruning was attached, so its signals are "
                     "missing: pass pixel_values with the prompt (or compute mm_encoder_outputs after prune())"
                 )
@@ -135,7 +136,8 @@ class InstanceAttribute:
 
     def __init__(self, obj, name: str, value):
         if name in vars(obj):
-            raise RuntimeError(f"{type(obj).__name__}.{name} is already wrapped on this instance")
+            raise HandleConflict(f"{type(obj).__name__}.{name} is already replaced on this instance (by another "
+                                 f"library?): prunevlm wraps the model's own; prune a model whose {name} is its class's")
         self.obj, self.name = obj, name
         setattr(obj, name, value)
 
@@ -258,9 +260,10 @@ class Adapter:
         if {"last_attention", "layer_queries", "layer_keys"} & set(names):
             attention = self.decoder_layers()[0].self_attn
             if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "head_dim", "scaling")):
-                raise NotImplementedError(
+                raise SignalsUnavailable(
                     f"the {self.family} decoder's attention ({type(attention).__name__}) is not a q/k projection "
-                    f"with rotary positions, so its attention cannot be recomputed from it")
+                    f"with rotary positions, so its attention cannot be recomputed from it: use a method that prunes "
+                    f"at the LLM input")
 
     def queries_and_keys(self, layer: int, hidden: torch.Tensor, position_embeddings,
                          last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

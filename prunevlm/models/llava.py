@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import Unsupported
 from ..signals.attention import attention_probs
 from .base import Adapter, Capture, Timer
 
@@ -21,17 +22,17 @@ class LlavaAdapter(Adapter):
         config = self.config
         vision = config.vision_config
         if vision.model_type != self.tower_model_type:
-            raise NotImplementedError(
+            raise Unsupported(
                 f"prunevlm supports {self.family} with {self.tower_name}; this model's tower is {vision.model_type!r}"
             )
         if config.vision_feature_select_strategy != self.select_strategy:
-            raise NotImplementedError(
+            raise Unsupported(
                 f"prunevlm supports {self.family} with vision_feature_select_strategy={self.select_strategy!r} "
                 f"({self.strategy_meaning}); this model uses {config.vision_feature_select_strategy!r}"
             )
         layer = config.vision_feature_layer
         if not isinstance(layer, int) or layer == 0:
-            raise NotImplementedError(f"prunevlm supports one vision feature layer other than the embeddings; got {layer!r}")
+            raise Unsupported(f"prunevlm supports one vision feature layer other than the embeddings; got {layer!r}")
 
     @property
     def grid(self) -> tuple[int, int]:

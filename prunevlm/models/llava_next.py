@@ -24,6 +24,7 @@ import math
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from ..errors import InvalidInput
 from ..signals.attention import attention_probs, received_attention
 from .base import Capture, InstanceAttribute
 from .llava import LlavaAdapter
@@ -118,7 +119,7 @@ class LlavaNextAdapter(LlavaAdapter):
             return []
         sizes = kwargs.get("image_sizes")
         if sizes is None:
-            raise ValueError(f"{self.family} needs image_sizes with pixel_values: pass the processor's output unchanged")
+            raise InvalidInput(f"{self.family} needs image_sizes with pixel_values: pass the processor's output unchanged")
         return [int(image.shape[0]) for image in self.layout(sizes, kwargs.get("batch_num_images"))]
 
     # -- pictures: one per plane (docs/models.md §3) ---------------------------------------------------
@@ -127,7 +128,7 @@ class LlavaNextAdapter(LlavaAdapter):
         if inputs.get("pixel_values") is None:
             return []
         if inputs.get("image_sizes") is None:
-            raise ValueError(f"{self.family} needs image_sizes with pixel_values: pass the processor's output unchanged")
+            raise InvalidInput(f"{self.family} needs image_sizes with pixel_values: pass the processor's output unchanged")
         return self.layout(inputs["image_sizes"], inputs.get("batch_num_images"))
 
     def image_grids(self, inputs: dict) -> list[tuple[int, int]]:
@@ -188,8 +189,8 @@ class LlavaNextAdapter(LlavaAdapter):
             if capture.scratch.get("video"):
                 return  # a video's frames: recorded once pooled, by encode_video_noting_frames
             if "sizes" not in capture.scratch:
-                raise ValueError(f"{self.family}: the projector ran outside get_image_features, so the image sizes "
-                                 f"that place its tokens are unknown; encode images through the model")
+                raise InvalidInput(f"{self.family}: the projector ran outside get_image_features, so the image sizes "
+                                   f"that place its tokens are unknown; encode images through the model")
             self.record_packed(capture, output, *capture.scratch["sizes"])
 
         def start(module, args, kwargs):
@@ -222,8 +223,8 @@ class LlavaNextAdapter(LlavaAdapter):
         """The projector's per-crop output and this encoder call's per-crop signals, packed per image: tokens
         (with the model's newline, as the LLM receives them), candidates (not newlines), rows, crops, planes."""
         if sum(self.crops(sizes, num_images)) != crop_tokens.shape[0]:
-            raise ValueError(f"{self.family}: the vision tower encoded {crop_tokens.shape[0]} crops, which the "
-                             f"image_sizes of the call do not account for; pass the processor's output unchanged")
+            raise InvalidInput(f"{self.family}: the vision tower encoded {crop_tokens.shape[0]} crops, which the "
+                               f"image_sizes of the call do not account for; pass the processor's output unchanged")
         call = capture.calls[-1]
         for name in [key for key in call if key.startswith(UNPACKED)]:
             (per_crop,) = call.pop(name)  # [n, T, ...]: packed with its trailing dimensions as channels

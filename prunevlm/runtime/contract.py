@@ -21,7 +21,7 @@ from packaging.version import Version
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
-from ..errors import PruneError
+from ..errors import PruneError, Unsupported
 
 CACHE_KEYWORDS = ("cache", "past_key_values")  # current name first; 5.24 renamed past_key_values to cache
 
@@ -139,7 +139,7 @@ def is_prefill(cache: Cache | None) -> bool:
 def check_dynamic(cache: Cache | None) -> None:
     """Refuse caches whose length is fixed in advance: pruning shortens the sequence they would follow."""
     if cache is not None and cache.is_compileable:
-        raise NotImplementedError(
+        raise Unsupported(
             f"pruning needs a dynamic KV cache; got a {type(cache).__name__} (a static or other compileable cache, "
             f"e.g. generate(cache_implementation='static')). Use the default dynamic cache, or remove the pruning handle."
         )

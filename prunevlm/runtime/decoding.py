@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidInput, Unsupported
 from .contract import Call, ContractError
 from .record import Prefill
 
@@ -34,10 +35,11 @@ def fix_decode(prefill: Prefill, call: Call, past, caller_positions: bool) -> tu
     mask, positions = call.get("attention_mask"), call.get("position_ids")
     if mask is not None:
         if isinstance(mask, dict) or mask.dim() != 2:
-            raise NotImplementedError("pruning needs 2D attention masks while decoding (use the dynamic cache)")
+            raise Unsupported("pruning needs 2D attention masks [batch, length] while decoding, not prepared 4D ones: "
+                              "pass the 2D mask (generate() does, with the default dynamic cache)")
         new = mask.shape[1] - prefill.prompt_length - cached
         if new < 1 or steps - new not in (0, removed):
-            raise ValueError(
+            raise InvalidInput(
                 f"a decoding step after a pruned prompt got {steps} input token(s) and an attention mask of "
                 f"{mask.shape[1]} columns, but the cache holds the prompt ({prefill.prompt_length} columns before "
                 f"pruning) and {cached} token(s) since: pass a mask of the whole sequence and either only the new "
@@ -82,7 +84,7 @@ def _new_by_positions(prefill: Prefill, positions: torch.Tensor, steps: int, cac
         aligned = _aligned(expected, positions.shape[:-2])
         if aligned is not None and torch.equal(positions[..., -new:], aligned.expand_as(positions[..., -new:])):
             return new
-    raise ValueError(
+    raise InvalidInput(
         f"a decoding step after a pruned prompt got position ids {_row(positions)} that do not continue it: the "
         f"next token's position is {_row(prefill.next_position[..., None] + cached)}. Pass the position ids "
         f"generate() would (from the attention mask of the whole sequence), or none")
@@ -96,7 +98,7 @@ def _check_positions(positions: torch.Tensor, expected: torch.Tensor, attended: 
             agree = agree | ~attended
         if bool(agree.all()):
             return
-    raise ValueError(
+    raise InvalidInput(
         f"a decoding step after a pruned prompt got position ids {_row(positions)}, but the prompt implies "
         f"{_row(expected)}: pass the position ids generate() would (from the attention mask of the whole "
         f"sequence), or none")

@@ -27,6 +27,7 @@ import weakref
 import torch
 
 from ..budget import Budget, check_budget_scope, check_video_scope
+from ..errors import HandleConflict, InvalidInput, InvalidSetting, Unsupported
 from ..methods.base import LAYOUT_SIGNALS, Method, Plan, Refused, Selection, SignalsUnavailable
 from ..models.base import Adapter, Capture, synchronize
 from .choice import NEWLINE_POLICIES, ImageChoice
@@ -49,15 +50,15 @@ class InputPruning:
     def __init__(self, adapter: Adapter, method: Method, budget: Budget, positions: str = "original",
                  newline: str = "drop", budget_scope: str = "per_image", video_scope: str = "per_frame"):
         if positions not in ("original", "compact"):
-            raise ValueError(f"positions must be 'original' or 'compact', got {positions!r}")
+            raise InvalidSetting(f"positions must be 'original' or 'compact', got {positions!r}")
         if newline not in NEWLINE_POLICIES:
-            raise ValueError(f"newline must be one of {', '.join(map(repr, NEWLINE_POLICIES))}, got {newline!r}")
+            raise InvalidSetting(f"newline must be one of {', '.join(map(repr, NEWLINE_POLICIES))}, got {newline!r}")
         if check_budget_scope(budget_scope) == "per_crop" and method.prunes_in_llm:
             raise Refused(f"budget_scope='per_crop' splits the budget over each image's crops at the LLM input, but "
                           f"{method.name} prunes inside the LLM, where the tokens of all crops compete; use "
                           f"budget_scope='per_image' with it")
         if positions == "compact" and not adapter.compact_positions:
-            raise ValueError(f"{adapter.family} uses M-RoPE, whose positions encode the image grid; use positions='original'")
+            raise Refused(f"{adapter.family} uses M-RoPE, whose positions encode the image grid; use positions='original'")
         missing = set(method.signals) - adapter.provides
         if missing:
             why = adapter.why_unavailable(missing)
@@ -106,7 +107,7 @@ class InputPruning:
         self.images = self.pending = None
 
     def __deepcopy__(self, memo):
-        raise TypeError(
+        raise HandleConflict(
             "a model under a pruning handle cannot be deep-copied: the copy would carry the handle's hooks, still "
             "bound to the original model's records, and its own images would never be found. Call handle.remove(), "
             "copy the model, then prune each copy")
@@ -115,7 +116,7 @@ class InputPruning:
 
     def _before_outer(self, module, args, kwargs):
         if Call(module, args, kwargs).get("labels") is not None:
-            raise ValueError(
+            raise InvalidInput(
                 "labels are not supported while visual tokens are pruned: the pruned sequence is shorter than "
                 "the labels. Remove the pruning handle to compute a loss."
             )
@@ -130,7 +131,7 @@ class InputPruning:
         self.caller_positions = call.get("position_ids") is not None
         if not is_prefill(call.cache(required=False)):
             if counts[False] or counts[True]:
-                raise NotImplementedError(
+                raise Unsupported(
                     "new images or videos after the first forward of a cached sequence cannot be pruned; start a "
                     "new generation with all images and videos in the prompt, or remove the pruning handle"
                 )
@@ -181,10 +182,11 @@ class InputPruning:
                                 "non-empty cache")
         found = self.records.get(id(cache))
         if found is None or found[0]() is not cache:
-            raise ContractError(
-                "a decoding step continues a KV cache that the prefills under this pruning handle did not produce (a copy of "
-                "a cache, a cache filled before prune() was attached, or transformers copying the cache); continue "
-                "the cache the prefill returned, or start the generation again under the handle")
+            raise HandleConflict(
+                "a decoding step continues a KV cache that no prefill under this pruning handle produced: a copy of a "
+                "cache (copy.deepcopy, or one rebuilt from its tensors), or a cache filled before prune() was "
+                "attached. Continue the cache the pruned prefill returned, or start the generation again under the "
+                "handle (if your code made no copy, transformers did: please report it)")
         record = found[1]
         if record is None or not record.rewritten:
             return record, None  # the prompt reached the language model unchanged: nothing to narrow
@@ -213,7 +215,7 @@ class InputPruning:
         batch, length, _ = embeds.shape
         mask = call.get("attention_mask")
         if mask is not None and (isinstance(mask, dict) or mask.dim() != 2):
-            raise NotImplementedError(
+            raise Unsupported(
                 "pruning needs a 2D padding mask [batch, length]; prepared 4D masks are not supported: pass the "
                 "attention_mask the processor returns"
             )
@@ -485,7 +487,7 @@ class InputPruning:
                 continue
             value = recorded.get(name)
             if value is None:
-                raise RuntimeError(f"the vision hooks did not record {name!r}; was the image encoded while pruning was attached?")
+                raise ContractError(f"the vision hooks recorded an image's tokens but not its {name!r}")
             signals[name] = value if name in LAYOUT_SIGNALS else value.to(embeds.device)
             if index is not None and name not in LAYOUT_SIGNALS:
                 signals[name] = signals[name].index_select(0, index)

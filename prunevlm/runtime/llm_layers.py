@@ -156,8 +156,8 @@ class LayerPruning:
         if "prior_keys" in names:
             keys = layer_keys(call.cache(required=True), index - 1) if index > 0 else None
             if keys is None or keys.shape[-2] != hidden.shape[1]:
-                raise ValueError(f"{self.method.name}: the layer before the deciding layer {index} must run on the same "
-                                 f"sequence (no stage may start at the deciding layer)")
+                raise Refused(f"{self.method.name}: the layer before the deciding layer {index} must run on the same "
+                              f"sequence (no stage may start at the deciding layer): set the stage layers further apart")
             signals["prior_keys"] = keys.transpose(1, 2).flatten(2)
         if "normed_input" in names:
             signals["normed_input"] = self.adapter.final_norm(hidden)

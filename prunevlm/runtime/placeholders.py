@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidInput
+
 
 def placeholder_mask(adapter, input_ids, inputs_embeds, token_id: int) -> torch.Tensor | None:
     """[B, L] whether each column is a placeholder of `token_id` (the image's or the video's), read from the
@@ -40,7 +42,7 @@ def locate_images(image_mask: torch.Tensor, counts: list[int], kind: str = "imag
             remaining = [None]
             break
     if remaining or len(images) != len(counts):
-        raise ValueError(
+        raise InvalidInput(
             f"the prompt's {kind} placeholders do not match the {kind}s: rows hold {per_row} placeholder tokens "
             f"(total {sum(per_row)}) but the {len(counts)} {kind}(s) give {counts} tokens (total {sum(counts)}). "
             f"Build the inputs with the model's processor (processor({kind}s=..., text=...)), one {kind} "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidOption
+
 # OpenAI CLIP normalisation, used by the LLaVA-1.5 and Qwen2-VL image processors.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,9 +39,9 @@ def grey_levels(
         elif code_cast == "saturate":
             values = scaled.clamp(0, 255).trunc()
         else:
-            raise ValueError(f"code_cast must be 'wrap' or 'saturate', got {code_cast!r}")
+            raise InvalidOption(f"code_cast must be 'wrap' or 'saturate', got {code_cast!r}")
     else:
-        raise ValueError(f"entropy mode must be 'paper' or 'code', got {mode!r}")
+        raise InvalidOption(f"entropy mode must be 'paper' or 'code', got {mode!r}")
     return values.mean(dim=-3).round()
 
 
