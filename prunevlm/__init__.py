@@ -10,8 +10,8 @@ import importlib
 from pathlib import Path
 
 # the errors prunevlm raises on purpose (docs/errors.md)
-_ERRORS = ("PruneError", "InvalidSetting", "InvalidBudget", "InvalidOption", "InvalidConfig", "InvalidInput", "Unsupported",
-          "LoadError", "HandleConflict", "Refused", "SignalsUnavailable", "ContractError")
+_ERRORS = ("PruneError", "InvalidSetting", "InvalidBudget", "InvalidOption", "InvalidConfig", "InvalidInput",
+           "InvalidSignals", "Unsupported", "LoadError", "HandleConflict", "Refused", "SignalsUnavailable", "ContractError")
 __all__ = ["DEMO_CONFIGS", "DEMO_MODEL", "Budget", "PruneHandle", "Selection", "list_methods", "prune", "select", *_ERRORS]
 __version__ = "0.1.0"
 

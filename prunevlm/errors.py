@@ -39,6 +39,12 @@ class InvalidInput(PruneError, ValueError):
     images, an unreadable image, a JSONL row without a prompt."""
 
 
+class InvalidSignals(InvalidInput, TypeError):
+    """Signals given to a method (`prunevlm.select`, or by an adapter) that are missing, unknown, of the wrong
+    type, or whose shape or layout (grid, planes, frames) does not hold the N tokens (a TypeError where a
+    signal is missing or of the wrong type, as Python raises one for an argument)."""
+
+
 class Unsupported(PruneError, NotImplementedError):
     """A model, model configuration or input kind prunevlm does not handle (a text-only LLM, a vision tower
     of another kind, a video on LLaVA-1.5 or LLaVA-NeXT, a static cache, a 4D attention mask): nothing is

@@ -244,7 +244,8 @@ def test_stage_layers_the_llm_lacks_are_refused_at_prune(method, options, messag
 
 
 ERRORS = {"InvalidSetting": ValueError, "InvalidBudget": (ValueError, TypeError), "InvalidOption": (ValueError, TypeError),
-          "InvalidConfig": (ValueError, TypeError), "InvalidInput": ValueError, "Unsupported": NotImplementedError,
+          "InvalidConfig": (ValueError, TypeError), "InvalidInput": ValueError, "InvalidSignals": (ValueError, TypeError),
+          "Unsupported": NotImplementedError,
           "LoadError": RuntimeError, "HandleConflict": (RuntimeError, TypeError), "Refused": ValueError,
           "SignalsUnavailable": (ValueError, NotImplementedError), "ContractError": RuntimeError}
 
@@ -254,6 +255,19 @@ def test_every_error_is_a_prune_error_and_the_builtin_it_replaces(name):
     error = getattr(prunevlm, name)
     assert issubclass(error, prunevlm.PruneError) and issubclass(error, ERRORS[name])
     assert name in prunevlm.__all__ and f"`{name}`" in (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+
+
+def test_bad_signals_are_invalid_signals_and_still_type_errors():
+    """A missing signal is what Python would call a missing argument (TypeError); a layout that does not hold
+    the tokens what it would call a bad value (ValueError): both one kind."""
+    given = signals()
+    given.pop("saliency")
+    with pytest.raises(prunevlm.InvalidSignals, match="needs signal"):
+        prunevlm.select("flashvlm", 4, **given)
+    with pytest.raises(TypeError):
+        prunevlm.select("flashvlm", 4, **given)
+    with pytest.raises(prunevlm.InvalidSignals, match="holds"):
+        prunevlm.select("uniform", 4, image_tokens=torch.randn(1, 16, 8), grid=(3, 3))
 
 
 def test_caught_as_prune_errors_and_as_before():
@@ -295,8 +309,7 @@ def test_a_saved_config_lists_every_option_and_loads_back(tmp_path):
 PACKAGE = Path(__file__).resolve().parents[1]
 # The files (or folders) whose deliberate errors must be prunevlm kinds, never a bare built-in; extend it as
 # the rest of the package is swept, up to "prunevlm" itself.
-SWEPT = ["prunevlm/api.py", "prunevlm/budget.py", "prunevlm/errors.py", "prunevlm/generate.py", "prunevlm/viz.py",
-         "prunevlm/calibrate", "prunevlm/demo", "prunevlm/models", "prunevlm/runtime", "prunevlm/signals"]
+SWEPT = ["prunevlm"]
 # Built-in exceptions raised on purpose that are no refusal of the caller's: (file, function) -> why.
 BUILTIN_ALLOWED = {
     ("prunevlm/models/base.py", "Adapter.image_token_counts"): "abstract: each family's adapter defines it",
@@ -304,6 +317,11 @@ BUILTIN_ALLOWED = {
     ("prunevlm/models/base.py", "Adapter.pixel_views"): "abstract: each family's adapter defines it",
     ("prunevlm/models/base.py", "Adapter.install"): "abstract: each family's adapter defines it",
     ("prunevlm/demo/dataset.py", "_shape"): "a bug, not a refusal: the shapes drawn come from SHAPES only",
+    ("prunevlm/methods/base.py", "Method.select"): "abstract: each method defines it",
+    ("prunevlm/methods/base.py", "Method.select_frames"): "abstract: the methods that compare frames define it",
+    ("prunevlm/methods/base.py", "Method.choose"): "abstract: each in-LLM method defines it",
+    ("prunevlm/methods/base.py", "_as_type"): "a bug in a method's option annotation, not a refusal of the caller's",
+    ("prunevlm/__init__.py", "__getattr__"): "Python's module attribute protocol asks for AttributeError",
 }
 BUILTIN_ERRORS = {name for name, value in vars(builtins).items()
                   if isinstance(value, type) and issubclass(value, Exception)}

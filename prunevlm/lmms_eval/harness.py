@@ -17,6 +17,7 @@ from ..config import load_config
 from ..loading import VIDEO_FRAMES, load, prompt_inputs, read_video, resolve_dtype, with_processor_normalisation
 from ..methods import Method
 from ..models import get_adapter
+from ..errors import InvalidInput, InvalidSetting
 
 OPTION_PREFIX = "option_"
 # Every model_arg, with its meaning (the errors list them). All of them are in lmms-eval's response-cache key.
@@ -62,19 +63,19 @@ def parse_model_args(args: dict) -> Settings:
         options[key[len(OPTION_PREFIX):]] = _option_value(args.pop(key))
     unknown = sorted(set(args) - set(MODEL_ARGS))
     if unknown:
-        raise ValueError(f"unknown model_args {unknown}; prunevlm takes " +
+        raise InvalidSetting(f"unknown model_args {unknown}; prunevlm takes " +
                          "; ".join(f"{name}: {meaning}" for name, meaning in MODEL_ARGS.items()))
     for name in ("pretrained", "method"):
         if not isinstance(args.get(name), str) or not args[name]:
-            raise ValueError(f"model_args needs {name}=... ({MODEL_ARGS[name]}), got {args.get(name)!r}")
+            raise InvalidSetting(f"model_args needs {name}=... ({MODEL_ARGS[name]}), got {args.get(name)!r}")
     positions = args.get("positions", "original")
     if positions not in ("original", "compact"):
-        raise ValueError(f"positions must be original or compact, got {positions!r}")
+        raise InvalidSetting(f"positions must be original or compact, got {positions!r}")
     dtype = str(args.get("dtype", "auto"))
     resolve_dtype(dtype)
     video_frames = args.get("video_frames", VIDEO_FRAMES)
     if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 1:
-        raise ValueError(f"video_frames must be an int >= 1 ({MODEL_ARGS['video_frames']}), got {video_frames!r}")
+        raise InvalidSetting(f"video_frames must be an int >= 1 ({MODEL_ARGS['video_frames']}), got {video_frames!r}")
     common = {"pretrained": args["pretrained"], "positions": positions, "dtype": dtype, "attn": str(args.get("attn", "sdpa")),
               "video_frames": video_frames}
     budget = args.get("budget")
@@ -83,7 +84,7 @@ def parse_model_args(args: dict) -> Settings:
     if args["method"] == "none":
         given = [name for name in ("budget", "config", "budget_scope", "video_scope") if name in args] + [f"{OPTION_PREFIX}{o}" for o in options]
         if given:
-            raise ValueError(f"method=none is the unpruned model: drop {', '.join(given)}")
+            raise InvalidSetting(f"method=none is the unpruned model: drop {', '.join(given)}")
         return Settings(method=None, budget=None, **common)
     method, budget, budget_scope = resolve(args["method"], budget, args.get("config"), options, args.get("budget_scope"))
     loaded = load_config(args["config"]) if args.get("config") else None
@@ -91,7 +92,7 @@ def parse_model_args(args: dict) -> Settings:
     if video_scope is not None:
         check_video_scope(video_scope)
         if loaded is not None and video_scope != loaded["video_scope"]:
-            raise ValueError(f"the config was calibrated with video_scope={loaded['video_scope']!r}; pass that (or "
+            raise InvalidSetting(f"the config was calibrated with video_scope={loaded['video_scope']!r}; pass that (or "
                              f"none), or calibrate with {video_scope!r}")
     elif loaded is not None:
         video_scope = loaded["video_scope"]
@@ -187,7 +188,7 @@ class PrunedModel:
         targets = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in continuations]
         empty = [text for text, ids in zip(continuations, targets) if not ids]
         if empty:
-            raise ValueError(f"continuation(s) {empty!r} have no tokens")
+            raise InvalidInput(f"continuation(s) {empty!r} have no tokens")
         length = inputs["input_ids"].shape[1]
 
         def force(row: int, ids: torch.Tensor) -> list[int]:  # a finished row repeats its last token (ignored)

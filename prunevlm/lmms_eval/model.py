@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .harness import PrunedModel, parse_model_args
+from ..errors import InvalidSetting, Unsupported
 
 
 class PruningCounts(TokenCounts):
@@ -43,9 +44,9 @@ class PruneVLM(lmms):
         try:
             self.batch_size_per_process = int(batch_size)
         except ValueError:
-            raise ValueError(f"prunevlm takes a fixed --batch_size N (rows per generate call), got {batch_size!r}") from None
+            raise InvalidSetting(f"prunevlm takes a fixed --batch_size N (rows per generate call), got {batch_size!r}") from None
         if self.batch_size_per_process < 1:
-            raise ValueError(f"--batch_size must be >= 1, got {batch_size!r}")
+            raise InvalidSetting(f"--batch_size must be >= 1, got {batch_size!r}")
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:
             device = f"cuda:{self.accelerator.local_process_index}"
@@ -71,7 +72,7 @@ class PruneVLM(lmms):
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
         if any(not isinstance(v, (Image.Image, str)) for v in visuals):
             kinds = sorted({type(v).__name__ for v in visuals})
-            raise NotImplementedError(f"prunevlm prunes images and videos (video files); task {task!r} gives "
+            raise Unsupported(f"prunevlm prunes images and videos (video files); task {task!r} gives "
                                       f"{', '.join(kinds)} (audio?)")
         return [v if isinstance(v, str) else v.convert("RGB") for v in visuals] or None
 
@@ -112,7 +113,7 @@ class PruneVLM(lmms):
         return results
 
     def generate_until_multi_round(self, requests) -> list:
-        raise NotImplementedError("prunevlm does not run multi-round generation tasks; "
+        raise Unsupported("prunevlm does not run multi-round generation tasks; "
                                   "use single-turn generate_until or loglikelihood tasks")
 
     def _log_summary(self) -> None:

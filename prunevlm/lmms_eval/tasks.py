@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..demo import dataset
+from ..errors import InvalidSetting
 
 TASK = "prunevlm_demo"
 # What `prunevlm eval` generates with: greedy, the demo model's max_new_tokens (its generation_config.json).
@@ -69,10 +70,10 @@ def export(folder: str | os.PathLike, images: int = 200, seed: int = 0) -> Path:
     path). Point lmms-eval at it with `--include_path FOLDER --tasks prunevlm_demo`; export again after
     moving the folder. Returns the YAML's path."""
     if not isinstance(images, int) or images < 1:
-        raise ValueError(f"images must be an int >= 1, got {images!r}")
+        raise InvalidSetting(f"images must be an int >= 1, got {images!r}")
     root = Path(folder).expanduser().resolve()
     if root.exists() and not root.is_dir():
-        raise ValueError(f"{str(folder)!r} is a file, not a folder")
+        raise InvalidSetting(f"{str(folder)!r} is a file, not a folder")
     (root / "images").mkdir(parents=True, exist_ok=True)
     data_file = root / f"{TASK}.jsonl"
     with open(data_file, "w") as f:

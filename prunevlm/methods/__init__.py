@@ -16,6 +16,7 @@ from .uniform import Uniform
 from .vflowopt import VFlowOpt
 from .vispruner import VisPruner
 from .visionzip import VisionZip
+from ..errors import InvalidOption
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FlashVLM, VisPruner, VFlowOpt, Random, Uniform, VisionZip, DivPrune, CDPruner,
@@ -25,7 +26,7 @@ METHODS: dict[str, type[Method]] = {
 
 def get_method(name: str) -> type[Method]:
     if not isinstance(name, str) or name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)} (see prunevlm.list_methods())")
+        raise InvalidOption(f"unknown method {name!r}; available: {', '.join(METHODS)} (see prunevlm.list_methods())")
     return METHODS[name]
 
 
@@ -33,13 +34,13 @@ def make_method(method: str | Method, **options) -> Method:
     """An instance from a name and options (unknown options are refused), or a ready instance."""
     if isinstance(method, Method):
         if options:
-            raise TypeError("pass options either to the method instance or here, not both")
+            raise InvalidOption("pass options either to the method instance or here, not both")
         return method
     cls = get_method(method)
     known = cls.options()
     unknown = set(options) - set(known)
     if unknown:
-        raise TypeError(f"{cls.name} has no option(s) {sorted(unknown)}; its options are {known}")
+        raise InvalidOption(f"{cls.name} has no option(s) {sorted(unknown)}; its options are {known}")
     return cls(**options)
 
 

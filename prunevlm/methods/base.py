@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..budget import Budget
-from ..errors import PruneError
+from ..errors import InvalidInput, InvalidOption, InvalidSignals, PruneError, Unsupported
 
 # Every signal a method may ask for, with its shape. B images, N tokens each, L text rows. The layout signals
 # are plain tuples, one per call (the images of a call share it); every other signal is a tensor.
@@ -134,7 +134,7 @@ class Method:
         if k == num_tokens:
             return self.keep_all(batch, num_tokens, **signals)
         if self.llm_signals:
-            raise NotImplementedError(
+            raise Unsupported(
                 f"{self.name} keeps every token at the LLM input and chooses inside the LLM, from the LLM's own "
                 f"signals {list(self.llm_signals)}: run it on a model with prunevlm.prune(), not on signals")
         return self.select(k, **signals)
@@ -146,6 +146,11 @@ class Method:
 
     def select(self, k: int, **signals) -> Selection:
         """Choose k < N tokens per image from validated signals."""
+        raise NotImplementedError
+
+    def select_frames(self, budget: Budget, **signals) -> Selection:
+        """video_scope="per_frame" for a `whole_clip` method: every frame's count of `budget`, chosen on the
+        whole clip at once (the signals' `frames` give its layout)."""
         raise NotImplementedError
 
     def choose(self, stage: int, count: int, columns: torch.Tensor, real: torch.Tensor, text: torch.Tensor,
@@ -183,20 +188,20 @@ class Method:
         allowed = set(self.signals) | set(self.optional_signals)
         unknown = set(signals) - allowed
         if unknown:
-            raise TypeError(
+            raise InvalidSignals(
                 f"{self.name} does not take signal(s) {sorted(unknown)}; it needs {list(self.signals)}"
                 + (f" and optionally {list(self.optional_signals)}" if self.optional_signals else "")
             )
         missing = [s for s in self.signals if signals.get(s) is None]
         if missing:
-            raise TypeError(f"{self.name} needs signal(s) {missing}: " + "; ".join(f"{s} = {SIGNALS[s]}" for s in missing))
+            raise InvalidSignals(f"{self.name} needs signal(s) {missing}: " + "; ".join(f"{s} = {SIGNALS[s]}" for s in missing))
         batch = num_tokens = None
         sums = {}
         for name, value in signals.items():
             if value is None or name in LAYOUT_SIGNALS:
                 continue
             if not isinstance(value, torch.Tensor):
-                raise TypeError(f"signal {name} must be a torch.Tensor {SIGNALS[name]}, got {type(value).__name__}")
+                raise InvalidSignals(f"signal {name} must be a torch.Tensor {SIGNALS[name]}, got {type(value).__name__}")
             if value.dtype.is_floating_point:  # a sum is NaN or infinite if any entry is (fp32 accumulation)
                 sums[name] = value.sum(dtype=torch.float32)
             if name in ("text_embeds", "text_mask"):
@@ -204,20 +209,20 @@ class Method:
             if batch is None:
                 batch, num_tokens = value.shape[0], value.shape[1]
             elif value.shape[:2] != (batch, num_tokens):
-                raise ValueError(f"signal {name} has shape {tuple(value.shape)}, expected [B={batch}, N={num_tokens}, ...]")
+                raise InvalidSignals(f"signal {name} has shape {tuple(value.shape)}, expected [B={batch}, N={num_tokens}, ...]")
         if batch is None:
-            raise TypeError(f"{self.name} needs at least one per-token signal to know B and N")
+            raise InvalidSignals(f"{self.name} needs at least one per-token signal to know B and N")
         # the one value a selection reads back to the host: whether every signal is finite
         if sums and not bool(torch.stack([value.to(_device(sums)) for value in sums.values()]).isfinite().all()):
             name = next(name for name, value in sums.items() if not value.isfinite())
-            raise ValueError(f"signal {name} contains NaN or infinite values; check the model's dtype (fp16 "
+            raise InvalidInput(f"signal {name} contains NaN or infinite values; check the model's dtype (fp16 "
                              f"overflow?) and the inputs that produced it")
         grid = signals.get("grid")
         if grid is not None and grid[0] * grid[1] != num_tokens:
-            raise ValueError(f"grid {tuple(grid)} holds {grid[0] * grid[1]} tokens but the signals have N={num_tokens}")
+            raise InvalidSignals(f"grid {tuple(grid)} holds {grid[0] * grid[1]} tokens but the signals have N={num_tokens}")
         planes = signals.get("planes")
         if planes is not None and sum(h * w for h, w in planes) != num_tokens:
-            raise ValueError(f"planes {tuple(planes)} hold {sum(h * w for h, w in planes)} tokens but the signals have "
+            raise InvalidSignals(f"planes {tuple(planes)} hold {sum(h * w for h, w in planes)} tokens but the signals have "
                              f"N={num_tokens}")
         return batch, num_tokens
 
@@ -277,7 +282,7 @@ def check_option(method: str, spec: dataclasses.Field, annotation, value):
     converted = _as_type(annotation, value)
     if converted is _WRONG:
         limits = allowed(spec)
-        raise ValueError(f"{method}: option {spec.name} must be {type_name(annotation)}"
+        raise InvalidOption(f"{method}: option {spec.name} must be {type_name(annotation)}"
                          f"{' ' + limits if limits else ''}, got {value!r} ({type(value).__name__})"
                          + ("; numbers must be finite, ints within 64 bits" if isinstance(value, numbers.Number) else ""))
     if converted is None or isinstance(converted, tuple):
@@ -290,7 +295,7 @@ def check_option(method: str, spec: dataclasses.Field, annotation, value):
         or (meta.get("at_most") is not None and not converted <= meta["at_most"])
     )
     if outside:
-        raise ValueError(f"{method}: option {spec.name} must be {allowed(spec)}, got {value!r}")
+        raise InvalidOption(f"{method}: option {spec.name} must be {allowed(spec)}, got {value!r}")
     return converted
 
 

@@ -46,6 +46,7 @@ import torch
 
 from .base import Method, Selection, option
 from .portable import cosines, unit_rows
+from ..errors import InvalidOption
 
 DENSE_TOKENS = 2048  # up to this many tokens the whole cosine matrix is kept (16 MB in fp32)
 NEIGHBOURS = 64  # length of the nearest-neighbour lists; a speed knob only, results do not depend on it
@@ -61,7 +62,7 @@ def drops_per_round(residual: int, keep: int, step: int, schedule: str, ratio: f
     elif schedule == "geometric":
         r = max(step, math.ceil(ratio * residual))
     else:
-        raise ValueError(f"unknown dedup schedule {schedule!r}; use 'fixed' or 'geometric'")
+        raise InvalidOption(f"unknown dedup schedule {schedule!r}; use 'fixed' or 'geometric'")
     return min(r, residual - keep, (residual + 1) // 2)
 
 
@@ -81,9 +82,9 @@ def bipartite_dedup(
     """
     residual = order.shape[1]
     if keep < 0:
-        raise ValueError(f"keep must be >= 0, got {keep}")
+        raise InvalidOption(f"keep must be >= 0, got {keep}")
     if step < 1:
-        raise ValueError(f"dedup step must be >= 1, got {step}")
+        raise InvalidOption(f"dedup step must be >= 1, got {step}")
     if keep >= residual:
         return order
     if keep == 0:

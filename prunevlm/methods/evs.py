@@ -29,6 +29,7 @@ from ..budget import Budget
 from .base import Method, Refused, Selection
 from .portable import unit_rows
 from .uniform import grid_sample
+from ..errors import InvalidSignals
 
 
 def frame_cosines(image_tokens: torch.Tensor, frames: tuple[int, int, int]) -> torch.Tensor:
@@ -58,10 +59,10 @@ class EVS(Method):
             raise Refused("evs is a video method: it compares each frame with the previous one, and an image has no "
                           "frames; prune images with another method (prunevlm methods lists them)")
         if len(frames) != 3 or not all(isinstance(n, int) and n > 0 for n in frames):
-            raise ValueError(f"frames must be (t, h, w), three positive ints, got {frames!r}")
+            raise InvalidSignals(f"frames must be (t, h, w), three positive ints, got {frames!r}")
         batch, num_tokens = super().check_signals(signals)
         if frames[0] * frames[1] * frames[2] != num_tokens:
-            raise ValueError(f"frames {tuple(frames)} hold {frames[0] * frames[1] * frames[2]} tokens but the signals "
+            raise InvalidSignals(f"frames {tuple(frames)} hold {frames[0] * frames[1] * frames[2]} tokens but the signals "
                              f"have N={num_tokens}")
         return batch, num_tokens
 

@@ -13,6 +13,7 @@ import torch
 from ..budget import Budget
 from .base import Method, Plan, Refused, option
 from .fastv import last_token_scores, scaled_layer, top_ascending
+from ..errors import InvalidOption
 
 
 def pyramid_counts(num_tokens: int, ratio: float, stages: int) -> tuple[int, ...]:
@@ -61,7 +62,7 @@ class PyramidDrop(Method):
     def __post_init__(self):
         super().__post_init__()
         if not 1 <= self.layers[0] < self.layers[1] < self.layers[2]:
-            raise ValueError(f"pdrop: option layers must be 1 <= l1 < l2 < l3, got {self.layers}")
+            raise InvalidOption(f"pdrop: option layers must be 1 <= l1 < l2 < l3, got {self.layers}")
 
     def plan(self, budget: Budget, num_tokens: int, num_layers: int) -> Plan:
         layers = stage_layers(self.layers, num_layers)

@@ -15,6 +15,7 @@ import torch
 from ..budget import Budget
 from .base import Method, Plan, Refused, option
 from .pdrop import stage_layers
+from ..errors import InvalidOption
 
 # The v1.5 tables (the `main` branch adds 96): budget -> visual tokens after each pruning layer, recycled
 # tokens included; they give the shape of the schedule, rescaled to the budget (docs/baselines.md)
@@ -95,7 +96,7 @@ class SparseVLM(Method):
     def __post_init__(self):
         super().__post_init__()
         if not 1 <= self.layers[0] < self.layers[1] < self.layers[2]:
-            raise ValueError(f"sparsevlm: option layers must be 1 <= l1 < l2 < l3, got {self.layers}")
+            raise InvalidOption(f"sparsevlm: option layers must be 1 <= l1 < l2 < l3, got {self.layers}")
 
     def plan(self, budget: Budget, num_tokens: int, num_layers: int) -> Plan:
         """The official table nearest the budget gives the shape (fractions of 576 per stage); it is scaled so

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from .base import Method, Selection
+from ..errors import InvalidSignals
 
 
 def grid_sample(height: int, width: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -38,7 +39,7 @@ class Uniform(Method):
         """On several planes (LLaVA-NeXT's base crop and tile plane), each gets its share of k by its size
         (largest remainders), spread evenly over it."""
         if planes is None and grid is None:
-            raise TypeError("uniform needs the tokens' layout: the signal grid (h, w) or planes ((h, w), ...)")
+            raise InvalidSignals("uniform needs the tokens' layout: the signal grid (h, w) or planes ((h, w), ...)")
         planes = [(int(h), int(w)) for h, w in (planes or [grid])]
         keep, offset = [], 0
         for (height, width), share in zip(planes, plane_shares(k, [h * w for h, w in planes])):

@@ -20,6 +20,7 @@ import torch
 from ..budget import Budget
 from ..signals.entropy import CLIP_MEAN, CLIP_STD, CODE_CASTS, grey_levels, patch_entropy
 from .base import Method, Plan, Refused, Selection, option
+from ..errors import InvalidOption, InvalidSignals
 
 # Released configurations for LLaVA-OneVision-7B (docs/vflowopt.md §3.4): T -> (r_v, r_1, r_2, t, m, alpha).
 RELEASED = {
@@ -218,9 +219,9 @@ class VFlowOpt(Method):
     def __post_init__(self):
         super().__post_init__()
         if min(self.pixel_std) <= 0:
-            raise ValueError(f"vflowopt: option pixel_std must be > 0 per channel, got {self.pixel_std}")
+            raise InvalidOption(f"vflowopt: option pixel_std must be > 0 per channel, got {self.pixel_std}")
         if self.layers is not None and not 1 <= self.layers[0] <= self.layers[1]:
-            raise ValueError(f"vflowopt: option layers must be (k1, k2) with 1 <= k1 <= k2, got {self.layers}")
+            raise InvalidOption(f"vflowopt: option layers must be (k1, k2) with 1 <= k1 <= k2, got {self.layers}")
 
     def rates(self, fraction: float, layers: tuple[int, int], num_layers: int) -> tuple[float, float]:
         """(r_v, r_1) at T = `fraction`: the options', or where unset the released schedule nearest T (§3.3)."""
@@ -267,7 +268,7 @@ class VFlowOpt(Method):
 
     def importance_of(self, patches, attention=None, crop_attention=None, planes=None) -> torch.Tensor:
         if (attention is None) == (crop_attention is None):
-            raise TypeError("vflowopt needs exactly one of the signals attention (the image's vision attention map) "
+            raise InvalidSignals("vflowopt needs exactly one of the signals attention (the image's vision attention map) "
                             "and crop_attention (packed multi-crop images); got "
                             f"{'both' if attention is not None else 'neither'}")
         return self.scores(crop_attention if attention is None else attention, patches, planes)
@@ -275,7 +276,7 @@ class VFlowOpt(Method):
     @staticmethod
     def layout(grid, planes) -> tuple[tuple[int, int], ...]:
         if planes is None and grid is None:
-            raise TypeError("vflowopt needs the tokens' layout: the signal grid (h, w) or planes ((h, w), ...)")
+            raise InvalidSignals("vflowopt needs the tokens' layout: the signal grid (h, w) or planes ((h, w), ...)")
         return tuple((int(h), int(w)) for h, w in (planes or [grid]))
 
     def keep_all(self, batch, num_tokens, image_tokens, patches, grid=None, planes=None, **attention) -> Selection:
