@@ -4,9 +4,7 @@ import json
 import os
 import random
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
 import time
 
@@ -25,6 +23,7 @@ from prunevlm.calibrate.search import config_from_params, default_params, r_1_bo
 from prunevlm.cli import main
 from prunevlm.loading import load
 from prunevlm.methods.vflowopt import VFlowOpt, default_layers
+from workers import Worker, start_together
 
 
 @pytest.fixture(scope="module")
@@ -246,23 +245,16 @@ def test_a_study_with_tampered_trials_is_refused(workdir, tmp_path, tamper, matc
     assert not (tmp_path / "t.json").exists()
 
 
-def run_cli(workdir, name, trials):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "prunevlm.cli", *command(workdir, name, trials)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
-
-
 def test_a_killed_run_resumes_without_losing_trials(workdir, monkeypatch):
     monkeypatch.setenv("PRUNEVLM_HEARTBEAT_INTERVAL", "1")  # the killed worker's trial is failed after 2 s
     monkeypatch.setenv("PRUNEVLM_HEARTBEAT_GRACE", "2")
-    worker = run_cli(workdir, "killed", 500)
+    worker = Worker(command(workdir, "killed", 500))
     deadline = time.time() + 240
     while time.time() < deadline:
         time.sleep(1)
         if len(completed(workdir, "killed")) >= 3:
             break
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.communicate()
+    worker.kill()
     finished = {(t.number, t.value, tuple(sorted(t.params.items()))) for t in completed(workdir, "killed")}
     assert len(finished) >= 3
     main(command(workdir, "killed", len(finished) + 2))
@@ -271,10 +263,14 @@ def test_a_killed_run_resumes_without_losing_trials(workdir, monkeypatch):
 
 
 def test_two_workers_fill_one_study(workdir):
-    workers = [run_cli(workdir, "shared", 8) for _ in range(2)]
-    for worker in workers:
-        _, err = worker.communicate(timeout=300)
-        assert worker.returncode == 0, err.decode()[-3000:]
+    workers = [Worker(command(workdir, "shared", 8)) for _ in range(2)]
+    try:
+        start_together(workers)
+        for worker in workers:
+            worker.finish(timeout=300)
+    finally:
+        for worker in workers:
+            worker.kill()
     trials = completed(workdir, "shared")
     assert len(trials) == 8
     assert len({t.number for t in trials}) == len(trials)

@@ -7,8 +7,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import optuna
@@ -18,6 +16,7 @@ import pgserver
 from prunevlm.calibrate.search import samples_digest
 from prunevlm.calibrate.storage import open_study, prepare_study
 from prunevlm.cli import main
+from workers import Worker, start_together
 
 STUDY = "vflowopt-T0.25"
 HEARTBEAT = {"PRUNEVLM_HEARTBEAT_INTERVAL": "1", "PRUNEVLM_HEARTBEAT_GRACE": "3"}
@@ -37,30 +36,18 @@ def server():
 
 @pytest.fixture
 def workers():
-    """Start `prunevlm calibrate` processes on the demo model; any still running at the end are killed."""
+    """Start calibrate workers on the demo model with short heartbeats; any still running at the end are killed."""
     started = []
 
-    def start(url, out, trials):
-        command = [sys.executable, "-m", "prunevlm.cli", "calibrate", "--budget", "0.25", "--samples", "3",
-                   "--holdout", "0", "--trials", str(trials), "--initial", "100", "--threads", "1",
-                   "--storage", url, "--out", str(out)]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env=dict(os.environ, PYTHONUNBUFFERED="1", **HEARTBEAT), start_new_session=True)
-        started.append(process)
-        return process
+    def start(url, out, trials) -> Worker:
+        args = ["calibrate", "--budget", "0.25", "--samples", "3", "--holdout", "0", "--trials", str(trials),
+                "--initial", "100", "--threads", "1", "--storage", url, "--out", str(out)]
+        started.append(Worker(args, HEARTBEAT))
+        return started[-1]
 
     yield start
-    for process in started:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-
-
-def finish(process) -> str:
-    """Wait for a worker; its stderr, after checking that it succeeded."""
-    out, err = process.communicate(timeout=90)
-    assert process.returncode == 0, err[-3000:]
-    return out + err
+    for worker in started:
+        worker.kill()
 
 
 def reported(log: str) -> dict[int, str]:
@@ -81,7 +68,8 @@ def assert_written_best(out, study) -> None:
 def test_two_workers_fill_one_study_exactly(server, workers, tmp_path):
     url, trials = server.create("shared"), 10
     procs = [workers(url, tmp_path / f"worker{i}.json", trials) for i in range(2)]
-    logs = [finish(p) for p in procs]
+    start_together(procs)
+    logs = [p.finish() for p in procs]
     study = optuna.load_study(study_name=STUDY, storage=url)
     complete = study.get_trials(states=(COMPLETE,))
     assert len(complete) == trials
@@ -109,22 +97,25 @@ def test_a_worker_killed_mid_trial_is_retried_by_a_survivor(server, workers, tmp
     url, trials = server.create("killed"), 6
     victim = workers(url, tmp_path / "victim.json", trials)
     survivor = workers(url, tmp_path / "survivor.json", trials)
+    survivor.wait_for("calibrating")
+    survivor.signal(signal.SIGSTOP)  # paused until the kill, so the victim alone runs the first trials
     storage, deadline = optuna.storages.RDBStorage(url), time.time() + 60
     while True:  # freeze the victim while it runs a trial, look, and kill it
-        assert victim.poll() is None, f"the victim stopped before it could be killed: {victim.communicate()[1][-2000:]}"
+        assert victim.process.poll() is None, f"the victim stopped before it could be killed: {victim.log()[-2000:]}"
         assert time.time() < deadline, "the victim ran no trial in 60 s"
         study = optuna.load_study(study_name=STUDY, storage=storage) if optuna.get_all_study_names(storage) else None
         if study and victim_trial(study, victim.pid):
-            os.killpg(victim.pid, signal.SIGSTOP)
+            victim.signal(signal.SIGSTOP)
             killed = victim_trial(study, victim.pid)
             if killed:
                 break
-            os.killpg(victim.pid, signal.SIGCONT)
+            victim.signal(signal.SIGCONT)
         time.sleep(0.05)
     before = {(t.number, t.value) for t in study.get_trials(states=(COMPLETE,))}
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.communicate()
-    finish(survivor)
+    victim.signal(signal.SIGKILL)
+    victim.process.wait()
+    survivor.signal(signal.SIGCONT)
+    survivor.finish()
     study = optuna.load_study(study_name=STUDY, storage=url)
     complete = study.get_trials(states=(COMPLETE,))
     assert study.trials[killed.number].state == optuna.trial.TrialState.FAIL  # failed by the heartbeat
