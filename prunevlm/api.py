@@ -83,15 +83,18 @@ class PruneHandle:
 
 
 def resolve(method: str | Method | None = None, budget: int | float | Budget | None = None, config=None,
-            options: dict | None = None, budget_scope: str | None = None) -> tuple[Method, Budget, str]:
-    """The method instance, budget and budget scope `prune` attaches, from its arguments, checked without a
-    model (so a caller about to load one can refuse bad settings first): a config's method, budget, budget
-    scope and options must agree with the ones given. No method or scope given: the config's, else "flashvlm" and
-    "per_image"."""
+            options: dict | None = None, budget_scope: str | None = None,
+            video_scope: str | None = None) -> tuple[Method, Budget, str, str]:
+    """The method instance, budget, budget scope and video scope `prune` attaches, from its arguments, checked
+    without a model (so a caller about to load one can refuse bad settings first): a config's method, budget,
+    scopes and options must agree with the ones given. No method or scope given: the config's, else
+    "flashvlm", "per_image" and "per_frame"."""
     options = dict(options or {})
     budget = None if budget is None else Budget.of(budget)
     if budget_scope is not None:
         check_budget_scope(budget_scope)
+    if video_scope is not None:
+        check_video_scope(video_scope)
     if config is not None:
         loaded = load_config(config)
         method = loaded["method"] if method is None else method
@@ -107,18 +110,21 @@ def resolve(method: str | Method | None = None, budget: int | float | Budget | N
                 f"the config was calibrated for budget {loaded['budget']}; pass that budget (or none), or "
                 f"calibrate for {budget}"
             )
-        if budget_scope is not None and budget_scope != loaded["budget_scope"]:
-            raise InvalidConfig(f"the config was calibrated with budget_scope={loaded['budget_scope']!r}; pass that "
-                                f"(or none), or calibrate with {budget_scope!r}")
-        budget, options, budget_scope = loaded["budget"], {**loaded["options"], **options}, loaded["budget_scope"]
+        for scope, given in (("budget_scope", budget_scope), ("video_scope", video_scope)):
+            if given is not None and given != loaded[scope]:
+                raise InvalidConfig(f"the config was calibrated with {scope}={loaded[scope]!r}; pass that (or none), "
+                                    f"or calibrate with {given!r}")
+        budget, options = loaded["budget"], {**loaded["options"], **options}
+        budget_scope, video_scope = loaded["budget_scope"], loaded["video_scope"]
     if budget is None:
         raise InvalidBudget("prune() needs a budget: tokens per image (int) or a fraction of each image (float in (0, 1])")
-    return make_method("flashvlm" if method is None else method, **options), budget, budget_scope or "per_image"
+    method = make_method("flashvlm" if method is None else method, **options)
+    return method, budget, budget_scope or "per_image", video_scope or "per_frame"
 
 
 def prune(model: nn.Module, method: str | Method | None = None, budget: int | float | Budget | None = None, *,
           config=None, positions: str = "original", newline: str = "drop", budget_scope: str | None = None,
-          video_scope: str = "per_frame", **options) -> PruneHandle:
+          video_scope: str | None = None, **options) -> PruneHandle:
     """Attach a pruning method to a stock Hugging Face VLM: `method` (a name or a Method; default the config's,
     else "flashvlm") with its options.
 
@@ -134,13 +140,12 @@ def prune(model: nn.Module, method: str | Method | None = None, budget: int | fl
     float: the fraction of all its placeholders, newlines included); "per_crop" counts it in each crop, on the
     crop's unpadded tokens, and the method selects within each crop (LLaVA-NeXT/OneVision; the same as
     per_image for families with one crop per image; docs/models.md §3). video_scope: how the budget counts on
-    a video (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision; docs/models.md §7): "per_frame" (the default)
-    in each frame the model encodes (an int keeps min(k, its tokens) of every frame, a float that fraction of
+    a video (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision; docs/models.md §7): "per_frame" (the default,
+    or the config's) in each frame the model encodes (an int keeps min(k, its tokens) of every frame, a float that fraction of
     each frame), "per_clip" over the whole video (an int keeps min(k, the video's tokens), a float that
     fraction of them; frames compete and a frame may keep none). Other keyword arguments are method options.
     """
-    check_video_scope(video_scope)
-    method, budget, budget_scope = resolve(method, budget, config, options, budget_scope)
+    method, budget, budget_scope, video_scope = resolve(method, budget, config, options, budget_scope, video_scope)
     return PruneHandle(model, method, budget, positions, newline, budget_scope, video_scope)
 
 

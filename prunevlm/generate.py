@@ -20,14 +20,6 @@ def pruning_settings(args) -> tuple[str, object, dict, str | None]:
     return method, 64 if args.budget is None else args.budget, options, None
 
 
-def video_scope(args) -> str | None:
-    """How the budget counts on the --video rows: --video-scope, else the config's (per_frame where it has
-    none). None without videos: prune() is then given none, since no row has a video it would count on."""
-    if not args.video:
-        return None
-    return args.video_scope or (args.config or {}).get("video_scope", "per_frame")
-
-
 def run(args) -> list[str]:
     from . import prune
     from .api import resolve
@@ -41,7 +33,8 @@ def run(args) -> list[str]:
                 or [([], [], args.prompt)])
     method, budget, options, config = pruning_settings(args)
     if method != "none":  # the settings are checked before the model is loaded
-        chosen, budget, budget_scope = resolve(method, budget, config, options, args.budget_scope)
+        chosen, budget, budget_scope, video_scope = resolve(method, budget, config, options, args.budget_scope,
+                                                            args.video_scope)
     check_picture_path(args.save_picture)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,10 +42,8 @@ def run(args) -> list[str]:
     handle = None
     if method != "none":
         given = {*options, *(args.config["options"] if args.config else ())}
-        scope = video_scope(args)
         handle = prune(model, with_processor_normalisation(chosen, processor, given), budget,
-                       positions=args.positions, budget_scope=budget_scope,
-                       **({} if scope is None else {"video_scope": scope}))
+                       positions=args.positions, budget_scope=budget_scope, video_scope=video_scope)
     answers = []
     try:
         for start in range(0, len(rows), args.batch_size):

@@ -15,7 +15,8 @@ import prunevlm
 from prunevlm.cli import build_parser, check, main
 from prunevlm.config import FORMAT, load_config, save_config
 from prunevlm.errors import InvalidConfig, InvalidInput, InvalidSetting
-from prunevlm.generate import video_scope
+from prunevlm.api import resolve
+from prunevlm.generate import pruning_settings
 from prunevlm.lmms_eval.harness import PrunedModel, parse_model_args
 from prunevlm.loading import evenly, frame_files, prompt_inputs, read_video
 
@@ -118,6 +119,12 @@ def parse(argv: list[str]):
     return args
 
 
+def video_scope(args) -> str:
+    """The video scope generate hands prune(): --video-scope, else the config's, else per_frame (resolve())."""
+    method, budget, options, config = pruning_settings(args)
+    return resolve(method, budget, config, options, args.budget_scope, args.video_scope)[3]
+
+
 def test_generate_takes_videos_their_frames_and_scope(tmp_path):
     folder = str(frames_folder(tmp_path / "clip", 4))
     args = parse(["generate", "--model", "llava-hf/m", "--video", folder, "--video", folder, "--prompt", "p",
@@ -126,7 +133,7 @@ def test_generate_takes_videos_their_frames_and_scope(tmp_path):
     args = parse(["generate", "--model", "llava-hf/m", "--video", folder, "--prompt", "p"])
     assert args.video_frames == 16 and video_scope(args) == "per_frame"
     assert video_scope(parse(["generate", "--model", "llava-hf/m", "--image", folder + "/frame_1.png",
-                              "--prompt", "p"])) is None  # no video: prune() is given no video scope
+                              "--prompt", "p"])) == "per_frame"  # no video: the default, which counts on nothing
 
 
 def test_generate_takes_the_video_scope_of_a_config(tmp_path):
@@ -161,7 +168,7 @@ def test_lmms_eval_takes_the_video_scope_and_frames():
                                  "video_frames": 8})
     assert settings.video_scope == "per_clip" and settings.video_frames == 8
     settings = parse_model_args({"pretrained": DEMO, "method": "flashvlm", "budget": 16})
-    assert settings.video_scope is None and settings.video_frames == 16  # prune()'s default scope
+    assert settings.video_scope == "per_frame" and settings.video_frames == 16  # prune()'s default scope
     assert parse_model_args({"pretrained": DEMO, "method": "vflowopt",
                              "config": prunevlm.DEMO_CONFIGS[0.25]}).video_scope == "per_frame"
 
@@ -240,3 +247,18 @@ def test_the_cli_knows_the_video_bench_families_without_importing_torch():
     from prunevlm.cli import VIDEO_BENCH_FAMILIES
 
     assert set(VIDEO_BENCH_FAMILIES) == set(VIDEO_FAMILIES)
+
+
+def test_prune_takes_the_video_scope_of_a_config(tmp_path):
+    """prune(config=...) counts videos as the config says, and refuses another scope given beside it."""
+    import tiny
+
+    path = tmp_path / "clip.json"
+    save_config(str(path), "flashvlm", 8, {}, video_scope="per_clip")
+    model = tiny.qwen2_5_vl()
+    with prunevlm.prune(model, config=str(path)) as handle:
+        assert handle.video_scope == "per_clip"
+    with pytest.raises(InvalidConfig, match="calibrated with video_scope='per_clip'; pass that"):
+        prunevlm.prune(model, config=str(path), video_scope="per_frame")
+    with prunevlm.prune(model, config=str(path), video_scope="per_clip") as handle:
+        assert handle.video_scope == "per_clip"

@@ -46,7 +46,7 @@ def measure(model, processor, items, config: dict, reference: torch.Tensor | Non
     """Accuracy, fidelity, kept tokens and KV cache of one configuration."""
     handle = None
     if config["method"] is not None:  # the processor's pixel normalisation where the options do not set it
-        method, budget, _ = resolve(config["method"], config["budget"], None, config["options"])
+        method, budget, _, _ = resolve(config["method"], config["budget"], None, config["options"])
         handle = prune(model, with_processor_normalisation(method, processor, config["options"]), budget)
     try:
         start = time.perf_counter()

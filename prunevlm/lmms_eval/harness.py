@@ -12,7 +12,7 @@ import torch
 
 from .. import prune
 from ..api import resolve
-from ..budget import Budget, check_video_scope
+from ..budget import Budget
 from ..config import load_config
 from ..loading import VIDEO_FRAMES, load, prompt_inputs, read_video, resolve_dtype, with_processor_normalisation
 from ..methods import Method
@@ -45,7 +45,7 @@ class Settings:
     method: Method | None  # None: the unpruned model
     budget: Budget | None
     budget_scope: str = "per_image"
-    video_scope: str | None = None  # None: prune()'s default (per_frame)
+    video_scope: str = "per_frame"
     video_frames: int = VIDEO_FRAMES
     positions: str = "original"
     dtype: str = "auto"
@@ -86,16 +86,9 @@ def parse_model_args(args: dict) -> Settings:
         if given:
             raise InvalidSetting(f"method=none is the unpruned model: drop {', '.join(given)}")
         return Settings(method=None, budget=None, **common)
-    method, budget, budget_scope = resolve(args["method"], budget, args.get("config"), options, args.get("budget_scope"))
+    method, budget, budget_scope, video_scope = resolve(args["method"], budget, args.get("config"), options,
+                                                        args.get("budget_scope"), args.get("video_scope"))
     loaded = load_config(args["config"]) if args.get("config") else None
-    video_scope = args.get("video_scope")
-    if video_scope is not None:
-        check_video_scope(video_scope)
-        if loaded is not None and video_scope != loaded["video_scope"]:
-            raise InvalidSetting(f"the config was calibrated with video_scope={loaded['video_scope']!r}; pass that (or "
-                             f"none), or calibrate with {video_scope!r}")
-    elif loaded is not None:
-        video_scope = loaded["video_scope"]
     given = (*options, *(loaded["options"] if loaded else ()))
     return Settings(method=method, budget=budget, budget_scope=budget_scope, video_scope=video_scope, given=given,
                     **common)
@@ -121,9 +114,8 @@ class PrunedModel:
         self.handle = None
         if settings.method is not None:
             method = with_processor_normalisation(settings.method, self.processor, settings.given)
-            scope = {} if settings.video_scope is None else {"video_scope": settings.video_scope}
             self.handle = prune(self.model, method, settings.budget, positions=settings.positions,
-                                 budget_scope=settings.budget_scope, **scope)
+                                budget_scope=settings.budget_scope, video_scope=settings.video_scope)
 
     def _inputs(self, visuals: list, texts: list[str]) -> dict:
         """The batch of `visuals[i]` (None, or images and video paths: the images first, then the videos, as
