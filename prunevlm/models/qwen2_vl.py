@@ -59,11 +59,16 @@ class QwenVLAdapter(Adapter):
         return max(self.full_attention_blocks)
 
     def image_token_counts(self, kwargs: dict) -> list[int]:
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        return self._token_counts(kwargs, "image", "pixel_values", "image_grid_thw")
+
+    def _token_counts(self, kwargs: dict, kind: str, pixels: str, grids: str) -> list[int]:
+        """Placeholders per image or video: from the encoder's outputs where generate() passes those (without
+        the grids), else from the grids of the pixels."""
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get(kind)
         if encoded is not None:
             return [int(features.shape[0]) for features in encoded.pooler_output]
-        grid_thw = kwargs.get("image_grid_thw")
-        if kwargs.get("pixel_values") is None or grid_thw is None:
+        grid_thw = kwargs.get(grids)
+        if kwargs.get(pixels) is None or grid_thw is None:
             return []
         return [int(n) for n in (grid_thw.prod(dim=-1) // self.merge**2).tolist()]
 
@@ -95,13 +100,7 @@ class QwenVLAdapter(Adapter):
         return self.config.video_token_id
 
     def video_token_counts(self, kwargs: dict) -> list[int]:
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video")
-        if encoded is not None:
-            return [int(features.shape[0]) for features in encoded.pooler_output]
-        grid_thw = kwargs.get("video_grid_thw")
-        if kwargs.get("pixel_values_videos") is None or grid_thw is None:
-            return []
-        return [int(n) for n in (grid_thw.prod(dim=-1) // self.merge**2).tolist()]
+        return self._token_counts(kwargs, "video", "pixel_values_videos", "video_grid_thw")
 
     def install(self, needed: set[str], capture: Capture) -> list:
         def start(module, args, kwargs):
