@@ -29,12 +29,12 @@ import torch
 from ..budget import Budget, check_budget_scope, check_video_scope
 from ..errors import HandleConflict, InvalidInput, InvalidSetting, Unsupported
 from ..methods.base import LAYOUT_SIGNALS, Method, Plan, Refused, Selection, SignalsUnavailable
+from ..methods.uniform import plane_shares
 from ..models.base import Adapter, Capture, synchronize
 from .choice import NEWLINE_POLICIES, ImageChoice
 from .contract import Call, ContractError, check_dynamic, is_prefill, output_cache
 from .decoding import fix_decode
 from .llm_layers import LayerPruning
-from ..methods.uniform import plane_shares
 from .placeholders import locate_images, placeholder_mask
 from .record import KeptImage, Prefill, Stats, VideoStats
 
