@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch; a bare `torch` would pull several GB of CUDA packages.
 TORCH_PIN ?= torch==2.13.0
-EXTRAS := .[calibrate,plot,dev]
+EXTRAS := .[calibrate,plot,video,dev]
 # The exact versions the set-up installs; `make lock` refreshes it.
 LOCK := requirements.lock
 # The lowest transformers pyproject.toml allows: CI tests it beside the locked and the newest versions.

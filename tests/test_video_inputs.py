@@ -1,7 +1,6 @@
 """Video around the core (#27 item 2): configs carry video_scope, `generate --video/--video-scope/--video-frames`,
 the lmms-eval model_args, decoding a folder of frames or a video file, and video rows in prompt_inputs."""
 
-import inspect
 import json
 import re
 import sys
@@ -215,8 +214,6 @@ def test_bench_video_prompts_hold_the_placeholders_the_stock_model_fills(family,
         assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
 
 
-@pytest.mark.skipif("video_scope" not in inspect.signature(prunevlm.prune).parameters,
-                    reason="prune(video_scope=) is the core's (branch video); runs once both are merged")
 def test_bench_runs_videos_of_each_frame_count_in_both_scopes(tmp_path):
     out = tmp_path / "bench.json"
     main(["bench", "--model-family", "qwen2_5vl", "--shape", "tiny", "--video-frames", "2,4", "--methods",
