@@ -129,6 +129,20 @@ def segmented_dedup(features: torch.Tensor, order: torch.Tensor, keep: int, fram
     return torch.stack(chosen)
 
 
+def run_pool(choose, num_tokens: int, k: int, frames: tuple, segment: int, device=None) -> torch.Tensor:
+    """The first of two steps that choose k positions of one video, as `segmented_dedup` does for the partition
+    (docs/baselines.md, "Clip scale"): each run of `segment` frames of `frames` (t, h, w) keeps min(its size,
+    ⌈POOL · k · its size / N⌉) of its tokens; returns the pooled positions, ascending, from which the caller
+    keeps k. `choose(positions, count)` picks `count` of the ascending `positions`."""
+    run = segment * frames[1] * frames[2]
+    pooled = []
+    for start in range(0, num_tokens, run):
+        positions = torch.arange(start, min(start + run, num_tokens), device=device)
+        share = min(positions.numel(), math.ceil(POOL * k * positions.numel() / num_tokens))
+        pooled.append(positions if share == positions.numel() else choose(positions, share))
+    return torch.cat(pooled).sort().values
+
+
 def count_rounds(residual: int, keep: int, step: int, schedule: str, ratio: float) -> int:
     """The number of rounds from R down to `keep`: the same for every image."""
     rounds = 0
