@@ -99,22 +99,29 @@ def greedy_map(kernel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def streamed_greedy_map(unit: torch.Tensor, quality: torch.Tensor, k: int,
-                        block: int = ROW_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+                        block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`greedy_map` of one image, from its fp64 unit rows [N, D] and quality [N], without the N x N kernel:
-    the same steps on the same numbers, each pick's kernel row formed from its fp32 cosines when it is
-    picked, `block` rows at a time. Returns (picks [k], gains [k])."""
+    the same steps on the same numbers, each pick's kernel row formed from its fp32 cosines, `block` rows at a
+    time (`RowCache`). With its rows, a block also takes Σ_τ c_τ,j c_τ over the steps made so far in one matrix
+    product, so each step adds only the steps made since its block (fp64 sums in another order, which the
+    fp32 rounding of the residuals absorbs). Returns (picks [k], gains [k])."""
     num_tokens = unit.shape[0]
     quality = quality.double()
+    vectors = unit.new_zeros(k, num_tokens)
+    step = since = 0
 
-    def kernel_rows(ids: torch.Tensor) -> torch.Tensor:
-        return quality[ids, None] * cosines(unit[ids], unit).double() * quality
+    def projected_rows(ids: torch.Tensor) -> torch.Tensor:
+        """L_j − Σ_τ<step c_τ,j c_τ for j in ids."""
+        nonlocal since
+        since = step
+        rows = quality[ids, None] * cosines(unit[ids], unit).double() * quality
+        return rows - vectors[:step, ids].T @ vectors[:step]
 
     diagonal = quality * unit.square().sum(dim=-1).float().double() * quality
     floor, ranked_quality = (RESIDUAL_FLOOR * diagonal).float(), diagonal.float()
     residual = diagonal.clone()
-    vectors = unit.new_zeros(k, num_tokens)
     chosen = torch.zeros(num_tokens, dtype=torch.bool, device=unit.device)
-    cache = RowCache(kernel_rows, block)
+    cache = RowCache(projected_rows, block)
     picks, gains = [], []
     for step in range(k):
         rounded = residual.float()
@@ -125,22 +132,13 @@ def streamed_greedy_map(unit: torch.Tensor, quality: torch.Tensor, k: int,
             gains.append(residual.new_zeros(()))
         else:
             gains.append(residual[pick].clone())
-            numerator = cache.row(pick, gain) - vectors[:step, pick] @ vectors[:step]
+            row = cache.row(pick, gain)
+            numerator = row - vectors[since:step, pick] @ vectors[since:step]
             vectors[step] = numerator / residual[pick].clamp_min(torch.finfo(unit.dtype).tiny).sqrt()
             residual -= vectors[step].square()
         chosen[pick] = True
         picks.append(pick)
     return torch.tensor(picks, device=unit.device), torch.stack(gains)
-
-
-def image_map(unit: torch.Tensor, quality: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The greedy MAP (picks, gains) of one image from its fp64 unit rows [N, D] and quality [N]: the whole
-    kernel up to WHOLE_MATRIX_TOKENS, its rows on demand beyond."""
-    if unit.shape[0] <= WHOLE_MATRIX_TOKENS:
-        quality = quality.double()
-        order, gains = greedy_map((quality[:, None] * cosines(unit, unit).double() * quality)[None], k)
-        return order[0], gains[0]
-    return streamed_greedy_map(unit, quality, k)
 
 
 @dataclass
@@ -159,7 +157,7 @@ class CDPruner(Method):
     theta: float | None = option(None, "None: the kernel weights tokens by r (official default); a value θ in "
                                        "[0, 1) weights them by exp(α·r), α = θ / (2(1 − θ)), the code's "
                                        "disabled alternative (docs/baselines.md)", at_least=0, at_most=0.999)
-    clip_segment: int | None = option(8, "video per clip: each run of this many frames keeps 4x its share first, "
+    clip_segment: int | None = option(8, "video per clip: each run of this many frames keeps 2x its share first, "
                                          "then their pool keeps k, relevance over the whole clip (a clip of at "
                                          "most this many frames, and every image, exactly as released); None: the "
                                          "exact greedy over any clip (docs/baselines.md, clip scale)", at_least=1)
@@ -181,11 +179,11 @@ class CDPruner(Method):
         """One item's (picks [k], gains [k]): at once, or by runs of `clip_segment` frames then their pool
         where `frames` is given; the relevance is the clip's in both steps."""
         if frames is None:
-            return image_map(unit, quality, k)
+            return streamed_greedy_map(unit, quality, k, ROW_BLOCK)
 
         def choose(positions, count):
-            return positions[image_map(unit[positions], quality[positions], count)[0]]
+            return positions[streamed_greedy_map(unit[positions], quality[positions], count, ROW_BLOCK)[0]]
 
         pool = run_pool(choose, unit.shape[0], k, frames, self.clip_segment, unit.device)
-        order, gains = image_map(unit[pool], quality[pool], k)
+        order, gains = streamed_greedy_map(unit[pool], quality[pool], k, ROW_BLOCK)
         return pool[order], gains

@@ -12,7 +12,7 @@ Up to `WHOLE_MATRIX_TOKENS` tokens the N x N distances are computed at once, for
 (a video per clip), the same distances are computed a block of rows at a time: the nearest other token from
 each block, then each pick's row when it is picked (`RowCache`), so memory stays O(N · ROW_BLOCK) and the
 picks are the same. A clip of more than `clip_segment` frames is chosen in two steps (`run_pool`):
-each run of frames keeps POOL times its share, then the pool keeps k (docs/baselines.md, "Clip scale").
+each run of frames keeps CLIP_POOL times its share, then the pool keeps k (docs/baselines.md, "Clip scale").
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def max_min_order(distances: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(picks, dim=1)
 
 
-def streamed_max_min_order(unit: torch.Tensor, k: int, block: int = ROW_BLOCK) -> torch.Tensor:
+def streamed_max_min_order(unit: torch.Tensor, k: int, block: int) -> torch.Tensor:
     """`max_min_order` of one image's fp64 unit rows [N, D] without its N x N distances: the same picks, [k],
     from the same fp32 distances computed `block` rows at a time (O(N · block) memory)."""
     num_tokens = unit.shape[0]
@@ -90,7 +90,7 @@ def image_order(unit: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(num_tokens, device=unit.device)
     if num_tokens <= WHOLE_MATRIX_TOKENS:
         return max_min_order((1.0 - cosines(unit, unit))[None], k)[0]
-    return streamed_max_min_order(unit, k)
+    return streamed_max_min_order(unit, k, ROW_BLOCK)
 
 
 @dataclass
@@ -102,7 +102,7 @@ class DivPrune(Method):
     signals: ClassVar[tuple[str, ...]] = ("image_tokens",)
     optional_signals: ClassVar[tuple[str, ...]] = ("frames",)
 
-    clip_segment: int | None = option(8, "video per clip: each run of this many frames keeps 4x its share first, "
+    clip_segment: int | None = option(8, "video per clip: each run of this many frames keeps 2x its share first, "
                                          "then their pool keeps k (a clip of at most this many frames, and every "
                                          "image, exactly as released); None: the exact greedy over any clip "
                                          "(docs/baselines.md, clip scale)", at_least=1)
