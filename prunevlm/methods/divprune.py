@@ -57,18 +57,21 @@ def max_min_order(distances: torch.Tensor, k: int) -> torch.Tensor:
 
 def streamed_max_min_order(unit: torch.Tensor, k: int, block: int) -> torch.Tensor:
     """`max_min_order` of one image's fp64 unit rows [N, D] without its N x N distances: the same picks, [k],
-    from the same fp32 distances computed `block` rows at a time (O(N · block) memory)."""
+    from the same fp32 distances computed `block` rows at a time (O(N · block) memory), the nearest-other
+    pass from the half of the matrix on and above its diagonal."""
     num_tokens = unit.shape[0]
 
     def distance_rows(ids: torch.Tensor) -> torch.Tensor:
         return 1.0 - cosines(unit[ids], unit)
 
-    nearest_other = torch.empty(num_tokens, device=unit.device)
+    # each token's nearest other from the blocks on and right of the diagonal (the distances are symmetric)
+    nearest_other = torch.full((num_tokens,), float("inf"), device=unit.device)
     for start in range(0, num_tokens, block):
-        ids = torch.arange(start, min(start + block, num_tokens), device=unit.device)
-        rows = distance_rows(ids)
-        rows[torch.arange(ids.numel(), device=unit.device), ids] = float("inf")
-        nearest_other[ids] = rows.amin(dim=1)
+        end = min(start + block, num_tokens)
+        rows = 1.0 - cosines(unit[start:end], unit[start:])
+        rows.diagonal().fill_(float("inf"))
+        torch.minimum(nearest_other[start:end], rows.amin(dim=1), out=nearest_other[start:end])
+        torch.minimum(nearest_other[start:], rows.amin(dim=0), out=nearest_other[start:])
     cache = RowCache(distance_rows, block)
     pick = int(nearest_other.argmax())
     closest = cache.row(pick, nearest_other).clone()
