@@ -9,7 +9,9 @@ Clip coverage (`--clip`; docs/diversity.md, "Clip scale"): the exact rounds agai
 video of 32 frames x 128 tokens: a static scene of 16 regions and K objects, each seen in a run of 2 to 12
 consecutive frames (tight clusters, spread 0.01, 64-d); the residual in random order; the partition keeps
 T_div = c·(K + 16); trials in which some object lost every token, and the median cover radius over all
-tokens, per segment length and schedule, with each one's time.
+tokens, per segment length and schedule, with each one's time. The same clips for DivPrune and CDPruner
+(without text: a pure cosine DPP), which keep c·(K + 16) tokens of the whole clip: the exact greedy against
+`clip_segment` 8 (docs/baselines.md, "Clip scale").
 
     python benchmarks/diversity.py [--trials 100] [--out benchmarks/results/diversity.json]
     python benchmarks/diversity.py --clip [--trials 20] [--out benchmarks/results/diversity-clip.json]
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from prunevlm.bench.diversity_partition import diversity_timing
+from prunevlm.methods import make_method
 from prunevlm.methods.diversity import bipartite_dedup, segmented_dedup
 
 
@@ -89,6 +92,24 @@ def clip_coverage(segment: int | None, schedule: str, objects: int, factor: floa
             "median_radius": statistics.median(radii), "median_ms": 1000 * statistics.median(seconds)}
 
 
+def clip_baseline_coverage(method: str, segment: int | None, objects: int, factor: float, trials: int,
+                           frames: int = 32, size: int = 128, regions: int = 16) -> dict:
+    """As `clip_coverage`, for DivPrune or CDPruner choosing factor·(objects + regions) tokens of the clip."""
+    missed, radii, seconds = 0, [], []
+    keep = int(factor * (objects + regions))
+    selector = make_method(method, clip_segment=segment)
+    for seed in range(trials):
+        points, labels, _ = clip_objects(frames, size, objects, torch.Generator().manual_seed(seed), regions)
+        start = time.perf_counter()
+        kept = selector.select(keep, image_tokens=points[None], frames=(frames, 8, size // 8)).keep[0]
+        seconds.append(time.perf_counter() - start)
+        missed += int(labels[kept][labels[kept] >= 0].unique().numel() < objects)
+        radii.append(float((1 - points @ points[kept].T).amin(dim=1).max()))
+    return {"method": method, "segment": segment, "objects": objects, "regions": regions, "kept": keep,
+            "factor": factor, "trials_with_missed_object": missed, "trials": trials,
+            "median_radius": statistics.median(radii), "median_ms": 1000 * statistics.median(seconds)}
+
+
 def clip_main(args) -> None:
     rows = [clip_coverage(w, s, k, c, args.trials) for s in ("fixed", "geometric") for k in (16, 48)
             for c in (1.0, 1.5, 2.0) for w in (None, 4, 8)]
@@ -98,8 +119,17 @@ def clip_main(args) -> None:
     for r in rows:
         print(f"| {r['schedule']} | {r['objects']} | {r['t_div']} | {'clip' if r['segment'] is None else r['segment']} "
               f"| {r['trials_with_missed_object']}/{r['trials']} | {r['median_radius']:.4f} | {r['median_ms']:.0f} |")
+    baselines = [clip_baseline_coverage(m, w, k, c, args.trials) for m in ("divprune", "cdpruner") for k in (16, 48)
+                 for c in (1.0, 1.5, 2.0) for w in (None, 8)]
+    print(f"\n| method | K | kept | clip_segment | trials with a missed object | median radius | median ms "
+          f"({torch.get_num_threads()} threads) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in baselines:
+        print(f"| {r['method']} | {r['objects']} | {r['kept']} | {'clip' if r['segment'] is None else r['segment']} "
+              f"| {r['trials_with_missed_object']}/{r['trials']} | {r['median_radius']:.4f} | {r['median_ms']:.0f} |")
     with open(args.out, "w") as f:
-        json.dump({"clip_coverage": rows, "torch": torch.__version__}, f, indent=1)
+        json.dump({"clip_coverage": rows, "baseline_clip_coverage": baselines, "torch": torch.__version__}, f,
+                  indent=1)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ text + the kept tokens, timed in the same process. Targets: selection <= 5 % of 
 from 32 to 128 frames at most 8x the time. Every time is the median of `--repeats` after a warm-up call.
 
     PYTHONPATH=. python benchmarks/video_selection.py [--frames 32,128] [--threads 2] \
+        [--methods divprune,cdpruner] [--options '{"divprune": {"clip_segment": null}}'] \
         [--out benchmarks/results/video_selection.json]
 """
 
@@ -108,8 +109,8 @@ def main() -> None:
     parser.add_argument("--grid", default="8,16", help="h,w tokens per frame")
     parser.add_argument("--fraction", type=float, default=0.1, help="share of the tokens kept")
     parser.add_argument("--methods", default=",".join(PRE_LLM), help="comma-separated pre-LLM methods")
-    parser.add_argument("--options", default="{}", help='JSON {method: {option: value}}, e.g. \'{"flashvlm": '
-                                                        '{"dedup_window": 4}}\'')
+    parser.add_argument("--options", default="{}", help='JSON {method: {option: value}}, e.g. \'{"divprune": '
+                                                        '{"clip_segment": null}}\' for the exact greedy')
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results/video_selection.json")

@@ -2,6 +2,7 @@
 implementations written plainly, property tests (hypothesis), and runs on the tiny models."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ from hypothesis import strategies as st
 import prunevlm
 import tiny
 from prunevlm.methods import METHODS
-from prunevlm.methods.cdpruner import OFFSET, conditional_kernel, greedy_map, relevance
-from prunevlm.methods.divprune import cosine_distances, max_min_order
+from prunevlm.methods.cdpruner import OFFSET, conditional_kernel, greedy_map, relevance, streamed_greedy_map
+from prunevlm.methods.divprune import cosine_distances, max_min_order, streamed_max_min_order
+from prunevlm.methods.portable import cosines, unit_rows
 from prunevlm.methods.visionzip import contextual_count, target_positions
 from prunevlm.runtime.contract import output_cache
 
@@ -415,6 +417,97 @@ def test_divprune_never_repeats_on_duplicated_tokens(tokens, copies, seed, k):
     # the first `tokens` picks cover every distinct token before any copy is taken twice
     picks = max_min_order(cosine_distances(duplicated), min(k, tokens * copies - 1))[0] % tokens
     assert picks[:tokens].unique().numel() == min(tokens, picks.numel())
+
+
+# -- clip scale (docs/baselines.md, "Clip scale") ----------------------------------------------------------
+
+
+def clip_cases():
+    """Random tokens, exact duplicates (40 distinct among 300) and near duplicates (every other copy one fp32
+    ulp apart in one coordinate): the cases where one rounding of a cosine would reorder the picks."""
+    g = torch.Generator().manual_seed(5)
+    random = torch.randn(300, 16, generator=g)
+    duplicates = random[torch.randint(0, 40, (300,), generator=g)]
+    near = duplicates.clone()
+    near[::2, 0] = torch.nextafter(near[::2, 0], torch.tensor(math.inf))
+    return {"random": random, "duplicates": duplicates, "near duplicates": near}
+
+
+@pytest.mark.parametrize("case", ["random", "duplicates", "near duplicates"])
+@pytest.mark.parametrize("k", [1, 30, 150, 299])
+def test_divprune_streamed_rows_pick_as_the_whole_matrix(case, k):
+    """Rows computed 32 at a time (first pass and `RowCache`) give the picks of the N x N distances, in order."""
+    tokens = clip_cases()[case]
+    whole = max_min_order(cosine_distances(tokens[None]), k)[0]
+    assert torch.equal(streamed_max_min_order(unit_rows(tokens), k, block=32), whole)
+
+
+@pytest.mark.parametrize("case", ["random", "duplicates", "near duplicates"])
+@pytest.mark.parametrize("k", [1, 30, 150, 300])
+def test_cdpruner_streamed_rows_pick_as_the_whole_kernel(case, k):
+    """Kernel rows formed 32 at a time with their projections give the whole kernel's picks, in order (past
+    the kernel's rank too: the duplicates run out of gain), and the same gains up to fp64 rounding."""
+    tokens = clip_cases()[case]
+    quality = relevance(tokens[None], torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(6)))[0]
+    order, gains = greedy_map(conditional_kernel(tokens[None], quality[None]), k)
+    streamed, streamed_gains = streamed_greedy_map(unit_rows(tokens), quality, k, block=32)
+    assert torch.equal(streamed, order[0])
+    torch.testing.assert_close(streamed_gains, gains[0], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["divprune", "cdpruner"])
+def test_beyond_the_whole_matrix_size_rows_come_in_blocks_with_the_same_picks(method, monkeypatch):
+    """Above WHOLE_MATRIX_TOKENS (lowered to 100 here) no N x N matrix is formed: every cosine product has at
+    most ROW_BLOCK (lowered to 32) rows, and `prunevlm.select` keeps what the whole matrix keeps."""
+    module = sys.modules[METHODS[method].__module__]
+    s = signals_for(method, random_signals(2, 150, 12, seed=8))
+    whole = prunevlm.select(method, 40, **s)
+    shapes = []
+
+    def recorded(a, b):
+        shapes.append(a.shape[-2])
+        return cosines(a, b)
+
+    monkeypatch.setattr(module, "WHOLE_MATRIX_TOKENS", 100)
+    monkeypatch.setattr(module, "ROW_BLOCK", 32)
+    monkeypatch.setattr(module, "cosines", recorded)
+    streamed = prunevlm.select(method, 40, **s)
+    assert shapes and max(shapes) <= 32
+    assert torch.equal(streamed.keep, whole.keep) and torch.equal(streamed.info["order"], whole.info["order"])
+
+
+@pytest.mark.parametrize("method", ["divprune", "cdpruner"])
+def test_clip_segment_leaves_images_frames_and_short_clips_as_released(method):
+    """A clip of at most `clip_segment` frames, a frame alone (`frames` (1, h, w)) and an image choose as
+    without the option, index for index."""
+    s = signals_for(method, random_signals(1, 96, 12, seed=9))
+    released = prunevlm.select(method, 20, clip_segment=None, **s)
+    for frames in [(6, 4, 4), (1, 8, 12), None]:
+        chosen = prunevlm.select(method, 20, clip_segment=6, **s, **({} if frames is None else {"frames": frames}))
+        assert torch.equal(chosen.info["order"], released.info["order"])
+
+
+@pytest.mark.parametrize("method", ["divprune", "cdpruner"])
+def test_clip_segment_chooses_each_run_then_the_pool(method):
+    """A 6-frame clip of 4 x 4 tokens in runs of 2 frames: each run of 32 tokens keeps ⌈2 · k · 32 / 96⌉ by the
+    method on that run alone, then the pooled tokens, ascending, keep k: written out here with the whole-matrix
+    greedy of each (CDPruner's relevance is the clip's in both steps)."""
+    s = signals_for(method, random_signals(1, 96, 12, seed=10))
+    k = 10
+    chosen = prunevlm.select(method, k, clip_segment=2, frames=(6, 4, 4), **s)
+    unit = unit_rows(s["image_tokens"][0])
+    quality = relevance(s["image_tokens"], s["text_embeds"])[0] if method == "cdpruner" else None
+
+    def greedy(positions, count):
+        if method == "divprune":
+            return positions[max_min_order((1.0 - cosines(unit[positions], unit[positions]))[None], count)[0]]
+        q = quality[positions].double()
+        return positions[greedy_map((q[:, None] * cosines(unit[positions], unit[positions]).double() * q)[None],
+                                    count)[0][0]]
+
+    pool = torch.cat([greedy(torch.arange(run, run + 32), math.ceil(2 * k * 32 / 96)) for run in (0, 32, 64)])
+    assert torch.equal(chosen.info["order"][0], greedy(pool.sort().values, k))
+    assert chosen.keep.shape == (1, k) and chosen.keep[0].unique().numel() == k
 
 
 # -- on the tiny models ------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ NEIGHBOURS = 64  # length of the nearest-neighbour lists; a speed knob only, res
 LIST_HEAD = 8  # list entries read first each round, the rest only where none is in B; a speed knob too
 CHUNK_ROWS = 1024  # side of the blocks of the cosine matrix computed at once for the lists, and rows per rebuild
 POOL = 4  # a segment keeps this many times its share of the budget for the clip-wide rounds (dedup_segment)
+CLIP_POOL = 2  # DivPrune's and CDPruner's runs of frames keep this many times their share (clip_segment)
 
 
 def drops_per_round(residual: int, keep: int, step: int, schedule: str, ratio: float) -> int:
@@ -128,6 +129,21 @@ def segmented_dedup(features: torch.Tensor, order: torch.Tensor, keep: int, fram
         chosen.append(bipartite_dedup(features[image : image + 1], order[image : image + 1, pool], keep, step,
                                       schedule, ratio)[0])
     return torch.stack(chosen)
+
+
+def run_pool(choose, num_tokens: int, k: int, frames: tuple, segment: int, device=None,
+             pool: int = CLIP_POOL) -> torch.Tensor:
+    """The first of two steps that choose k positions of one video, as `segmented_dedup` does for the partition
+    (docs/baselines.md, "Clip scale"): each run of `segment` frames of `frames` (t, h, w) keeps min(its size,
+    ⌈pool · k · its size / N⌉) of its tokens; returns the pooled positions, ascending, from which the caller
+    keeps k. `choose(positions, count)` picks `count` of the ascending `positions`."""
+    run = segment * frames[1] * frames[2]
+    pooled = []
+    for start in range(0, num_tokens, run):
+        positions = torch.arange(start, min(start + run, num_tokens), device=device)
+        share = min(positions.numel(), math.ceil(pool * k * positions.numel() / num_tokens))
+        pooled.append(positions if share == positions.numel() else choose(positions, share))
+    return torch.cat(pooled).sort().values
 
 
 def count_rounds(residual: int, keep: int, step: int, schedule: str, ratio: float) -> int:
