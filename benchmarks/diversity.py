@@ -71,43 +71,47 @@ def clip_objects(frames: int, size: int, objects: int, generator: torch.Generato
     return points, labels, frame
 
 
-def clip_coverage(segment: int | None, schedule: str, objects: int, factor: float, trials: int,
-                  frames: int = 32, size: int = 128, regions: int = 16) -> dict:
-    """Trials in which the partition, keeping factor·(objects + regions) tokens, lost an object, and the
-    median cover radius max_v min_s (1 − cos) over all tokens; with the median time of one partition."""
+def clip_trials(choose, objects: int, factor: float, trials: int, frames: int, size: int, regions: int) -> dict:
+    """Trials in which `choose(points, keep, frame, generator)` (the kept token indices), keeping
+    factor·(objects + regions) tokens of the clip, lost an object, and the median cover radius
+    max_v min_s (1 − cos) over all tokens; with the median time of one choice."""
     missed, radii, seconds = 0, [], []
     keep = int(factor * (objects + regions))
     for seed in range(trials):
         g = torch.Generator().manual_seed(seed)
         points, labels, frame = clip_objects(frames, size, objects, g, regions)
-        order = torch.randperm(frames * size, generator=g)[None]
         start = time.perf_counter()
-        kept = (bipartite_dedup(points[None], order, keep, schedule=schedule) if segment is None else
-                segmented_dedup(points[None], order, keep, frame, segment, schedule=schedule))[0]
+        kept = choose(points, keep, frame, g)
         seconds.append(time.perf_counter() - start)
         missed += int(labels[kept][labels[kept] >= 0].unique().numel() < objects)
         radii.append(float((1 - points @ points[kept].T).amin(dim=1).max()))
-    return {"segment": segment, "schedule": schedule, "objects": objects, "regions": regions, "t_div": keep,
-            "factor": factor, "trials_with_missed_object": missed, "trials": trials,
+    return {"objects": objects, "regions": regions, "kept": keep, "factor": factor,
+            "trials_with_missed_object": missed, "trials": trials,
             "median_radius": statistics.median(radii), "median_ms": 1000 * statistics.median(seconds)}
+
+
+def clip_coverage(segment: int | None, schedule: str, objects: int, factor: float, trials: int,
+                  frames: int = 32, size: int = 128, regions: int = 16) -> dict:
+    """`clip_trials` of the partition over a random residual order, exact (segment None) or in segments."""
+
+    def choose(points, keep, frame, g):
+        order = torch.randperm(frames * size, generator=g)[None]
+        return (bipartite_dedup(points[None], order, keep, schedule=schedule) if segment is None else
+                segmented_dedup(points[None], order, keep, frame, segment, schedule=schedule))[0]
+
+    row = clip_trials(choose, objects, factor, trials, frames, size, regions)
+    return {"segment": segment, "schedule": schedule, "t_div": row.pop("kept"), **row}
 
 
 def clip_baseline_coverage(method: str, segment: int | None, objects: int, factor: float, trials: int,
                            frames: int = 32, size: int = 128, regions: int = 16) -> dict:
-    """As `clip_coverage`, for DivPrune or CDPruner choosing factor·(objects + regions) tokens of the clip."""
-    missed, radii, seconds = 0, [], []
-    keep = int(factor * (objects + regions))
+    """`clip_trials` of DivPrune or CDPruner choosing over the clip, exact (segment None) or in segments."""
     selector = make_method(method, clip_segment=segment)
-    for seed in range(trials):
-        points, labels, _ = clip_objects(frames, size, objects, torch.Generator().manual_seed(seed), regions)
-        start = time.perf_counter()
-        kept = selector.select(keep, image_tokens=points[None], frames=(frames, 8, size // 8)).keep[0]
-        seconds.append(time.perf_counter() - start)
-        missed += int(labels[kept][labels[kept] >= 0].unique().numel() < objects)
-        radii.append(float((1 - points @ points[kept].T).amin(dim=1).max()))
-    return {"method": method, "segment": segment, "objects": objects, "regions": regions, "kept": keep,
-            "factor": factor, "trials_with_missed_object": missed, "trials": trials,
-            "median_radius": statistics.median(radii), "median_ms": 1000 * statistics.median(seconds)}
+
+    def choose(points, keep, frame, g):
+        return selector.select(keep, image_tokens=points[None], frames=(frames, 8, size // 8)).keep[0]
+
+    return {"method": method, "segment": segment, **clip_trials(choose, objects, factor, trials, frames, size, regions)}
 
 
 def clip_main(args) -> None:
