@@ -60,6 +60,25 @@ def plain_max_min(tokens, k, exclude_chosen=True):
     return chosen
 
 
+def max_min_ties(tokens, k) -> bool:
+    """Whether the greedy of `plain_max_min` meets an exact tie in the fp32 distances it compares at any of its
+    k picks. There the lowest index wins (docs/diversity.md), so the kept set depends on where the tokens sit."""
+    unit = F.normalize(tokens.double(), dim=-1)
+    distances = 1 - (unit @ unit.T).float()
+    scores = distances.sort(dim=0).values[1]  # the first pick's
+    chosen = []
+    for _ in range(k):
+        if len(chosen) + 1 < tokens.shape[0]:
+            top = scores.topk(2).values
+            if top[0] == top[1]:
+                return True
+        chosen.append(int(scores.argmax()))
+        scores = distances[chosen[-1]] if len(chosen) == 1 else torch.minimum(scores, distances[chosen[-1]])
+        scores = scores.clone()
+        scores[chosen] = -math.inf
+    return False
+
+
 def test_divprune_picks_angles_in_the_documented_order():
     """docs/baselines.md, DivPrune check 1: angles {0, 10, 20, 95, 170, 180} degrees, k = 3 -> 95, 0, 180."""
     angles = torch.tensor([0.0, 10, 20, 95, 170, 180], dtype=torch.float64).deg2rad()
@@ -377,17 +396,16 @@ def test_exact_count_of_unique_ascending_indices_deterministically(method, batch
 @pytest.mark.parametrize("method", ["divprune", "cdpruner"])
 @given(**{**case, "dim": st.integers(2, 24)})
 def test_a_permutation_of_the_tokens_permutes_the_selection(method, batch, tokens, dim, seed, budget):
-    """Both are functions of the token set alone: permuting the tokens permutes the kept set. Inputs are
-    random in fp64 and at least 2 dimensions (in one, every cosine is ±1). The cosines are rounded to fp32
-    (docs/diversity.md), the same wherever a token sits, so ties have a probability of about 2⁻²⁴ per pair
-    of close values but for one: DivPrune's first pick ties whenever the token whose nearest neighbour is farthest is that
-    neighbour's nearest too (always for N = 2); the lowest index wins, so such inputs are left out."""
+    """Both are functions of the token set alone, up to ties: permuting the tokens permutes the kept set.
+    Inputs are random in fp64 and at least 2 dimensions (in one, every cosine is ±1). The cosines are rounded
+    to fp32 (docs/diversity.md), the same wherever a token sits, and an exact tie goes to the lowest index, so
+    where DivPrune's greedy meets a tie the kept set depends on positions: such inputs are left out. Ties are
+    not rare: the first pick ties whenever the token whose nearest neighbour is farthest is that neighbour's
+    nearest too (always for N = 2), and in 2 to 3 dimensions many distances round to one fp32 value (the
+    fuzz profile found N = 71, d = 2)."""
     s = signals_for(method, random_signals(batch, tokens, dim, seed=seed))
     if method == "divprune":
-        distances = cosine_distances(s["image_tokens"])
-        distances.diagonal(dim1=1, dim2=2).fill_(math.inf)
-        best = distances.amin(dim=1).topk(2, dim=1).values
-        assume(bool((best[:, 0] - best[:, 1] > 1e-9).all()))
+        assume(not any(max_min_ties(row, kept_count(budget, tokens)) for row in s["image_tokens"]))
     permutation = torch.randperm(tokens, generator=torch.Generator().manual_seed(seed))
     permuted = {name: value[:, permutation] if name != "text_embeds" else value for name, value in s.items()}
     keep = prunevlm.select(method, budget, **s).keep
