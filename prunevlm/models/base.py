@@ -146,6 +146,13 @@ class InstanceAttribute:
             delattr(self.obj, self.name)
 
 
+def encoded_counts(kwargs: dict, kind: str) -> list[int] | None:
+    """Placeholders per image or video ("image", "video") from the encoder outputs generate() passes instead of
+    pixels and grids (docs/models.md §7); None where the call carries none."""
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get(kind)
+    return None if encoded is None else [int(features.shape[0]) for features in encoded.pooler_output]
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a wall-clock time covers it (a no-op on the CPU)."""
     if device.type == "cuda":
@@ -233,7 +240,7 @@ class Adapter:
         """Refuse inputs the adapter cannot prune with a clear error: here, a video on a family without video
         support (docs/models.md §7)."""
         if self.video_token_id is None and (kwargs.get("pixel_values_videos") is not None
-                                            or (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None):
+                                            or encoded_counts(kwargs, "video") is not None):
             raise Unsupported(f"prunevlm prunes videos on Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision, not on "
                               f"{self.family}; remove the pruning handle (handle.remove()) for video prompts")
 

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import Unsupported
 from ..signals.attention import attention_probs
-from .base import Adapter, Capture, Timer
+from .base import Adapter, Capture, Timer, encoded_counts
 
 
 class LlavaAdapter(Adapter):
@@ -48,9 +48,9 @@ class LlavaAdapter(Adapter):
         return num_layers + layer if layer < 0 else layer - 1
 
     def image_token_counts(self, kwargs: dict) -> list[int]:
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if encoded is not None:
-            return [int(features.shape[0]) for features in encoded.pooler_output]
+        counts = encoded_counts(kwargs, "image")
+        if counts is not None:
+            return counts
         pixels = kwargs.get("pixel_values")
         if pixels is None:
             return []

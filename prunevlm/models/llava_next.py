@@ -26,7 +26,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from ..errors import InvalidInput
 from ..signals.attention import attention_probs, received_attention
-from .base import Capture, InstanceAttribute
+from .base import Capture, InstanceAttribute, encoded_counts
 from .llava import LlavaAdapter
 
 # channels of the packed coordinate tensor; a newline packs as all zeros (content 0)
@@ -112,9 +112,9 @@ class LlavaNextAdapter(LlavaAdapter):
         return rows.masked_fill(tiled & (layout[:, CROP] == 0) & ~newline, -1)
 
     def image_token_counts(self, kwargs: dict) -> list[int]:
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if encoded is not None:
-            return [int(features.shape[0]) for features in encoded.pooler_output]
+        counts = encoded_counts(kwargs, "image")
+        if counts is not None:
+            return counts
         if kwargs.get("pixel_values") is None:
             return []
         sizes = kwargs.get("image_sizes")
@@ -284,9 +284,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def video_token_counts(self, kwargs: dict) -> list[int]:
         """Per video: its frames' tokens and one trailing newline (get_video_features)."""
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("video")
-        if encoded is not None:
-            return [int(features.shape[0]) for features in encoded.pooler_output]
+        counts = encoded_counts(kwargs, "video")
+        if counts is not None:
+            return counts
         pixels = kwargs.get("pixel_values_videos")
         if pixels is None:
             return []

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from ..signals.attention import attention_map, pool_groups, received_attention
-from .base import Adapter, Capture, Timer
+from .base import Adapter, Capture, Timer, encoded_counts
 
 
 class QwenVLAdapter(Adapter):
@@ -64,9 +64,9 @@ class QwenVLAdapter(Adapter):
     def _token_counts(self, kwargs: dict, kind: str, pixels: str, grids: str) -> list[int]:
         """Placeholders per image or video: from the encoder's outputs where generate() passes those (without
         the grids), else from the grids of the pixels."""
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get(kind)
-        if encoded is not None:
-            return [int(features.shape[0]) for features in encoded.pooler_output]
+        counts = encoded_counts(kwargs, kind)
+        if counts is not None:
+            return counts
         grid_thw = kwargs.get(grids)
         if kwargs.get(pixels) is None or grid_thw is None:
             return []
