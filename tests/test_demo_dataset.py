@@ -195,3 +195,67 @@ def test_flatten_and_normalize():
 def test_bad_input_is_refused(call):
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.fixture(scope="module")
+def crowded200():
+    return ds.generate("crowded-train", 200, seed=0)
+
+
+def test_plain_positions_are_the_object_cells(train300):
+    """`Obj.position` reads the box centre; in a plain scene that is the object's own grid cell."""
+    for s in train300:
+        for o in s.objects:
+            assert o.position == ds.POSITIONS[o.cell[0]][o.cell[1]]
+
+
+def test_crowded_scenes_hold_many_small_objects(crowded200):
+    cell = ds.IMAGE_SIZE / ds.CROWD_GRID
+    counts = [len(s.objects) for s in crowded200]
+    assert min(counts) == ds.CROWD_OBJECTS[0] and max(counts) == ds.CROWD_OBJECTS[1]
+    for s in crowded200[:40]:
+        assert len({o.cell for o in s.objects}) == len(s.objects) and not any(o.text for o in s.objects)
+        for o in s.objects:
+            x0, y0, x1, y1 = o.box
+            assert 16 <= x1 - x0 == y1 - y0 <= 24 and 0 <= x0 < x1 <= ds.IMAGE_SIZE and 0 <= y0 < y1 <= ds.IMAGE_SIZE
+            assert abs(x0 - o.cell[1] * cell) < cell and abs(y0 - o.cell[0] * cell) < cell
+        for i, a in enumerate(s.objects):  # no two boxes overlap
+            for b in s.objects[i + 1:]:
+                assert a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1] or b.box[3] <= a.box[1]
+        # each object lies on a few of the demo model's 16 px patches: it touches 2 to 9 and fills a fifth of
+        # at most 4 (about 2 on average)
+        cover = ds.patch_cover(ds.object_mask(s), 16, len(s.objects))
+        touched, filled = (cover > 0).sum(0), (cover >= 0.2 * 16 * 16).sum(0)
+        assert touched.min() >= 2 and touched.max() <= 9 and filled.max() <= 4, (touched, filled)
+        assert 1 <= filled.mean() <= 3
+
+
+def test_crowded_questions_are_correct_and_balanced(crowded200):
+    rng = np.random.default_rng(0)
+    for s in crowded200:
+        assert [q.qtype for q in s.questions] == list(ds.CROWDED_QTYPES) and ds.is_crowded(s)
+        for q in s.questions + ds.redraw_questions(s, rng) + ds.where_questions(s, rng):
+            assert oracle(s.objects, q.text) == q.answer, (q, s.objects)
+        relation = s.questions[2]
+        (ra, ca), (rb, cb) = (s.objects[i].cell for i in relation.refs)
+        assert max(abs(ra - rb), abs(ca - cb)) >= 2  # two grid cells apart: the answer is plain to see
+    items = ds.flatten(crowded200)
+    for qtype in ("exists", "relation"):
+        yes = sum(it.answer == "yes" for it in items if it.qtype == qtype)
+        assert 0.4 < yes / len(crowded200) < 0.6
+    attributes = Counter(it.answer for it in items if it.qtype == "attribute")
+    assert set(attributes) == set(ds.COLOURS) | set(ds.SHAPES)
+    assert ds.majority_baseline(items)["overall"] < 0.4
+    assert not any(ds.is_crowded(s) for s in ds.generate("test", 20))
+
+
+def test_crowded_chats_hold_their_questions_and_where_turns(crowded200):
+    from prunevlm.demo.chat import CROWD_WHERE, crowd_turns
+
+    rng = np.random.default_rng(0)
+    for s in crowded200[:30]:
+        turns = crowd_turns(s, rng)
+        where = [t for t in turns if t[0].startswith("where is")]
+        assert len(where) == min(CROWD_WHERE, len(ds.where_questions(s, rng)))
+        assert {(q.text, q.answer) for q in s.questions} <= set(turns)
+        assert len(set(turns)) == len(turns)

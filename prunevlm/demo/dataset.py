@@ -18,6 +18,11 @@ text       what letter is on the blue square?          a letter or digit from ``
 Objects are named by shape alone when the shape is unique in the image, otherwise by colour and
 shape when that pair is unique, so every question has exactly one right answer.
 
+The crowded splits (``crowded-train``, ``crowded-val`` and ``crowded``, the test) hold 12 to 30 small
+shapes (16 to 24 px, so each covers one to four of the demo model's 16 px patches) in distinct cells of a
+7x7 grid, without characters, and ask the ``CROWDED_QTYPES`` about one or two named objects: at 8 to 32
+kept tokens a selection that ignores the question cannot keep every object.
+
 Public API::
 
     generate(split, n_images, seed=0) -> list[Sample]   # split in SPLITS; deterministic
@@ -50,10 +55,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import InvalidSetting
 
-SPLITS = {"train": 0, "val": 1, "test": 2}
+SPLITS = {"train": 0, "val": 1, "test": 2, "crowded-train": 3, "crowded-val": 4, "crowded": 5}
+CROWDED_SPLITS = ("crowded-train", "crowded-val", "crowded")
+HELD_OUT = ("test", "crowded")  # never trained on; what `prunevlm eval` scores
 IMAGE_SIZE = 192
 GRID = 3
 QTYPES = ("attribute", "location", "exists", "count", "relation", "text")
+CROWDED_QTYPES = ("attribute", "exists", "relation")
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross")
 PLURALS = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
@@ -86,6 +94,9 @@ ANSWERS = {
 _SUPERSAMPLE = 2
 _MIN_SIZE, _MAX_SIZE = 36, 58  # bounding-box side in pixels; a cell is 64 pixels
 _TEXT_PROB = 0.45
+CROWD_GRID = 7  # crowded scenes: cells of 27 px
+CROWD_OBJECTS = (12, 30)
+_CROWD_MIN_SIZE, _CROWD_MAX_SIZE = 16, 24
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,9 @@ class Obj:
 
     @property
     def position(self) -> str:
-        return POSITIONS[self.cell[0]][self.cell[1]]
+        """The 3x3 region holding the box centre (in a plain scene, the object's own cell)."""
+        cx, cy = (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+        return POSITIONS[int(cy * GRID / IMAGE_SIZE)][int(cx * GRID / IMAGE_SIZE)]
 
 
 @dataclass(frozen=True)
@@ -129,7 +142,8 @@ class Item(NamedTuple):
 
 
 def generate(split: str, n_images: int, seed: int = 0) -> list[Sample]:
-    """``n_images`` samples of ``split``, each with one question per type in ``QTYPES``."""
+    """``n_images`` samples of ``split``, each with one question per type in ``QTYPES`` (in
+    ``CROWDED_QTYPES`` for the crowded splits)."""
     if not isinstance(n_images, int) or n_images < 0:
         raise InvalidSetting(f"n_images must be a non-negative int, got {n_images!r}")
     return [render(split, i, seed) for i in range(n_images)]
@@ -142,18 +156,26 @@ def render(split: str, index: int, seed: int = 0) -> Sample:
     if index < 0 or seed < 0:
         raise InvalidSetting(f"index and seed must be non-negative, got index={index}, seed={seed}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
+    crowded = split in CROWDED_SPLITS
     while True:  # rejection: redraw until every question type has an unambiguous question
-        objects, count_q = _scene(rng)
-        questions = _questions(rng, objects, count_q)
+        objects, own = _crowded_scene(rng) if crowded else _scene(rng)
+        questions = (_crowded_questions if crowded else _questions)(rng, objects, own)
         if questions is not None:
             break
     image, background = draw(rng, objects)
     return Sample(image, objects, questions, background)
 
 
+def is_crowded(sample: Sample) -> bool:
+    return sample.questions[0].qtype == CROWDED_QTYPES[0] and len(sample.questions) == len(CROWDED_QTYPES)
+
+
 def redraw_questions(sample: Sample, rng: np.random.Generator) -> list[Question]:
-    """Another set of questions, one per type, about the same scene (the count question is
-    the scene's own: the scene was built around its target). For training only."""
+    """Another set of questions, one per type, about the same scene (the question the scene was
+    built around, count in a plain scene and attribute in a crowded one, is the scene's own).
+    For training only."""
+    if is_crowded(sample):
+        return _crowded_questions(rng, sample.objects, sample.questions[0])
     return _questions(rng, sample.objects, sample.questions[QTYPES.index("count")])
 
 
@@ -269,6 +291,30 @@ def _scene(rng: np.random.Generator) -> tuple[list[Obj], Question]:
     return objects, Question(text, str(target), "count", tuple(range(target)))
 
 
+def _crowded_scene(rng: np.random.Generator) -> tuple[list[Obj], Question]:
+    """12 to 30 small shapes in distinct cells of a ``CROWD_GRID`` grid, built around an attribute
+    question: one object (random cell) is the only one of its shape (asked its colour) or of its
+    colour (asked its shape)."""
+    n = int(rng.integers(CROWD_OBJECTS[0], CROWD_OBJECTS[1] + 1))
+    cells = [(int(c) // CROWD_GRID, int(c) % CROWD_GRID) for c in rng.permutation(CROWD_GRID ** 2)[:n]]
+    by_shape = rng.random() < 0.5
+    key = str(rng.choice(SHAPES if by_shape else list(COLOURS)))
+    cell_px = IMAGE_SIZE / CROWD_GRID
+    objects = []
+    for i, (row, col) in enumerate(cells):
+        shapes = [key] if by_shape and i == 0 else [s for s in SHAPES if not by_shape or s != key]
+        colours = [key] if not by_shape and i == 0 else [c for c in COLOURS if by_shape or c != key]
+        size = int(rng.integers(_CROWD_MIN_SIZE, _CROWD_MAX_SIZE + 1))
+        x0 = int(col * cell_px) + int(rng.integers(0, int(cell_px) - size + 1))
+        y0 = int(row * cell_px) + int(rng.integers(0, int(cell_px) - size + 1))
+        objects.append(Obj(str(rng.choice(shapes)), str(rng.choice(colours)),
+                           (x0, y0, x0 + size, y0 + size), (row, col)))
+    o = objects[0]
+    if by_shape:
+        return objects, Question(f"what colour is the {o.shape}?", o.colour, "attribute", (0,))
+    return objects, Question(f"what shape is the {o.colour} object?", o.shape, "attribute", (0,))
+
+
 def _refs(objects: list[Obj]) -> dict[int, list[str]]:
     """Unambiguous referring expressions ('the star', 'the red star') for each object index."""
     out: dict[int, list[str]] = {}
@@ -290,7 +336,7 @@ def _questions(rng, objects: list[Obj], count_q: Question) -> list[Question] | N
     qs = {"count": count_q}
 
     def pick(seq):
-        return seq[int(rng.integers(len(seq)))]
+        return _pick(rng, seq)
 
     # attribute: colour of a uniquely-shaped object, or shape of a uniquely-coloured one
     options = [("colour", i) for i, o in enumerate(objects)
@@ -316,38 +362,11 @@ def _questions(rng, objects: list[Obj], count_q: Question) -> list[Question] | N
         text, answer = f"what colour is the object at the {o.position}?", o.colour
     qs["location"] = Question(text, answer, "location", (i,))
 
-    # exists: yes for a present (colour, shape); no for an absent one, often a near miss
-    present = {(o.colour, o.shape) for o in objects}
-    if rng.random() < 0.5:
-        colour, shape = pick(sorted(present))
-        answer = "yes"
-    else:
-        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
-        near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
-        colour, shape = pick(near if near and rng.random() < 0.7 else absent)
-        answer = "no"
-    hits = tuple(i for i, o in enumerate(objects) if (o.colour, o.shape) == (colour, shape))
-    text = f"is there {_article(colour)} {colour} {shape}?"
-    qs["exists"] = Question(text, answer, "exists", hits)
+    qs["exists"] = _exists_question(rng, objects)
 
-    # relation: two uniquely named objects in different columns (left/right) or rows (above/below)
-    pairs = []
-    for i in refs:
-        for j in refs:
-            a, b = objects[i].cell, objects[j].cell
-            if i != j and a[1] < b[1]:
-                pairs.append((i, j, "left of", "right of"))
-            if i != j and a[0] < b[0]:
-                pairs.append((i, j, "above", "below"))
-    if not pairs:
+    qs["relation"] = _relation_question(rng, objects, refs)
+    if qs["relation"] is None:
         return None
-    i, j, true_rel, false_rel = pick(pairs)
-    if rng.random() < 0.5:  # swap the order so both relation words appear with both answers
-        i, j, true_rel, false_rel = j, i, false_rel, true_rel
-    answer = "yes" if rng.random() < 0.5 else "no"
-    rel = true_rel if answer == "yes" else false_rel
-    text = f"is the {pick(refs[i])} {rel} the {pick(refs[j])}?"
-    qs["relation"] = Question(text, answer, "relation", (i, j))
 
     # text: the character on a uniquely named object
     readable = [i for i in refs if objects[i].text is not None]
@@ -356,6 +375,56 @@ def _questions(rng, objects: list[Obj], count_q: Question) -> list[Question] | N
     i = pick(readable)
     qs["text"] = _text_question(objects, i, pick(refs[i]))
     return [qs[t] for t in QTYPES]
+
+
+def _crowded_questions(rng, objects: list[Obj], attribute_q: Question) -> list[Question] | None:
+    """The scene's attribute question, an existence and a relation question (its two objects at
+    least two grid columns or rows apart), or None when no relation can be asked."""
+    relation = _relation_question(rng, objects, _refs(objects), gap=2)
+    if relation is None:
+        return None
+    return [attribute_q, _exists_question(rng, objects), relation]
+
+
+def _pick(rng: np.random.Generator, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _exists_question(rng, objects: list[Obj]) -> Question:
+    """Yes for a present (colour, shape); no for an absent one, often a near miss."""
+    present = {(o.colour, o.shape) for o in objects}
+    if rng.random() < 0.5:
+        colour, shape = _pick(rng, sorted(present))
+        answer = "yes"
+    else:
+        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
+        colour, shape = _pick(rng, near if near and rng.random() < 0.7 else absent)
+        answer = "no"
+    hits = tuple(i for i, o in enumerate(objects) if (o.colour, o.shape) == (colour, shape))
+    return Question(f"is there {_article(colour)} {colour} {shape}?", answer, "exists", hits)
+
+
+def _relation_question(rng, objects: list[Obj], refs: dict[int, list[str]], gap: int = 1) -> Question | None:
+    """Two uniquely named objects at least ``gap`` grid columns (left/right) or rows (above/below)
+    apart, or None when no such pair exists."""
+    pairs = []
+    for i in refs:
+        for j in refs:
+            a, b = objects[i].cell, objects[j].cell
+            if i != j and a[1] + gap <= b[1]:
+                pairs.append((i, j, "left of", "right of"))
+            if i != j and a[0] + gap <= b[0]:
+                pairs.append((i, j, "above", "below"))
+    if not pairs:
+        return None
+    i, j, true_rel, false_rel = _pick(rng, pairs)
+    if rng.random() < 0.5:  # swap the order so both relation words appear with both answers
+        i, j, true_rel, false_rel = j, i, false_rel, true_rel
+    answer = "yes" if rng.random() < 0.5 else "no"
+    rel = true_rel if answer == "yes" else false_rel
+    text = f"is the {_pick(rng, refs[i])} {rel} the {_pick(rng, refs[j])}?"
+    return Question(text, answer, "relation", (i, j))
 
 
 def _text_question(objects: list[Obj], i: int, name: str) -> Question:
