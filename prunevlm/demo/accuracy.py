@@ -4,7 +4,7 @@
     predict(model, processor, items, batch_size=32, return_states=False) -> answers[, states]
     score(items, answers) -> dict
     load(folder=MODEL_DIR) -> (model, processor)
-    test_items(n_images=200, seed=0) -> list[Item]       # the held-out test split
+    test_items(n_images=200, seed=0, split='test') -> list[Item]  # a held-out split
 
 ``evaluate`` renders the chat prompt for each item (``loading.prompt_inputs``), runs one left-padded batched
 ``model.generate(**inputs)`` per batch (greedy, the model's generation config) and compares the
@@ -43,9 +43,10 @@ def load(folder: str | Path = MODEL_DIR, dtype: torch.dtype | str = torch.float3
     return model, AutoProcessor.from_pretrained(folder)
 
 
-def test_items(n_images: int = 200, seed: int = 0) -> list[dataset.Item]:
-    """Flattened questions of the first ``n_images`` test images (6 per image)."""
-    return dataset.flatten(dataset.generate("test", n_images, seed))
+def test_items(n_images: int = 200, seed: int = 0, split: str = "test") -> list[dataset.Item]:
+    """Flattened questions of the first ``n_images`` images of a held-out split (``test``, 6 per
+    image, or ``crowded``, 3 per image)."""
+    return dataset.flatten(dataset.generate(split, n_images, seed))
 
 
 @torch.inference_mode()

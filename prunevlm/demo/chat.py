@@ -9,6 +9,7 @@ import torch
 from . import build, dataset
 
 DRILL_ROUNDS = 3  # question sets per image in the drill stage
+CROWD_WHERE = 6  # 'where is X?' turns per crowded scene in the crowd stage (of about 15 named objects)
 
 
 def pad_right(seqs: list[list[int]], labels: list[list[int]], pad_id: int):
@@ -84,3 +85,11 @@ def locate_turns(sample, rng):
 def read_turns(page, rng):
     """Every ``dataset.read_questions`` of a dense character page, in random order."""
     return shuffled([(q.text, q.answer) for q in dataset.read_questions(page, rng)], rng)
+
+
+def crowd_turns(sample, rng):
+    """A crowded scene's ``DRILL_ROUNDS`` question sets (the attribute question is the scene's own)
+    plus 'where is X?' for ``CROWD_WHERE`` of its named objects, shuffled together."""
+    where = dataset.where_questions(sample, rng)
+    where = [where[i] for i in rng.permutation(len(where))[:CROWD_WHERE]]
+    return shuffled(drill_turns(sample, rng) + [(q.text, q.answer) for q in where], rng)

@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from . import accuracy, build, dataset
-from .chat import (answer_turns, caption_turns, chat_batch, chat_turns, drill_turns, locate_turns,
-                   pad_right, read_turns)
+from .chat import (answer_turns, caption_turns, chat_batch, chat_turns, crowd_turns, drill_turns,
+                   locate_turns, pad_right, read_turns)
 from .llava_forward import image_embeds, pixels, projected_features
 from .targets import count_targets, dense_page, patch_targets
 
@@ -60,7 +60,15 @@ STAGES = {"vision": (3000, 32), "text": (300, 32), "align": (400, 16), "instruct
           "answer": (2400, 16), "drill": (4000, 8), "drill2": (3000, 8), "locate": (4000, 8),
           "read": (2000, 4)}
 LR = {"vision": 1e-3, "text": 1e-3, "align": 1e-3, "instruct": 1e-3, "answer": 5e-4,
-      "drill": 5e-4, "drill2": 5e-4, "locate": 5e-4, "read": 5e-4}
+      "drill": 5e-4, "drill2": 5e-4, "locate": 5e-4, "read": 5e-4, "caption": 5e-4, "crowd": 5e-4}
+# Version 2, from the v1 weights: LLaVA's two stages again, with the crowded scenes (docs/demo.md,
+# "Version 2"). caption: only the projector, captions of plain and crowded scenes (half each);
+# crowd: everything, CROWD_MIX images a step (plain scenes' locate chats, crowded scenes' chats and a
+# dense page's reading questions, with read's per-patch character loss).
+RETRAIN = {"caption": (300, 16), "crowd": (2500, 8)}
+CROWD_MIX = {"plain": 3, "crowded": 4, "pages": 1}
+V1_TRAIN_IMAGES = 262_300  # the plain train images v1 used (benchmarks/results/demo_train.json)
+RETRAIN_PAGES = 2 * 10 ** 6  # version 2's dense pages start here, after the read stage's
 TOWER_LR_SCALE = 0.2  # an unfrozen vision tower learns 5x slower (LLaVA-OneVision: 2e-6 vs 1e-5)
 MAX_OBJECTS = dataset.GRID * dataset.GRID
 VAL_IMAGES, TEST_IMAGES = 50, 200
@@ -69,13 +77,13 @@ PAGES_PER_SCENE = 2  # dense character pages per scene image in the read stage
 
 
 class Stream:
-    """Train images in order: each stage continues where the previous one stopped."""
+    """Images of a train split in order: each stage continues where the previous one stopped."""
 
-    def __init__(self, seed: int):
-        self.seed, self.next = seed, 0
+    def __init__(self, seed: int, split: str = "train", start: int = 0):
+        self.seed, self.split, self.next = seed, split, start
 
     def take(self, n: int) -> list[dataset.Sample]:
-        out = [dataset.render("train", self.next + i, self.seed) for i in range(n)]
+        out = [dataset.render(self.split, self.next + i, self.seed) for i in range(n)]
         self.next += n
         return out
 
@@ -291,12 +299,46 @@ def read_stage(model, processor, stream, steps, batch, probe=None) -> dict:
     return run_stage("read", list(model.parameters()) + list(head.parameters()), steps, loss_fn, probe)
 
 
+# --------------------------------------------------------------------------- version 2
+
+
+def mixed_stage(name, model, processor, seed, parts, steps, probe=None, char_loss=False) -> dict:
+    """One chat per image, the images drawn from several sources each step: ``parts`` lists
+    ``(take, n, turns_of)``, ``take(step, n)`` giving ``n`` samples and ``turns_of(sample, rng)``
+    each one's (question, answer) turns. With ``char_loss``, read_stage's per-patch character loss
+    on the projected image tokens is added (its head thrown away afterwards). A tower that learns
+    does so at ``TOWER_LR_SCALE`` of the rate."""
+    tok = processor.tokenizer
+    width = model.config.text_config.hidden_size
+    head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(dataset.CHARS) + 1))
+    patch = model.config.vision_config.patch_size
+
+    def loss_fn(step):
+        samples, chats = [], []
+        for take, n, turns_of in parts:
+            got = take(step, n)
+            rngs = [np.random.default_rng([seed, step, len(samples) + k]) for k in range(n)]
+            chats += [turns_of(s, rng) for s, rng in zip(got, rngs)]
+            samples += got
+        ids, mask, lab = chat_batch(tok, chats)
+        tokens = projected_features(model, pixels(processor, samples))
+        loss = model(inputs_embeds=image_embeds(model, ids, tokens), attention_mask=mask, labels=lab).loss
+        if char_loss:
+            chars = torch.from_numpy(np.stack([patch_targets(s, patch)[:, 2] for s in samples]))
+            loss = loss + nn.functional.cross_entropy(head(tokens).flatten(0, 1), chars.flatten())
+        return loss
+
+    params = list(model.parameters()) + (list(head.parameters()) if char_loss else [])
+    return run_stage(name, params, steps, loss_fn, probe, slow=list(model.model.vision_tower.parameters()))
+
+
 # Which parts learn in each stage (everything else is frozen).
 LLM = ("multi_modal_projector", "language_model", "lm_head")
 EVERYTHING = ("vision_tower",) + LLM
 TRAINABLE = {"vision": ("vision_tower",), "text": ("language_model", "lm_head"),
              "align": ("multi_modal_projector",), "instruct": LLM, "answer": LLM,
-             "drill": EVERYTHING, "drill2": EVERYTHING, "locate": EVERYTHING, "read": EVERYTHING}
+             "drill": EVERYTHING, "drill2": EVERYTHING, "locate": EVERYTHING, "read": EVERYTHING,
+             "caption": ("multi_modal_projector",), "crowd": EVERYTHING}
 # The chat turns of each image-text stage (drill2 continues the drill).
 TURNS = {"align": caption_turns, "instruct": chat_turns, "answer": answer_turns, "drill": drill_turns,
          "drill2": drill_turns, "locate": locate_turns}
@@ -311,27 +353,37 @@ def set_trainable(model, stage: str) -> None:
 
 
 def train(out: Path, seed: int = 0, threads: int = 1, scale: float = 1.0,
-          log_path: Path | None = None, checkpoints: Path | None = None) -> dict:
-    """Run every stage, save the model in ``out``, write the summary to ``log_path``
-    (default ``out/demo_train.json``) and return it. With ``checkpoints``, each finished stage
-    is saved there (the weights, the train-stream position and the stage summary) and a rerun
-    resumes after the last saved stage. Torch's global RNG is not saved, so in a resumed run the
-    read stage's auxiliary head starts from other random weights than in an unbroken one."""
+          log_path: Path | None = None, checkpoints: Path | None = None,
+          init: Path | None = None) -> dict:
+    """Run every stage (from ``init``, a saved v1 model: only ``RETRAIN``'s), save the model in
+    ``out``, write the summary to ``log_path`` (default ``out/demo_train.json``) and return it.
+    With ``checkpoints``, each finished stage is saved there (the weights, the train-stream
+    positions and the stage summary) and a rerun resumes after the last saved stage. Torch's global
+    RNG is not saved, so in a resumed run an auxiliary head starts from other random weights than in
+    an unbroken one."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     start = time.time()
-    tokenizer = build.build_tokenizer(build.corpus(seed=seed))
-    processor = build.build_processor(tokenizer)
-    model = build.build_model(tokenizer)
-    stream = Stream(seed)
-    steps = {k: max(1, round(n * scale)) for k, (n, _) in STAGES.items()}
-    val = dataset.flatten(dataset.generate("val", VAL_IMAGES, seed))
+    if init is None:
+        tokenizer = build.build_tokenizer(build.corpus(seed=seed))
+        processor = build.build_processor(tokenizer)
+        model = build.build_model(tokenizer)
+        stream = Stream(seed)
+    else:
+        model, processor = accuracy.load(init)
+        tokenizer = processor.tokenizer
+        stream = Stream(seed, start=V1_TRAIN_IMAGES)
+    crowded = Stream(seed, "crowded-train")
+    plan = ({} if init is not None else STAGES) | RETRAIN
+    steps = {k: max(1, round(n * scale)) for k, (n, _) in (STAGES | RETRAIN).items()}
+    val = {"plain": dataset.flatten(dataset.generate("val", VAL_IMAGES, seed)),
+           "crowded": dataset.flatten(dataset.generate("crowded-val", VAL_IMAGES, seed))}
 
     def probe():
         model.eval()
-        acc = accuracy.evaluate(model, processor, val)
+        acc = {split: accuracy.evaluate(model, processor, items) for split, items in val.items()}
         model.train()
-        return {k: round(v, 4) for k, v in acc.items()}
+        return {split: {k: round(v, 4) for k, v in a.items()} for split, a in acc.items()}
 
     runs = {
         "vision": lambda: pretrain_vision(model, processor, stream, steps["vision"],
@@ -343,39 +395,60 @@ def train(out: Path, seed: int = 0, threads: int = 1, scale: float = 1.0,
                              turns, None if name == "align" else probe)
     runs["read"] = partial(read_stage, model, processor, stream, steps["read"], STAGES["read"][1],
                            probe)
-    log: dict = {"seed": seed, "threads": threads, "scale": scale,
-                 "stage_config": {k: {"steps": steps[k], "batch": STAGES[k][1], "lr": LR[k],
-                                      "trainable": TRAINABLE[k]} for k in STAGES},
+
+    def plain(step, n):
+        return stream.take(n)
+
+    def crowd(step, n):
+        return crowded.take(n)
+
+    def pages(step, n):
+        return [dense_page(seed, RETRAIN_PAGES + step * n + i) for i in range(n)]
+
+    half = RETRAIN["caption"][1] // 2
+    runs["caption"] = partial(mixed_stage, "caption", model, processor, seed,
+                              [(plain, half, caption_turns), (crowd, half, caption_turns)], steps["caption"])
+    runs["crowd"] = partial(mixed_stage, "crowd", model, processor, seed,
+                            [(plain, CROWD_MIX["plain"], locate_turns),
+                             (crowd, CROWD_MIX["crowded"], crowd_turns),
+                             (pages, CROWD_MIX["pages"], read_turns)],
+                            steps["crowd"], probe, char_loss=True)
+    log: dict = {"seed": seed, "threads": threads, "scale": scale, "init": None if init is None else str(init),
+                 "stage_config": {k: {"steps": steps[k], "batch": plan[k][1], "lr": LR[k],
+                                      "trainable": TRAINABLE[k]} for k in plan},
                  "stages": {}}
-    for name, run in runs.items():
+    for name in plan:
         saved = checkpoints / f"{name}.pt" if checkpoints else None
         if saved is not None and saved.exists():
             state = torch.load(saved, weights_only=True)
             model.load_state_dict(state["model"])
-            stream.next = state["next"]
+            stream.next, crowded.next = state["next"], state.get("crowded_next", 0)
             log["stages"][name] = json.loads(state["summary"])
             print(f"[{name}] resumed from {saved}", flush=True)
             continue
         model.train()
         set_trainable(model, name)
-        log["stages"][name] = run()
+        log["stages"][name] = runs[name]()
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "next": stream.next,
+            torch.save({"model": model.state_dict(), "next": stream.next, "crowded_next": crowded.next,
                         "summary": json.dumps(log["stages"][name])}, saved)
     model.eval()
-    log["train_images"] = stream.next
+    log["train_images"], log["crowded_train_images"] = stream.next, crowded.next
     log["train_seconds"] = round(sum(st["seconds"] for st in log["stages"].values()), 1)
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     reloaded, reprocessor = accuracy.load(out)
-    test = accuracy.test_items(TEST_IMAGES, seed)
     eval_start = time.time()
-    log["test_accuracy"] = accuracy.evaluate(reloaded, reprocessor, test)
+    for split, key in (("test", "test_accuracy"), ("crowded", "crowded_accuracy")):
+        test = accuracy.test_items(TEST_IMAGES, seed, split)
+        log[key] = accuracy.evaluate(reloaded, reprocessor, test)
+        log[key.replace("accuracy", "majority_baseline")] = {
+            k: round(v, 4) for k, v in dataset.majority_baseline(test).items()}
+        print(f"{split} accuracy {log[key]}", flush=True)
     log["test_seconds"] = round(time.time() - eval_start, 1)
-    log["majority_baseline"] = {k: round(v, 4) for k, v in dataset.majority_baseline(test).items()}
     log["parameters"] = sum(p.numel() for p in reloaded.parameters())
     log["folder_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log["this_run_seconds"] = round(time.time() - start, 1)
@@ -384,7 +457,6 @@ def train(out: Path, seed: int = 0, threads: int = 1, scale: float = 1.0,
                        "tokenizers": __import__("tokenizers").__version__,
                        "pillow": __import__("PIL").__version__, "numpy": np.__version__,
                        "machine": platform.machine()}
-    print(f"test accuracy {log['test_accuracy']}", flush=True)
     log_path = log_path or out / "demo_train.json"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text(json.dumps(log, indent=1) + "\n")
@@ -402,10 +474,12 @@ def main(argv=None) -> None:
                         help="where to write the JSON summary (default: OUT/demo_train.json)")
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="save each finished stage here and resume from it on a rerun")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="a saved v1 demo model: run only the version 2 stages from its weights")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.scale <= 0 or args.seed < 0:
         parser.error("--threads must be >= 1, --scale > 0 and --seed >= 0")
-    train(args.out, args.seed, args.threads, args.scale, args.log, args.checkpoints)
+    train(args.out, args.seed, args.threads, args.scale, args.log, args.checkpoints, args.init)
 
 
 if __name__ == "__main__":
