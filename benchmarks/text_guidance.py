@@ -6,9 +6,11 @@ share of kept tokens on the named objects and the share of questions with at lea
 every named object, beside what uniform chance gives (the objects' share of the image). Second, the raw
 text relevance alone (docs/flashvlm.md §2 steps 1-3, on the question's words only): of its top 8 tokens that
 lie on any object, the share on the named objects, beside the named objects' share of all object patches;
-equal shares mean the words find objects but not the one they name.
+equal shares mean the words find objects but not the one they name (the "all" row pools every question: the
+object-word alignment figure of docs/demo.md).
 
-    python benchmarks/text_guidance.py [--images 200] [--budgets 16,32] [--out benchmarks/results/text_guidance.json]
+    python benchmarks/text_guidance.py [--model DIR] [--split test|crowded] [--images 200] [--budgets 16,32]
+        [--out benchmarks/results/text_guidance.json]
 """
 
 from __future__ import annotations
@@ -46,18 +48,22 @@ def relevance_on_named(model, processor, cases, top: int = 8) -> list[dict]:
         on_objects = chosen & every_object
         if on_objects:
             by_type.setdefault(question.qtype, []).append((len(on_objects & named) / len(on_objects), len(named) / len(every_object)))
+    rows = {qtype: by_type[qtype] for qtype in sorted(by_type)}
+    rows["all"] = [pair for pairs in rows.values() for pair in pairs]
     return [{"qtype": qtype, "questions": len(v), "named_share_of_top_on_objects": float(np.mean([a for a, _ in v])),
-             "named_share_of_object_patches": float(np.mean([b for _, b in v]))} for qtype, v in sorted(by_type.items())]
+             "named_share_of_object_patches": float(np.mean([b for _, b in v]))} for qtype, v in rows.items()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=accuracy.MODEL_DIR, help="a demo model folder (default: the bundled one)")
+    parser.add_argument("--split", default="test", choices=dataset.HELD_OUT)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--budgets", default="16,32")
     parser.add_argument("--out", default="benchmarks/results/text_guidance.json")
     args = parser.parse_args()
-    model, processor = accuracy.load()
-    samples = dataset.generate("test", args.images)
+    model, processor = accuracy.load(args.model)
+    samples = dataset.generate(args.split, args.images)
     grid = get_adapter(model).image_grids(processor.image_processor([samples[0].image], return_tensors="pt"))[0]
     # every demo image has this grid; a token covers patch x patch pixels
     patch, tokens = dataset.IMAGE_SIZE // grid[1], grid[0] * grid[1]
@@ -95,7 +101,7 @@ def main() -> None:
     for r in relevance:
         print(f"| {r['qtype']} ({r['questions']}) | {100 * r['named_share_of_top_on_objects']:.1f} % | {100 * r['named_share_of_object_patches']:.1f} % |")
     with open(args.out, "w") as f:
-        json.dump({"images": args.images, "rows": results, "text_relevance": relevance, "torch": torch.__version__}, f, indent=1)
+        json.dump({"model": str(args.model), "split": args.split, "images": args.images, "rows": results, "text_relevance": relevance, "torch": torch.__version__}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,17 @@ def demo_model(text: str) -> str:
     return folder
 
 
+def eval_splits(text: str) -> list[str]:
+    """Comma-separated held-out splits of the demo dataset for `prunevlm eval`."""
+    from .demo.dataset import HELD_OUT
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in HELD_OUT]
+    if not names or unknown or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct held-out splits from {', '.join(HELD_OUT)}")
+    return names
+
+
 def positive(text: str) -> int:
     try:
         value = int(text)
@@ -369,12 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"JSON file, a .md table beside it (default {RESULTS}/bench-<shape>-<device>.json)")
     add_machine_flags(bench, dtype_default="auto")
 
-    evaluation = command("eval", "accuracy and fidelity against budget on the demo test split", cmd_eval)
+    evaluation = command("eval", "accuracy and fidelity against budget on the demo's test and crowded splits",
+                         cmd_eval)
     demo_model_folder(evaluation)
-    evaluation.add_argument("--images", type=positive, default=200, help="test images; 6 questions each")
+    evaluation.add_argument("--split", type=eval_splits, default="test,crowded",
+                            help="comma-separated held-out splits: test (6 questions an image), crowded (3)")
+    evaluation.add_argument("--images", type=positive, default=200, help="images per split")
     evaluation.add_argument("--methods", type=method_names(allow_none=False), default="all",
                             help="comma-separated (prunevlm methods), or all; vflowopt runs through --vflowopt's configs")
-    evaluation.add_argument("--budgets", type=parse_budgets, default="192,128,64,32,16",
+    evaluation.add_argument("--budgets", type=parse_budgets, default="64,32,16,8",
                             help="comma-separated: tokens per image (int) or fractions (float)")
     evaluation.add_argument("--vflowopt", type=config_files, default=",".join(DEMO_CONFIGS.values()),
                             help="calibrated VFlowOpt configs, comma-separated (default: the two shipped for the demo "

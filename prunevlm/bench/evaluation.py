@@ -1,6 +1,8 @@
-"""`prunevlm eval`: accuracy against budget for every method on the demo test split, per question type, with
-the fidelity VFlowOpt optimises (mean cosine between pruned and unpruned last-token final hidden states)
-and the KV cache each configuration keeps. Writes JSON, a markdown table and a PNG plot."""
+"""`prunevlm eval`: accuracy against budget for every method on the demo's held-out splits (the test split and
+the crowded scenes), per question type, with the fidelity VFlowOpt optimises (mean cosine between pruned and
+unpruned last-token final hidden states) and the KV cache each configuration keeps, then FlashVLM against the
+text-blind selections of ``PAIRS`` on the same questions (``paired.paired_difference``). Writes JSON, markdown
+tables and a PNG plot."""
 
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ from ..methods.base import Refused
 from ..models import get_adapter
 from ..runtime.contract import output_cache
 from .memory import kv_bytes
+from .paired import LEVEL, paired_difference
+
+# FlashVLM against the methods that share its diversity step without the text (VisPruner) or select for
+# diversity alone (DivPrune): the paired comparison docs/evaluation.md reports.
+PAIRS = (("flashvlm", "vispruner"), ("flashvlm", "divprune"))
 
 def configurations(args) -> list[dict]:
     """Every (method, budget, options) to evaluate, the unpruned model first. Each calibrated VFlowOpt config
@@ -53,6 +60,7 @@ def measure(model, processor, items, config: dict, reference: torch.Tensor | Non
         answers, states = accuracy.predict(model, processor, items, args.batch_size, return_states=True)
         seconds = time.perf_counter() - start
         result = accuracy.score(items, answers)
+        correct = "".join("1" if got == dataset.normalize(it.answer) else "0" for it, got in zip(items, answers))
         kept, layer_average, cache = [], [], []
         for item in items[: args.kv_samples]:
             inputs = prompt_inputs(processor, [item.image], [item.question], model.device)
@@ -74,6 +82,7 @@ def measure(model, processor, items, config: dict, reference: torch.Tensor | Non
         "layer_average_tokens": statistics.mean(layer_average),
         "accuracy": {k: v for k, v in result.items() if k != "n"},
         "questions": result["n"],
+        "correct": correct,
         "fidelity": fidelity,
         "kv_bytes": statistics.mean(cache),
         "seconds": seconds,
@@ -95,47 +104,86 @@ def table(rows: list[dict], qtypes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def comparisons(split: str, rows: list[dict], items: list, groups: list[int], qtypes: list[str]) -> list[dict]:
+    """For each pair in ``PAIRS`` and each budget both methods ran at: the paired accuracy difference, overall
+    and per question type."""
+    by_key = {(r["name"], r["budget"]): r for r in rows}
+    out = []
+    for first, second in PAIRS:
+        for budget in [r["budget"] for r in rows if r["name"] == first]:
+            if (second, budget) not in by_key:
+                continue
+            a, b = (by_key[(name, budget)]["correct"] for name in (first, second))
+            for qtype in ["overall", *qtypes]:
+                pick = [i for i, it in enumerate(items) if qtype == "overall" or it.qtype == qtype]
+                result = paired_difference([int(a[i]) for i in pick], [int(b[i]) for i in pick], [groups[i] for i in pick])
+                out.append({"split": split, "method": first, "against": second, "budget": budget, "qtype": qtype,
+                            **result})
+    return out
+
+
+def comparison_table(found: list[dict]) -> str:
+    """One table per pair: a row per (split, question type), a column per budget, each cell the difference
+    in accuracy points with its interval."""
+    tables = []
+    for first, second in PAIRS:
+        cells = [c for c in found if (c["method"], c["against"]) == (first, second)]
+        if not cells:
+            continue
+        budgets = list(dict.fromkeys(c["budget"] for c in cells))
+        lines = [f"{first} minus {second}, accuracy points, [{100 * LEVEL:.0f} % interval] (paired, images resampled)",
+                 "", "| split | question type | " + " | ".join(f"{b} tokens" for b in budgets) + " |",
+                 "|" + "---|" * (2 + len(budgets))]
+        for split, qtype in dict.fromkeys((c["split"], c["qtype"]) for c in cells):
+            row = {c["budget"]: c for c in cells if (c["split"], c["qtype"]) == (split, qtype)}
+            lines.append(f"| {split} | {qtype} | " + " | ".join(
+                f"{100 * row[b]['difference']:+.1f} [{100 * row[b]['low']:+.1f}, {100 * row[b]['high']:+.1f}]"
+                if b in row else "-" for b in budgets) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
+def plot(splits: dict[str, dict], path: str) -> None:
+    """Accuracy and fidelity against kept tokens, one row of two panels per split."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = rows[0]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8))
-    names = []
-    for r in rows[1:]:
-        if r["name"] not in names:
-            names.append(r["name"])
+    fig, axes = plt.subplots(len(splits), 2, figsize=(11, 4.2 * len(splits)), squeeze=False)
     colours = plt.get_cmap("tab20").colors
-    for index, name in enumerate(names):
-        points = sorted((r["layer_average_tokens"], r["accuracy"]["overall"], r["fidelity"]) for r in rows if r["name"] == name)
-        x = [p[0] for p in points]
-        in_llm = next(r["in_llm"] for r in rows if r["name"] == name)
-        style = dict(marker="s" if in_llm else "o", ls="--" if in_llm else "-", color=colours[index % len(colours)])
-        left.plot(x, [100 * p[1] for p in points], label=name, **style)
-        right.plot(x, [p[2] for p in points], label=name, **style)
-    left.axhline(100 * base["accuracy"]["overall"], color="k", lw=0.8, ls=":", label="unpruned")
-    for axis, label in ((left, "test accuracy (%)"), (right, "fidelity: mean cos(last-token states)")):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("visual tokens per image (layer average for in-LLM methods, dashed)")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-    handles, labels = left.get_legend_handles_labels()
+    for (left, right), result in zip(axes, splits.values()):
+        rows = result["rows"]
+        names = list(dict.fromkeys(r["name"] for r in rows[1:]))
+        for index, name in enumerate(names):
+            points = sorted((r["layer_average_tokens"], r["accuracy"]["overall"], r["fidelity"]) for r in rows
+                            if r["name"] == name)
+            in_llm = next(r["in_llm"] for r in rows if r["name"] == name)
+            style = dict(marker="s" if in_llm else "o", ls="--" if in_llm else "-", color=colours[index % len(colours)])
+            left.plot([p[0] for p in points], [100 * p[1] for p in points], label=name, **style)
+            right.plot([p[0] for p in points], [p[2] for p in points], label=name, **style)
+        left.axhline(100 * rows[0]["accuracy"]["overall"], color="k", lw=0.8, ls=":", label="unpruned")
+        for axis, label in ((left, "accuracy (%)"), (right, "fidelity: mean cos(last-token states)")):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("visual tokens per image (layer average for in-LLM methods, dashed)")
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+        left.set_title(result["title"], fontsize=9, loc="left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=8, fontsize=7, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run(args) -> list[dict]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, processor = accuracy.load(args.model, args.dtype, args.device)
-    items = dataset.flatten(dataset.generate("test", args.images))
-    qtypes = list(dataset.QTYPES)
+def evaluate_split(model, processor, split: str, args) -> dict:
+    """Every configuration on the first ``args.images`` images of ``split``, and FlashVLM's paired comparisons."""
+    samples = dataset.generate(split, args.images)
+    items = dataset.flatten(samples)
+    groups = [index for index, sample in enumerate(samples) for _ in sample.questions]
+    qtypes = list(dataset.CROWDED_QTYPES if split in dataset.CROWDED_SPLITS else dataset.QTYPES)
     rows, refused, reference = [], [], None
+    print(f"{split}: {len(items)} questions", file=sys.stderr)
     for config in configurations(args):
         try:
             row = measure(model, processor, items, config, reference, args)
@@ -151,18 +199,31 @@ def run(args) -> list[dict]:
               f"fidelity {row['fidelity'] or 1:.4f}, {row['seconds']:.0f} s", file=sys.stderr)
     for row in rows:
         del row["states"]
-    title = (f"demo test split, {len(items)} questions, {rows[0]['kept_tokens']} visual tokens per image "
+    title = (f"demo {split} split, {len(items)} questions, {rows[0]['kept_tokens']} visual tokens per image "
              f"(unpruned {100 * rows[0]['accuracy']['overall']:.1f} %)")
     markdown = table(rows, qtypes) + "".join(
         f"\n\n{r['name']} at {r['budget']} refused: {r['reason']}" for r in refused)
-    print(f"\n{title}\n\n{markdown}")
+    return {"title": title, "questions": len(items), "images": len(samples), "rows": rows, "refused": refused,
+            "majority_baseline": dataset.majority_baseline(items), "markdown": markdown,
+            "comparisons": comparisons(split, rows, items, groups, qtypes)}
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = accuracy.load(args.model, args.dtype, args.device)
+    splits = {split: evaluate_split(model, processor, split, args) for split in args.split}
+    found = [c for result in splits.values() for c in result.pop("comparisons")]
+    markdown = "\n\n".join(f"{r['title']}\n\n{r.pop('markdown')}" for r in splits.values())
+    if found:
+        markdown += "\n\n" + comparison_table(found)
+    print(f"\n{markdown}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    result = {"splits": splits, "comparisons": found, "torch": torch.__version__, "threads": torch.get_num_threads()}
     with open(f"{args.out}.json", "w") as f:
-        json.dump({"title": title, "questions": len(items), "rows": rows, "refused": refused,
-                   "majority_baseline": dataset.majority_baseline(items),
-                   "torch": torch.__version__, "threads": torch.get_num_threads()}, f, indent=1)
+        json.dump(result, f, indent=1)
     with open(f"{args.out}.md", "w") as f:
-        f.write(f"{title}\n\n{markdown}\n")
-    plot(rows, f"{args.out}.png", title)
+        f.write(markdown + "\n")
+    plot(splits, f"{args.out}.png")
     print(f"\nwrote {args.out}.json, {args.out}.md, {args.out}.png", file=sys.stderr)
-    return rows
+    return result
