@@ -65,7 +65,7 @@ LR = {"vision": 1e-3, "text": 1e-3, "align": 1e-3, "instruct": 1e-3, "answer": 5
 # "Version 2"). caption: only the projector, captions of plain and crowded scenes (half each);
 # crowd: everything, CROWD_MIX images a step (plain scenes' locate chats, crowded scenes' chats and a
 # dense page's reading questions, with read's per-patch character loss).
-RETRAIN = {"caption": (300, 16), "crowd": (2500, 8)}
+RETRAIN = {"caption": (300, 16), "crowd": (2000, 8)}
 CROWD_MIX = {"plain": 3, "crowded": 4, "pages": 1}
 V1_TRAIN_IMAGES = 262_300  # the plain train images v1 used (benchmarks/results/demo_train.json)
 RETRAIN_PAGES = 2 * 10 ** 6  # version 2's dense pages start here, after the read stage's
@@ -310,7 +310,9 @@ def mixed_stage(name, model, processor, seed, parts, steps, probe=None, char_los
     does so at ``TOWER_LR_SCALE`` of the rate."""
     tok = processor.tokenizer
     width = model.config.text_config.hidden_size
-    head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(dataset.CHARS) + 1))
+    with torch.random.fork_rng():  # seeded here, so a run resumed from a checkpoint starts it alike
+        torch.manual_seed(seed)
+        head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(dataset.CHARS) + 1))
     patch = model.config.vision_config.patch_size
 
     def loss_fn(step):
