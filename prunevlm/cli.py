@@ -307,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "the bundled demo model answers questions, unpruned and pruned, and draws the kept tokens", cmd_demo)
     demo_model_folder(demo)
-    demo.add_argument("--questions", type=positive, default=6, help="test questions to show (one per image)")
+    demo.add_argument("--questions", type=not_negative, default=4, help="test questions to show (one per image)")
+    demo.add_argument("--crowded", type=not_negative, default=2,
+                      help="questions about crowded scenes (12-30 small shapes) to show after them")
     demo.add_argument("--out", default="prunevlm-demo.png", help="PNG of the kept tokens (its folder is created)")
     add_machine_flags(demo)
 

@@ -12,6 +12,7 @@ from prunevlm.calibrate.flow import last_token_states
 from prunevlm import DEMO_CONFIGS
 from prunevlm.cli import main
 from prunevlm.demo import accuracy
+from prunevlm.demo import dataset
 from prunevlm.demo import dataset as ds
 
 CALIBRATED = DEMO_CONFIGS[0.25]
@@ -79,13 +80,14 @@ def test_eval_refuses_a_split_it_does_not_hold_out(split, capsys):
 
 def test_demo_prints_answers_with_token_counts_and_draws_them(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    main(["demo", "--questions", "3", "--out", str(out)])
+    main(["demo", "--questions", "2", "--crowded", "1", "--out", str(out)])
     printed = capsys.readouterr().out
     for method in ("flashvlm", "vispruner"):
-        for budget in (64, 32, 16):
+        for budget in (64, 32, 16, 8):
             before, after = map(int, re.search(rf"{method} {budget} +\d/3 right; prompt (\d+) -> (\d+) tokens", printed).groups())
             assert before - after == 144 - budget
     assert re.search(r"unpruned +\d/3 right\n", printed)
+    assert dataset.render("crowded", 0).questions[0].text in printed  # the crowded scene's question, last
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width > image.height > 0
 
@@ -100,3 +102,8 @@ def test_captions_wrap_to_the_cell_width():
     lines = wrap(text, font, 160)
     assert len(lines) == 3 and " ".join(lines) == text.replace("\n", " ")
     assert all(font.getlength(line) <= 160 for line in lines)
+
+
+def test_demo_with_no_question_says_so():
+    with pytest.raises(SystemExit, match="nothing to show: give --questions or --crowded above 0"):
+        main(["demo", "--questions", "0", "--crowded", "0"])

@@ -1,5 +1,5 @@
-"""`prunevlm demo`: the bundled model answers test questions unpruned and pruned, side by side, and a PNG
-shows which visual tokens each method kept."""
+"""`prunevlm demo`: the bundled model answers test questions and questions about crowded scenes, unpruned and
+pruned, side by side, and a PNG shows which visual tokens each method kept."""
 
 from __future__ import annotations
 
@@ -10,20 +10,21 @@ import time
 import torch
 
 from .. import prune
+from ..errors import InvalidSetting
 from ..loading import pixel_normalisation, prompt_inputs
 from ..models import get_adapter
 from ..viz import draw_tokens, model_view, panel
 from . import accuracy, dataset
 
 METHODS = ("flashvlm", "vispruner")
-BUDGETS = (64, 32, 16)
+BUDGETS = (64, 32, 16, 8)
 
 
-def pick_items(count: int) -> list[dataset.Item]:
-    """`count` test questions from different images, cycling through the question types."""
+def pick_items(count: int, split: str = "test") -> list[dataset.Item]:
+    """`count` questions of ``split`` from different images, cycling through the question types."""
     items = []
     for index in range(count):
-        sample = dataset.render("test", index)
+        sample = dataset.render(split, index)
         question = sample.questions[index % len(sample.questions)]
         items.append(dataset.Item(sample.image, question.text, question.answer, question.qtype))
     return items
@@ -33,8 +34,10 @@ def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    items = pick_items(args.questions) + pick_items(args.crowded, "crowded")
+    if not items:
+        raise InvalidSetting("nothing to show: give --questions or --crowded above 0")
     model, processor = accuracy.load(args.model, args.dtype, args.device)
-    items = pick_items(args.questions)
     truth = [dataset.normalize(item.answer) for item in items]
     columns = {"unpruned": (accuracy.predict(model, processor, items, batch_size=len(items)), None)}
     for method in METHODS:
