@@ -275,3 +275,35 @@ def test_two_workers_fill_one_study(workdir):
     assert len(trials) == 8
     assert len({t.number for t in trials}) == len(trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes contributed
+
+
+def test_two_workers_never_claim_one_waiting_trial(tmp_path):
+    """Two workers' storages on one SQLite file pop a waiting trial at the same moment, 60 times: exactly one
+    gets it each time. Without BEGIN IMMEDIATE (storage._lock_when_begun) both did, 7 times in 60 here, and
+    the second one's result could not be told ("Cannot tell a COMPLETE trial")."""
+    import threading
+
+    import optuna
+
+    from prunevlm.calibrate.storage import _rdb_storage
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    stores = [_rdb_storage(url, 30, 120) for _ in range(2)]
+    optuna.create_study(storage=stores[0], study_name="race")
+    studies = [optuna.load_study(study_name="race", storage=store) for store in stores]
+    claims = []
+    for round_ in range(60):
+        studies[0].enqueue_trial({"x": round_}, skip_if_exists=False)
+        got, barrier = [None, None], threading.Barrier(2)
+
+        def claim(k):
+            barrier.wait()
+            got[k] = studies[k]._pop_waiting_trial_id()
+
+        threads = [threading.Thread(target=claim, args=(k,)) for k in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        claims.append(sum(g is not None for g in got))
+    assert claims == [1] * 60

@@ -101,7 +101,7 @@ def _rdb_storage(url: str, interval: int, grace: int):
         engine = {}
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=interval, grace_period=grace,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
@@ -109,6 +109,28 @@ def _rdb_storage(url: str, interval: int, grace: int):
             if attempt == 4 or not _racing(error):
                 raise
             time.sleep(0.5 + attempt)
+            continue
+        if url.startswith("sqlite"):
+            _lock_when_begun(storage.engine)
+        return storage
+
+
+def _lock_when_begun(engine) -> None:
+    """Make every SQLite transaction take the write lock when it begins (BEGIN IMMEDIATE), SQLAlchemy's recipe
+    for pysqlite. Python's sqlite3 begins a transaction only at the first write, so a check-then-write such as
+    Optuna's claim of a waiting trial reads outside it, and two workers could both claim one trial: the second
+    then fails with "Cannot tell a COMPLETE trial" (seen with two workers on a loaded machine)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def no_implicit_transactions(dbapi_connection, record):
+        dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" below emits the BEGIN
+
+    @event.listens_for(engine, "begin")
+    def begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners go
 
 
 def _racing(error) -> bool:
