@@ -10,6 +10,8 @@ LOCK := requirements.lock
 OLDEST_TRANSFORMERS := transformers==5.23.0
 # The lmms-eval release the plugin is tested with (make test-lmms).
 LMMS_EVAL := lmms-eval==0.7.3
+# The commit holding version 1 of the demo model, which `make retrain-demo` starts from (docs/demo.md).
+DEMO_V1 := 61d93dd
 
 # $(call fresh_venv,DIR,MORE_PIP_ARGUMENTS): a new venv with the CPU torch and this project (editable).
 define fresh_venv
@@ -19,7 +21,7 @@ define fresh_venv
 	$(1)/bin/python -m pip install -q -e "$(EXTRAS)" $(2)
 endef
 
-.PHONY: setup demo bench test test-kernels fuzz test-newest test-oldest venv-newest venv-oldest suite-newest suite-oldest test-lmms lock clean
+.PHONY: setup demo bench test test-kernels fuzz test-newest test-oldest venv-newest venv-oldest suite-newest suite-oldest test-lmms retrain-demo lock clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +34,13 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/prunevlm bench
+
+# Version 2 of the demo model from version 1's weights (about an hour on 2 cores; docs/demo.md, "Model card"):
+# out/demo-model is the result, out/demo-model/demo_train.json its log, out/demo-ckpt resumes a broken run.
+retrain-demo: setup
+	rm -rf out/demo-v1 && mkdir -p out/demo-v1
+	git archive $(DEMO_V1) prunevlm/demo/model | tar -x --strip-components=3 -C out/demo-v1
+	$(PY) -m prunevlm.demo.train --init out/demo-v1 --out out/demo-model --seed 0 --threads 2 --checkpoints out/demo-ckpt
 
 test: setup
 	$(PY) -m pytest

@@ -1,7 +1,18 @@
-"""Train the demo VLM from scratch on the synthetic train split, LLaVA-style, in nine stages.
+"""Train the demo VLM on the synthetic train splits, LLaVA-style.
 
-    python -m prunevlm.demo.train --out DIR [--seed S] [--threads N] [--scale F] [--log JSON]
+    python -m prunevlm.demo.train --out DIR [--init V1] [--seed S] [--threads N] [--scale F] [--log JSON]
         [--checkpoints DIR]
+
+The shipped model is version 2: ``--init`` takes version 1's saved weights (``make retrain-demo`` extracts them
+from git) and runs only LLaVA's two stages again, now with the crowded scenes:
+
+1.  caption: only the projector learns, to caption plain and crowded scenes (LLM and tower frozen): what
+    aligns projected image tokens with word embeddings in real LLaVA models.
+2.  crowd:   everything learns (the tower at TOWER_LR_SCALE of the rate): plain scenes' locate chats, crowded
+    scenes' questions and 'where is X?' turns, and a dense page's reading questions with the read stage's
+    per-patch character loss.
+
+Without ``--init``, version 1's nine stages run first, from scratch:
 
 0a. vision: the CLIP tower is pretrained (nothing pretrained exists here) on scenes and, for half
     of each batch, dense character pages, to label every patch with the shape, colour and
@@ -24,10 +35,11 @@
 7.  read:   the locate chats plus dense character pages asked the character on every named shape,
     with a per-patch character loss on the projected image tokens, everything at the full rate.
 
-Then the model is saved as a Hugging Face folder, reloaded, and evaluated on the test split; a
-JSON summary (loss curves, accuracy, time, versions) is written to ``--log``.
-Every stage draws fresh train images from one deterministic stream; test images are never seen.
-docs/demo.md gives each stage's results and the measurements behind stages 3 to 7.
+Then the model is saved as a Hugging Face folder, reloaded, and evaluated on the test and crowded
+splits; a JSON summary (loss curves, accuracy, time, versions) is written to ``--log``.
+Every stage draws fresh train images from deterministic streams; held-out images are never seen.
+docs/demo.md gives each stage's results and the measurements behind them. No loss refers to a pruning
+method or to the similarity of image tokens and words.
 
 The training targets are in ``targets``, the chat turns and batches in ``chat``, and the parts of
 the LLaVA forward that the stages call one by one in ``llava_forward``.
@@ -67,7 +79,7 @@ LR = {"vision": 1e-3, "text": 1e-3, "align": 1e-3, "instruct": 1e-3, "answer": 5
 # dense page's reading questions, with read's per-patch character loss).
 RETRAIN = {"caption": (300, 16), "crowd": (2000, 8)}
 CROWD_MIX = {"plain": 3, "crowded": 4, "pages": 1}
-V1_TRAIN_IMAGES = 262_300  # the plain train images v1 used (benchmarks/results/demo_train.json)
+V1_TRAIN_IMAGES = 262_300  # the plain train images v1 used (benchmarks/results/demo_train_v1.json)
 RETRAIN_PAGES = 2 * 10 ** 6  # version 2's dense pages start here, after the read stage's
 TOWER_LR_SCALE = 0.2  # an unfrozen vision tower learns 5x slower (LLaVA-OneVision: 2e-6 vs 1e-5)
 MAX_OBJECTS = dataset.GRID * dataset.GRID
