@@ -60,7 +60,7 @@ def measure(model, processor, items, config: dict, reference: torch.Tensor | Non
         answers, states = accuracy.predict(model, processor, items, args.batch_size, return_states=True)
         seconds = time.perf_counter() - start
         result = accuracy.score(items, answers)
-        correct = "".join("1" if got == dataset.normalize(it.answer) else "0" for it, got in zip(items, answers))
+        correct = "".join("1" if hit else "0" for hit in accuracy.right(items, answers))
         kept, layer_average, cache = [], [], []
         for item in items[: args.kv_samples]:
             inputs = prompt_inputs(processor, [item.image], [item.question], model.device)

@@ -2,6 +2,7 @@
 
     evaluate(model, processor, items, batch_size=32) -> dict
     predict(model, processor, items, batch_size=32, return_states=False) -> answers[, states]
+    right(items, answers) -> list[bool]                 # per item: exact match
     score(items, answers) -> dict
     load(folder=MODEL_DIR) -> (model, processor)
     test_items(n_images=200, seed=0, split='test') -> list[Item]  # a held-out split
@@ -73,13 +74,18 @@ def predict(model, processor, items: list[dataset.Item], batch_size: int = 32,
     return (answers, torch.cat(states)) if return_states else answers
 
 
+def right(items: list[dataset.Item], answers: list[str]) -> list[bool]:
+    """Per item, whether the normalised answer is the reference's exact match."""
+    return [got == dataset.normalize(it.answer) for it, got in zip(items, answers, strict=True)]
+
+
 def score(items: list[dataset.Item], answers: list[str]) -> dict:
     """Exact-match accuracy per question type plus ``overall`` and ``n`` (number of questions)."""
     if not items:
         raise InvalidInput("no items to evaluate: give at least one question")
     hits: dict[str, list[bool]] = {}
-    for it, got in zip(items, answers, strict=True):
-        hits.setdefault(it.qtype, []).append(got == dataset.normalize(it.answer))
+    for it, hit in zip(items, right(items, answers)):
+        hits.setdefault(it.qtype, []).append(hit)
     out = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
     out["overall"] = sum(sum(h) for h in hits.values()) / len(items)
     out["n"] = len(items)

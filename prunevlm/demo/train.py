@@ -373,8 +373,8 @@ def train(out: Path, seed: int = 0, threads: int = 1, scale: float = 1.0,
     ``out``, write the summary to ``log_path`` (default ``out/demo_train.json``) and return it.
     With ``checkpoints``, each finished stage is saved there (the weights, the train-stream
     positions and the stage summary) and a rerun resumes after the last saved stage. Torch's global
-    RNG is not saved, so in a resumed run an auxiliary head starts from other random weights than in
-    an unbroken one."""
+    RNG is not saved, so in a resumed run the read stage's auxiliary head starts from other random
+    weights than in an unbroken one (mixed_stage seeds its own)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     start = time.time()
