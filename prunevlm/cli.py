@@ -158,14 +158,18 @@ def eval_splits(text: str) -> list[str]:
     return names
 
 
-def positive(text: str) -> int:
+def positive(text: str, least: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be an int >= {least}, got {text!r}")
     return value
+
+
+def non_negative(text: str) -> int:
+    return positive(text, least=0)
 
 
 def seed(text: str) -> int:
@@ -372,14 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budgets", type=parse_budgets, default="576,192,128,64,32",
                        help="comma-separated tokens per image (per crop with --budget-scope per_crop)")
     bench.add_argument("--repeats", type=positive, default=3, help="timed rounds after one warm-up round (medians)")
-    bench.add_argument("--decode-tokens", type=positive, default=16,
-                       help="tokens generated per timed run; decode_ms is the median step")
+    bench.add_argument("--decode-tokens", type=non_negative, default=16,
+                       help="tokens generated per timed run; decode_ms is the median step (0: no decoding run)")
     bench.add_argument("--text-tokens", type=positive, default=40, help="prompt tokens around the image")
     bench.add_argument("--attn", default="sdpa", help="attn_implementation of the model")
     bench.add_argument("--diversity-tokens", type=not_negative, default=4608,
                        help="also time the diversity partition alone at this many tokens (8 frames x 576); 0 skips")
     bench.add_argument("--out", default=None,
-                       help=f"JSON file, a .md table beside it (default {RESULTS}/bench-<shape>-<device>.json)")
+                       help=f"JSON file, a .md table beside it (default {RESULTS}/bench-<shape>-<device>.json; other families bench-<family>-<shape>[-video]-<device>.json)")
     add_machine_flags(bench, dtype_default="auto")
 
     evaluation = command("eval", "accuracy and fidelity against budget on the demo's test and crowded splits",

@@ -215,16 +215,29 @@ def test_bench_video_prompts_hold_the_placeholders_the_stock_model_fills(family,
 
 
 def test_bench_runs_videos_of_each_frame_count_in_both_scopes(tmp_path):
+    """Every configuration in both scopes, but those the scope cannot change (the unpruned model, an in-LLM
+    method at a fraction) once; --decode-tokens 0 skips the decoding run."""
     out = tmp_path / "bench.json"
     main(["bench", "--model-family", "qwen2_5vl", "--shape", "tiny", "--video-frames", "2,4", "--methods",
-          "none,uniform", "--budgets", "0.5", "--repeats", "1", "--decode-tokens", "2", "--diversity-tokens", "0",
-          "--out", str(out)])
+          "none,uniform,fastv", "--budgets", "0.5,64", "--repeats", "1", "--decode-tokens", "0",
+          "--diversity-tokens", "0", "--out", str(out)])
     report = json.loads(out.read_text())
-    rows = {(r["frames"], r["video_scope"], r["method"]): r for r in report["rows"]}
-    assert set(rows) == {(2, "per_frame", "none"), (4, "per_frame", "none"), (2, "per_frame", "uniform"),
-                         (2, "per_clip", "uniform"), (4, "per_frame", "uniform"), (4, "per_clip", "uniform")}
-    assert rows[(2, "per_frame", "none")]["kept"] == 256 and rows[(4, "per_frame", "none")]["kept"] == 512
-    assert report["video_frames"] == [2, 4] and "| 4 | - | none | all | 512 |" in (tmp_path / "bench.md").read_text()
+    rows = {(r["frames"], r["video_scope"], r["method"], r["budget"]): r for r in report["rows"]}
+    scoped = {(frames, scope, method, budget) for frames in (2, 4) for scope in ("per_frame", "per_clip")
+              for method, budget in [("uniform", 0.5), ("uniform", 64), ("fastv", 64)]}
+    once = {(frames, "per_frame", method, budget) for frames in (2, 4) for method, budget in [("none", None), ("fastv", 0.5)]}
+    assert set(rows) == scoped | once
+    assert rows[(2, "per_frame", "none", None)]["kept"] == 256 and rows[(4, "per_frame", "none", None)]["kept"] == 512
+    assert all(r["decode_ms"] is None for r in rows.values() if "refused" not in r)
+    table = (tmp_path / "bench.md").read_text()
+    header = next(i for i, line in enumerate(table.splitlines()) if line.startswith("| frames |"))
+    assert [line.count("|") for line in table.splitlines()[header:header + 3]] == [16, 16, 16]  # header, rule, a row: 15 cells
+    assert report["video_frames"] == [2, 4] and "| 4 | - | none | all | 512 |" in table
+    # an int counts per frame in one scope and per video in the other: both tried (out of reach here)
+    assert "| 4 | - | fastv | 0.5 |" in table and "fastv at 64 (4 frames, per_clip) refused" in table
+    saved = rows[(4, "per_clip", "uniform", 0.5)]
+    share = 100 * saved["selection_ms"] / (rows[(4, "per_frame", "none", None)]["prefill_ms"] - saved["prefill_ms"])
+    assert re.search(rf"\| 4 \| per_clip \| uniform \| 0\.5 \|.*\| {share:.1f} % \| - \|", table)
 
 
 @pytest.mark.parametrize("argv,message", [

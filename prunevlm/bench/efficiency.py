@@ -2,8 +2,9 @@
 and budget, on a randomly initialised model of one family (`--model-family`: LLaVA-1.5 by default, LLaVA-NeXT,
 LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL, one image of several crops; prunevlm/bench/models.py), speed not
 depending on the weights. With `--video-frames 8,32,128` (Qwen2.5-VL and LLaVA-OneVision) the prompt is one
-video of each frame count instead, every configuration measured in both video scopes (per_frame, per_clip;
-the unpruned model once per frame count).
+video of each frame count instead, every configuration measured in both video scopes (per_frame, per_clip),
+but those the scope does not change once per frame count (`scope_free`: the unpruned model, an in-LLM method
+at a fraction).
 
 Every time and kv_mb is the median of `--repeats` rounds after a warm-up round, in one process; a round runs
 every (method, budget) once, so a slow spell of a shared machine spreads over all rows:
@@ -17,7 +18,7 @@ every (method, budget) once, so a slow spell of a shared machine spreads over al
   (inside the LLM prefill, so also part of prefill_ms);
 - signal_ms: of which the signal hooks in the vision tower (`handle.stats.signal_ms`; OneVision: the received
   attention of every crop);
-- decode_ms: one decoding step of the whole model (median over steps);
+- decode_ms: one decoding step of the whole model (median over steps; not measured with --decode-tokens 0);
 - kv_mb: keys and values held for the prompt after prefill;
 - peak_mb: peak memory above the pre-call level during a separate generate(max_new_tokens=1): the CUDA
   allocator's peak, or on CPU the peak resident set size sampled every millisecond (glibc is told to map
@@ -39,9 +40,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from ..budget import VIDEO_SCOPES
+from ..budget import VIDEO_SCOPES, Budget
 from ..defaults import RESULTS
 from ..loading import resolve_device, resolve_dtype
+from ..methods import METHODS
 from ..models import get_adapter
 from .diversity_partition import diversity_timing
 from .memory import peak_memory
@@ -68,8 +70,8 @@ def run(args) -> dict:
         for frames in args.video_frames for video_scope in VIDEO_SCOPES]
     rows, measured = [], []
     for frames, video_scope, inputs in prompts:
-        # the unpruned model does not depend on the video scope: measured with the first
-        runs = configs if video_scope in (None, VIDEO_SCOPES[0]) else [c for c in configs if c[0] != "none"]
+        # a configuration the video scope does not change is measured with the first scope only
+        runs = configs if video_scope in (None, VIDEO_SCOPES[0]) else [c for c in configs if not scope_free(*c)]
         what = "" if frames is None else f" of a {frames}-frame video, {video_scope}"
         print(f"{len(runs)} configurations{what} x {args.repeats + 1} rounds (the first warms up)...", file=sys.stderr)
         for row in measure(model, inputs, runs, args.repeats, args.decode_tokens, scope, video_scope):
@@ -94,11 +96,18 @@ def run(args) -> dict:
     }
     markdown = summary(report)
     print("\n" + markdown)
-    name = args.shape if family == "llava" else f"{family}-{args.shape}"
+    name = (args.shape if family == "llava" else f"{family}-{args.shape}") + ("-video" if args.video_frames else "")
     out = args.out or f"{RESULTS}/bench-{name}-{device.type}.json"
     write(out, report, markdown)
     print(f"\nwrote {out} and its .md table")
     return report
+
+
+def scope_free(method: str, budget) -> bool:
+    """Whether the video scope changes nothing: the unpruned model, and a method that prunes only inside the
+    LLM at a fraction (its layer average counts over the whole video in both scopes; an int counts per frame
+    in one and per video in the other)."""
+    return method == "none" or (bool(METHODS[method].llm_signals) and not Budget.of(budget).is_count)
 
 
 def selection_timing(args, model, dtype, device, methods: list[str], budgets: list) -> dict | None:

@@ -23,12 +23,15 @@ def device_name(device: torch.device) -> str:
 
 def table(rows: list[dict]) -> str:
     """One line per measured row; a video report (rows with "frames") leads with the frames and the video
-    scope, and compares each row's prefill with the unpruned one of the same frame count."""
+    scope ("-" for a row measured once for both, `efficiency.scope_free`), compares each row's prefill with
+    the unpruned one of the same frame count, and gives the selection's share of the prefill it saves."""
     base = {r.get("frames"): r for r in rows if r["method"] == "none"}
     video = any("frames" in r for r in rows)
+    both = {(r["frames"], r["method"], r["budget"]) for r in rows if r.get("video_scope") == "per_clip"}
     lines = [("| frames | video scope " if video else "") + "| method | budget | tokens at LLM input | TTFT ms | LLM prefill "
-             "ms | prefill speed-up | selection ms | of which signals ms | selection / prefill | decode ms/tok | KV cache "
-             "MB | peak MB |", "|---|---|" * video + "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ms | prefill speed-up | selection ms | of which signals ms | selection / prefill "
+             + ("| selection / prefill saved " if video else "") + "| decode ms/tok | KV cache MB | peak MB |",
+             "|---|---" * video + "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * video]
     for r in rows:
         if "refused" in r:
             continue
@@ -36,9 +39,15 @@ def table(rows: list[dict]) -> str:
         speedup = f"{first['prefill_ms'] / r['prefill_ms']:.2f}x" if first else "-"
         share = f"{100 * r['selection_ms'] / r['prefill_ms']:.1f} %" if r["method"] != "none" else "-"
         selection = f"{r['selection_ms']:.2f}" + (f" (in LLM {r['llm_choice_ms']:.2f})" if r.get("llm_choice_ms") else "")
-        lines.append((f"| {r['frames']} | {r['video_scope'] if r['method'] != 'none' else '-'} " if video else "")
-                     + f"| {r['method']} | {r['budget'] or 'all'} | {r['kept']} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} | {speedup} "
-                     f"| {selection} | {r['signal_ms']:.2f} | {share} | {r['decode_ms']:.1f} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
+        decode = "-" if r.get("decode_ms") is None else f"{r['decode_ms']:.1f}"
+        lead = ""
+        if video:
+            scope = r["video_scope"] if (r["frames"], r["method"], r["budget"]) in both else "-"
+            saved = first["prefill_ms"] - r["prefill_ms"] if first and r["method"] != "none" else 0
+            lead = f"| {r['frames']} | {scope} "
+            share += f" | {100 * r['selection_ms'] / saved:.1f} %" if saved > 0 else " | -"
+        lines.append(lead + f"| {r['method']} | {r['budget'] or 'all'} | {r['kept']} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} "
+                     f"| {speedup} | {selection} | {r['signal_ms']:.2f} | {share} | {decode} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
     lines += [f"\n{r['method']} at {r['budget']}" + (f" ({r['frames']} frames, {r['video_scope']})" if video else "")
               + f" refused: {r['refused']}" for r in rows if "refused" in r]
     return "\n".join(lines)

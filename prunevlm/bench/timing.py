@@ -57,7 +57,8 @@ class Stopwatch:
 def measure_once(model, inputs, method: str, budget: int, decode_tokens: int, budget_scope: str = "per_image",
                  video_scope: str | None = None) -> dict:
     """One run of one (method, budget) with its pruning attached: a one-token generate (TTFT, prefill,
-    selection and its signal part, KV cache), then a `decode_tokens` generate (decode ms per token)."""
+    selection and its signal part, KV cache), then a `decode_tokens` generate (decode ms per token; None
+    with 0 decode tokens)."""
     handle = attach(model, method, budget, budget_scope, video_scope)
     watch = Stopwatch(model)
     try:
@@ -73,9 +74,11 @@ def measure_once(model, inputs, method: str, budget: int, decode_tokens: int, bu
                "kv_mb": kv_bytes(output_cache(out)) / 2**20,
                "kept": handle.stats.tokens_after[0][0] if handle else visual_tokens(model, inputs)}
         del out
-        watch.steps.clear()
-        model.generate(**inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
-        run["decode_ms"] = 1000 * statistics.median(watch.steps)
+        run["decode_ms"] = None
+        if decode_tokens:
+            watch.steps.clear()
+            model.generate(**inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
+            run["decode_ms"] = 1000 * statistics.median(watch.steps)
     finally:
         watch.remove()
         if handle:
@@ -121,7 +124,8 @@ def measure(model, inputs, configs: list[tuple[str, int | None]], repeats: int, 
             continue
         row = {"method": method, "budget": budget}
         for key in measured[0]:
-            row[key] = measured[0][key] if key == "kept" else statistics.median(r[key] for r in measured)
+            row[key] = measured[0][key] if key == "kept" or measured[0][key] is None else \
+                statistics.median(r[key] for r in measured)
         rows.append(row)
     return rows
 
