@@ -40,14 +40,15 @@ def table(rows: list[dict]) -> str:
         share = f"{100 * r['selection_ms'] / r['prefill_ms']:.1f} %" if r["method"] != "none" else "-"
         selection = f"{r['selection_ms']:.2f}" + (f" (in LLM {r['llm_choice_ms']:.2f})" if r.get("llm_choice_ms") else "")
         decode = "-" if r.get("decode_ms") is None else f"{r['decode_ms']:.1f}"
-        lead = ""
+        lead = of_saved = ""  # the video columns
         if video:
             scope = r["video_scope"] if (r["frames"], r["method"], r["budget"]) in both else "-"
             saved = first["prefill_ms"] - r["prefill_ms"] if first and r["method"] != "none" else 0
             lead = f"| {r['frames']} | {scope} "
-            share += f" | {100 * r['selection_ms'] / saved:.1f} %" if saved > 0 else " | -"
+            of_saved = f"| {100 * r['selection_ms'] / saved:.1f} % " if saved > 0 else "| - "
         lines.append(lead + f"| {r['method']} | {r['budget'] or 'all'} | {r['kept']} | {r['ttft_ms']:.0f} | {r['prefill_ms']:.1f} "
-                     f"| {speedup} | {selection} | {r['signal_ms']:.2f} | {share} | {decode} | {r['kv_mb']:.2f} | {r['peak_mb']:.0f} |")
+                     f"| {speedup} | {selection} | {r['signal_ms']:.2f} | {share} {of_saved}| {decode} | {r['kv_mb']:.2f} "
+                     f"| {r['peak_mb']:.0f} |")
     lines += [f"\n{r['method']} at {r['budget']}" + (f" ({r['frames']} frames, {r['video_scope']})" if video else "")
               + f" refused: {r['refused']}" for r in rows if "refused" in r]
     return "\n".join(lines)
